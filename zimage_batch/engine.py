@@ -1,0 +1,266 @@
+"""The batched generation engine: one loaded Z-Image variant, rows in, pixels out.
+
+It follows diffusers' `ZImagePipeline` step for step (same scheduler, same CFG rule, same
+VAE decode) so that its pixels match the reference pipeline for the same row and seed, and
+differs only where batching pays: rows sharing a shape and sampler settings run together,
+prompts are padded to the longest prompt in the batch instead of 512 tokens, and each row
+draws its noise on the CPU from its own seed, so a row's pixels do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .variants import Variant, get_variant
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # the reference pipeline's prompt truncation length
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to draw."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
+    cfg_normalization: float = 0.0
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batch."""
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.cfg_truncation,
+            self.cfg_normalization,
+        )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_pipeline(model_dir: str, variant: Variant, device: str, dtype: torch.dtype):
+    """Load the diffusers reference pipeline of `variant` from a local checkpoint folder."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, variant.pipeline_class)
+    pipe = pipeline_class.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _calculate_shift(image_seq_len: int, config) -> float:
+    """The flux-style resolution-dependent shift used by the reference pipeline."""
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base_shift = config.get("base_shift", 0.5)
+    max_shift = config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+class Engine:
+    """Holds one loaded variant and turns generation requests into uint8 RGB arrays."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        variant: str = "turbo",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        attention_backend: str | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.variant = get_variant(variant)
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.pipe = load_pipeline(model_dir, self.variant, self.device, self.dtype)
+        self.on_cuda = str(self.device).startswith("cuda")
+        if self.on_cuda and attention_backend:
+            self.pipe.transformer.set_attention_backend(attention_backend)
+        if self.on_cuda and compile:
+            self.pipe.transformer.compile(fullgraph=False, dynamic=True)
+        self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest], batch_size: int = 8) -> list[np.ndarray]:
+        """Draw every request; returns HxWx3 uint8 arrays in request order."""
+        start = time.perf_counter()
+        order = sorted(range(len(requests)), key=lambda i: requests[i].batch_key())
+        results: list[np.ndarray | None] = [None] * len(requests)
+        for _, group in groupby(order, key=lambda i: requests[i].batch_key()):
+            indices = list(group)
+            for chunk_start in range(0, len(indices), batch_size):
+                chunk = indices[chunk_start : chunk_start + batch_size]
+                images = self._generate_splitting_on_oom([requests[i] for i in chunk])
+                for i, image in zip(chunk, images):
+                    results[i] = image
+        self.busy_seconds += time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ batching
+    def _generate_splitting_on_oom(self, batch: list[GenerationRequest]) -> list[np.ndarray]:
+        """Run one batch; on CUDA out-of-memory split it in two and retry each half."""
+        try:
+            return self._generate_batch(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half, len(batch) - half)
+            return self._generate_splitting_on_oom(batch[:half]) + self._generate_splitting_on_oom(batch[half:])
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list[np.ndarray]:
+        if self.variant.needs_siglip:
+            return [self._generate_with_reference_pipeline(r) for r in batch]
+        first = batch[0]
+        use_cfg = first.guidance_scale > 0
+        texts = [r.prompt for r in batch]
+        if use_cfg:
+            texts += [r.negative_prompt or "" for r in batch]
+        embeds = self.encode_prompts(texts)
+        positive, negative = embeds[: len(batch)], embeds[len(batch) :]
+        latents = self._initial_latents(batch)
+        latents = self._denoise(latents, positive, negative, first)
+        return self._decode(latents)
+
+    def _generate_with_reference_pipeline(self, r: GenerationRequest) -> np.ndarray:
+        """Variants whose text-to-image path needs extra conditioning go through diffusers as is."""
+        out = self.pipe(
+            prompt=r.prompt,
+            negative_prompt=r.negative_prompt,
+            width=r.width,
+            height=r.height,
+            num_inference_steps=r.num_inference_steps,
+            guidance_scale=r.guidance_scale,
+            cfg_truncation=r.cfg_truncation,
+            cfg_normalization=r.cfg_normalization,
+            generator=torch.Generator("cpu").manual_seed(r.seed),
+            output_type="np",
+        ).images[0]
+        return (out * 255).round().astype(np.uint8)
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
+        """Qwen3 hidden_states[-2] per prompt, padded only to the longest prompt in the batch."""
+        tokenizer = self.pipe.tokenizer
+        templated = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=True,
+            )
+            for text in texts
+        ]
+        tokens = tokenizer(
+            templated,
+            padding="longest",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        )
+        input_ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device).bool()
+        hidden = self.pipe.text_encoder(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True
+        ).hidden_states[-2]
+        return [hidden[i][mask[i]] for i in range(len(texts))]
+
+    def _initial_latents(self, batch: list[GenerationRequest]) -> torch.Tensor:
+        """Noise per row from the row's seed, drawn on the CPU (reproducible across devices of a kind)."""
+        scale = self.pipe.vae_scale_factor * 2
+        channels = self.pipe.transformer.in_channels
+        noise = [
+            torch.randn(
+                (1, channels, 2 * (r.height // scale), 2 * (r.width // scale)),
+                generator=torch.Generator("cpu").manual_seed(r.seed),
+                dtype=torch.float32,
+            )
+            for r in batch
+        ]
+        return torch.cat(noise).to(self.device)
+
+    def _timesteps(self, latents: torch.Tensor, steps: int):
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        mu = _calculate_shift(image_seq_len, scheduler.config)
+        sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
+        scheduler.set_timesteps(steps, device=self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, scheduler.timesteps
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        positive: list[torch.Tensor],
+        negative: list[torch.Tensor],
+        settings: GenerationRequest,
+    ) -> torch.Tensor:
+        transformer = self.pipe.transformer
+        scheduler, timesteps = self._timesteps(latents, settings.num_inference_steps)
+        n = latents.shape[0]
+        guidance = settings.guidance_scale
+        for t in timesteps:
+            timestep = (1000 - t.expand(n)) / 1000
+            t_norm = float((1000 - t.float()) / 1000)
+            apply_cfg = guidance > 0 and not (settings.cfg_truncation <= 1 and t_norm > settings.cfg_truncation)
+            model_latents = latents.to(transformer.dtype)
+            if apply_cfg:
+                model_latents = model_latents.repeat(2, 1, 1, 1)
+                captions = positive + negative
+                timestep = timestep.repeat(2)
+            else:
+                captions = positive
+            out = transformer(
+                list(model_latents.unsqueeze(2).unbind(dim=0)), timestep, captions, return_dict=False
+            )[0]
+            if apply_cfg:
+                preds = [self._guide(out[j].float(), out[n + j].float(), guidance, settings) for j in range(n)]
+            else:
+                preds = [o.float() for o in out]
+            noise_pred = -torch.stack(preds).squeeze(2)
+            latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+        return latents
+
+    @staticmethod
+    def _guide(pos: torch.Tensor, neg: torch.Tensor, scale: float, settings: GenerationRequest) -> torch.Tensor:
+        """Classifier-free guidance with the reference pipeline's optional norm cap."""
+        pred = pos + scale * (pos - neg)
+        if settings.cfg_normalization and float(settings.cfg_normalization) > 0:
+            max_norm = torch.linalg.vector_norm(pos) * float(settings.cfg_normalization)
+            new_norm = torch.linalg.vector_norm(pred)
+            if new_norm > max_norm:
+                pred = pred * (max_norm / new_norm)
+        return pred
+
+    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(images, output_type="np")
+        return [(image * 255).round().astype(np.uint8) for image in images]

@@ -1,0 +1,118 @@
+"""Model sources (SPEC §2): one string names a checkpoint; this turns it into a local folder.
+
+    tiny:<variant>          a tiny random-init checkpoint, built once into the cache
+    s3://bucket/prefix/     copied once into a local cache keyed by the objects' ETags
+    /path/to/folder         a local diffusers folder
+    Org/Name                a hub id, downloaded once into the Hugging Face cache (honours HF_HUB_OFFLINE)
+
+Only safetensors weights are accepted; no source ever runs remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .variants import VARIANTS, get_variant, variant_for_hub_id
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
+TINY_VERSION = "v1"  # bump when the tiny layout changes so stale caches are rebuilt
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be used (missing, unsafe, unknown)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # what the user wrote
+    path: str  # local checkpoint folder
+    variant: str
+
+
+def cache_root() -> Path:
+    """Where zimage-batch keeps tiny checkpoints and S3 model copies."""
+    root = os.environ.get("ZIMAGE_BATCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "zimage-batch"
+    )
+    return Path(root)
+
+
+def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
+    """Fetch (if needed) and check the checkpoint named by `source`."""
+    if source.startswith("tiny:"):
+        tiny_variant = source.split(":", 1)[1]
+        get_variant(tiny_variant)
+        path = _tiny_checkpoint(tiny_variant)
+        return ResolvedModel(source, str(path), variant or tiny_variant)
+    if source.startswith("s3://"):
+        from .model_cache import fetch_s3_folder
+
+        path = fetch_s3_folder(source, cache_root() / "s3")
+    elif os.path.isdir(source):
+        path = Path(source)
+    elif _looks_like_hub_id(source):
+        path = _hub_checkpoint(source)
+    else:
+        raise ModelSourceError(f"model source {source!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
+    check_checkpoint(path)
+    return ResolvedModel(source, str(path), variant or infer_variant(source, path))
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse folders that are not diffusers checkpoints or that carry pickle weights."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ModelSourceError(f"{path} is not a diffusers checkpoint folder (no model_index.json)")
+    pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelSourceError(
+            f"refusing checkpoint {path}: pickle weights are not loaded, only safetensors ({', '.join(pickles[:3])})"
+        )
+
+
+def infer_variant(source: str, path: Path) -> str:
+    """Best guess of a checkpoint's variant when the job does not say."""
+    by_hub = variant_for_hub_id(source)
+    if by_hub:
+        return by_hub
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    if index.get("_class_name") == VARIANTS["omni"].pipeline_class or "siglip" in index:
+        return "omni"
+    readme = Path(path) / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines():
+            if line.startswith("variant:") and line.split(":", 1)[1].strip() in VARIANTS:
+                return line.split(":", 1)[1].strip()
+    return "turbo"
+
+
+def _tiny_checkpoint(variant: str) -> Path:
+    from .tiny import make_tiny_model
+
+    path = cache_root() / "tiny" / f"{variant}-{TINY_VERSION}"
+    if not (path / "model_index.json").is_file():
+        try:
+            make_tiny_model(path, variant)
+        except OSError:
+            # Another process finished the same build first: its complete folder is as good as ours.
+            if not (path / "model_index.json").is_file():
+                raise
+    return path
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _hub_checkpoint(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline with an empty cache, unknown repo, no network
+        raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}") from None
