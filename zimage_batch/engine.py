@@ -62,10 +62,15 @@ def default_dtype(device: str) -> torch.dtype:
 
 def load_pipeline(model_dir: str, variant: Variant, device: str, dtype: torch.dtype):
     """Load the diffusers reference pipeline of `variant` from a local checkpoint folder."""
+    import warnings
+
     import diffusers
 
+    diffusers.utils.logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, variant.pipeline_class)
-    pipe = pipeline_class.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = pipeline_class.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

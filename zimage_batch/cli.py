@@ -1,0 +1,125 @@
+"""The `zimage-batch` command line (SPEC §4)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from .jobspec import FORMATS, JobError, load_job
+from .ledger import JobMismatch
+from .manifest import ManifestError
+from .sources import ModelSourceError
+from .storage import StorageError
+from .variants import VARIANTS
+
+# Errors with a message meant for the user: printed as one line, no traceback.
+USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+    sys.exit(2)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Batch inference for the Z-Image family on Ray: Parquet manifests in, images and metadata out."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--manifest", help="Parquet file or folder, local or s3://")
+@click.option("--output", help="Output folder, local or s3://")
+@click.option("--model", help="tiny:<variant>, a hub id, a local folder or an s3:// folder")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), help="Variant of the model (inferred when omitted)")
+@click.option("--format", "format_", type=click.Choice(FORMATS), help="Output format (default files)")
+@click.option("--workers", type=int, help="Workers (default: one per GPU, or 1 on CPU)")
+@click.option("--batch-size", type=int, help="Rows per batch (default: from device memory)")
+@click.option("--shard-size", type=int, help="Rows per shard (default 1000)")
+@click.option("--address", help="Ray cluster address (default: start a local cluster)")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any job setting, e.g. --set width=512")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a different job's output in OUTPUT")
+def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
+    """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
+    _quiet_libraries()
+    from .driver import run_job
+
+    try:
+        job = load_job(job_file, {**flags, "format": format_}, list(settings))
+        summary = run_job(job, echo=lambda line: click.echo(line))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(
+        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows; "
+        f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
+    )
+    for worker in summary.workers:
+        click.echo(f"worker {worker['worker']}: busy {worker['busy_fraction']:.0%} of {worker['wall_s']:.1f}s")
+    for shard, reason in summary.failed.items():
+        click.echo(f"failed shard {shard}: {reason}", err=True)
+    if summary.failed:
+        click.echo(f"error: {len(summary.failed)} shard(s) failed; rerun to retry them", err=True)
+    if summary.stopped:
+        click.echo("stopped before the end; run again to resume", err=True)
+    click.echo(f"output: {summary.output}")
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="turbo", show_default=True)
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
+def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
+    """Check MANIFEST (schema and every value) without a model or a GPU."""
+    from .manifest import Limits, open_manifest, validate_manifest
+
+    try:
+        job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
+        m = open_manifest(manifest)
+        d = job.defaults()
+        validate_manifest(m, Limits(variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"]))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="turbo", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
+    """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
+    _quiet_libraries()
+    from .tiny import make_tiny_model
+
+    try:
+        path = make_tiny_model(directory, variant, seed)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"tiny {variant} checkpoint written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The driver: validate, plan, start Ray workers, hand out shards, retry, report.
+
+    manifest -> plan -> workers -> writers -> ledger
+
+Everything that can be refused is refused before a model loads or OUTPUT is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .jobspec import JobSpec
+from .ledger import Ledger
+from .manifest import Limits, ManifestError, open_manifest, validate_manifest
+from .plan import Plan, Shard, make_plan
+from .progress import Progress
+from .sources import ResolvedModel, resolve_model
+from .storage import open_storage
+from .variants import get_variant
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2  # one generating, one reading or uploading beside it
+MAX_FREE_REQUEUES = 20  # re-dispatches not charged to a shard (its worker died running another)
+
+
+@dataclass
+class RunSummary:
+    output: str
+    rows_total: int
+    rows_ok: int = 0
+    rows_error: int = 0
+    shards_committed: int = 0
+    shards_skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
+    elapsed_s: float = 0.0
+    images_per_s: float = 0.0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped:
+            return 130
+        return 1 if self.failed else 0
+
+
+def prepare(job: JobSpec) -> tuple[Any, ResolvedModel]:
+    """Check manifest and model without writing anything; returns (manifest, model)."""
+    manifest = open_manifest(job.manifest)
+    if manifest.kind == "edit":
+        raise ManifestError(f"{job.manifest}: edit manifests (a 'source' column) are not supported yet")
+    model = resolve_model(job.model, job.variant)
+    job.variant = model.variant
+    get_variant(job.variant)
+    d = job.defaults()
+    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
+    validate_manifest(manifest, limits)
+    return manifest, model
+
+
+def job_record(job: JobSpec) -> dict[str, Any]:
+    """What job.json holds: the job as resolved, its defaults and fingerprint."""
+    return {
+        "fingerprint": job.fingerprint(),
+        "job": job.to_dict(),
+        "defaults": job.defaults(),
+        "output_fields": list(JobSpec.OUTPUT_FIELDS),
+    }
+
+
+def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
+    started = time.time()
+    manifest, model = prepare(job)
+    storage = open_storage(job.output)
+    storage.check_writable()
+    ledger = Ledger(storage)
+    ledger.claim_output(job_record(job), job.overwrite)
+    plan = make_plan(manifest, ledger.committed(), job.shard_size)
+    summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))
+    echo(
+        f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
+        f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
+    )
+    if plan.todo:
+        _run_plan(job, model, plan, summary, echo)
+    _count_committed(ledger, summary)
+    summary.elapsed_s = time.time() - started
+    _write_run_record(storage, job, summary)
+    return summary
+
+
+def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
+    markers = ledger.committed()
+    summary.rows_ok = sum(m["ok"] for m in markers.values())
+    summary.rows_error = sum(m["error"] for m in markers.values())
+    summary.shards_committed = len(markers)
+
+
+def _write_run_record(storage, job: JobSpec, summary: RunSummary) -> None:
+    record = {k: v for k, v in summary.__dict__.items()}
+    record["fingerprint"] = job.fingerprint()
+    record["finished"] = time.time()
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    storage.put_bytes(f"_runs/{name}.json", json.dumps(record, indent=2, default=str).encode())
+
+
+# ---------------------------------------------------------------------- Ray part
+def _init_ray(job: JobSpec) -> bool:
+    """Join the cluster at job.address or start a local one; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "ZIMAGE_BATCH_"))}
+    runtime_env = dict(job.runtime_env or {})
+    runtime_env.setdefault("env_vars", {}).update(env_vars)
+    if job.address:
+        ray.init(address=job.address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+        return True
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env=runtime_env,
+    )
+    return True
+
+
+class WorkerPool:
+    """The Ray actors of one job, replaced when they die."""
+
+    def __init__(self, job: JobSpec, model: ResolvedModel) -> None:
+        import ray
+
+        from .worker import ShardRunner
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.use_gpu = gpus > 0 and job.device != "cpu"
+        self.size = job.workers or (gpus if self.use_gpu else 1)
+        threads = None if self.use_gpu else max(1, (os.cpu_count() or 2) // self.size)
+        options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
+        options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
+        self.actor_class = ray.remote(ShardRunner).options(**options)
+        self.job_dict = job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}
+        self.args = (model.path, model.variant, threads)
+        self.actors = [self._start() for _ in range(self.size)]
+        self.replacements = 0
+
+    def _start(self):
+        return self.actor_class.remote(self.job_dict, *self.args)
+
+    def replace(self, index: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[index] = self._start()
+        self.replacements += 1
+
+    def stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        out = []
+        for actor in self.actors:
+            try:
+                out.append(ray.get(actor.stats.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a dead or busy worker has no figures
+                pass
+        return out
+
+
+def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummary, echo) -> None:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    started_ray = _init_ray(job)
+    stop = _StopFlag()
+    stop.install()
+    try:
+        pool = WorkerPool(job, model)
+        queue: deque[Shard] = deque(plan.todo)
+        attempts: dict[str, int] = {}
+        free_requeues: dict[str, int] = {}
+        in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
+        progress = Progress(plan.rows_todo, pool.size, job.progress_interval, echo)
+        deadline = None
+        while queue or in_flight:
+            if stop.requested and deadline is None:
+                deadline = time.time() + job.grace_period
+                echo(f"stopping: no new shards; waiting up to {job.grace_period:.0f}s for {len(in_flight)} in flight")
+            if deadline is not None and (time.time() > deadline or not in_flight):
+                summary.stopped = True
+                break
+            if deadline is None:
+                _dispatch(pool, queue, in_flight, attempts)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                shard, index, sent = in_flight.pop(ref)
+                try:
+                    marker = ray.get(ref)
+                except RayActorError as exc:
+                    # charge the attempt to the oldest shard on the dead worker: the one it was running
+                    running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
+                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
+                    _drop_worker_refs(in_flight, index, queue, free_requeues)
+                    continue
+                except (RayTaskError, GetTimeoutError) as exc:
+                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
+                    continue
+                if not marker.get("skipped"):
+                    progress.shard_done(marker["rows"], marker["error"])
+            progress.tick(len(queue), len(in_flight), pool.size)
+        summary.workers = pool.stats()
+        progress.finish()
+    finally:
+        stop.uninstall()
+        if started_ray:
+            ray.shutdown()
+
+
+def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[str, int]) -> None:
+    for index, actor in enumerate(pool.actors):
+        busy = sum(1 for _, i, _ in in_flight.values() if i == index)
+        while queue and busy < IN_FLIGHT_PER_WORKER:
+            shard = queue.popleft()
+            attempt = attempts.get(shard.name, 0) + 1
+            ref = actor.run_shard.remote(shard.to_dict(), attempt)
+            in_flight[ref] = (shard, index, time.time())
+            busy += 1
+
+
+def _drop_worker_refs(in_flight: dict, index: int, queue: deque, free_requeues: dict[str, int]) -> None:
+    """Shards queued on a worker that died: run them again elsewhere, not charged an attempt."""
+    for ref in [r for r, (_, i, _) in in_flight.items() if i == index]:
+        shard, _, _ = in_flight.pop(ref)
+        free_requeues[shard.name] = free_requeues.get(shard.name, 0) + 1
+        queue.appendleft(shard)
+
+
+def _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, dead_index, exc, charged, echo) -> None:
+    reason = _short_error(exc)
+    if dead_index is not None:
+        pool.replace(dead_index)
+    if charged or free_requeues.get(shard.name, 0) >= MAX_FREE_REQUEUES:
+        attempts[shard.name] = attempts.get(shard.name, 0) + 1
+    else:
+        free_requeues[shard.name] = free_requeues.get(shard.name, 0) + 1
+    if attempts.get(shard.name, 0) >= job.max_attempts:
+        summary.failed[shard.name] = reason
+        echo(f"shard {shard.name} failed {attempts[shard.name]} times, giving up: {reason}")
+    else:
+        echo(f"shard {shard.name} attempt {attempts.get(shard.name, 0)} failed ({reason}); retrying")
+        queue.append(shard)
+
+
+def _short_error(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT: stop dispatching and let in-flight shards finish within the grace period."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C abandons in-flight shards at once
+        self.requested = True
+
+    def install(self) -> None:
+        if sys.platform != "win32":
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,183 @@
+"""The job description: a YAML job file plus command-line flags, resolved into one object.
+
+Its fingerprint covers everything that changes the pixels or the layout of OUTPUT (model,
+variant, generation defaults, output format); it leaves out how the job runs (workers, batch
+size, cluster address), so a resumed run may use a different cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .variants import VARIANTS, get_variant
+
+FORMATS = ("files", "webdataset", "parquet")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+class JobError(ValueError):
+    """The job file or flags are invalid."""
+
+
+@dataclass
+class JobSpec:
+    manifest: str | None = None
+    output: str | None = None
+    model: str = "tiny:turbo"
+    variant: str | None = None  # None: inferred from the model source
+    format: str = "files"
+    image_format: str = "png"
+    quality: int = 95
+    seed: int = 0  # job seed: rows without a seed derive theirs from it and their id
+    # generation defaults for rows that leave a value empty (None: the variant's / model's)
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
+    cfg_normalization: float = 0.0
+    strength: float = 0.6  # img2img default
+    # how the job runs (not part of the fingerprint)
+    workers: int | None = None
+    batch_size: int | None = None
+    shard_size: int = 1000
+    address: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attention_backend: str | None = None
+    compile: bool = False
+    max_attempts: int = 3
+    grace_period: float = 60.0
+    progress_interval: float = 10.0
+    overwrite: bool = False
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+    OUTPUT_FIELDS = (
+        "model",
+        "variant",
+        "format",
+        "image_format",
+        "quality",
+        "seed",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "negative_prompt",
+        "cfg_truncation",
+        "cfg_normalization",
+        "strength",
+    )
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that decide what OUTPUT holds."""
+        payload = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if not self.manifest:
+            raise JobError("no manifest: give --manifest or 'manifest:' in the job file")
+        if not self.output:
+            raise JobError("no output: give --output or 'output:' in the job file")
+        if self.format not in FORMATS:
+            raise JobError(f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise JobError(f"image_format must be one of {'|'.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {self.variant!r}")
+        for name in ("shard_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise JobError(f"{name} must be >= 1")
+        for name in ("workers", "batch_size", "width", "height", "num_inference_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise JobError(f"{name} must be >= 1")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value % 16:
+                raise JobError(f"{name} must be a multiple of 16, got {value}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise JobError("guidance_scale must be >= 0")
+        if not 1 <= self.quality <= 100:
+            raise JobError("quality must be in 1..100")
+
+    # ------------------------------------------------------------------ resolved defaults
+    def resolved_variant(self) -> str:
+        return self.variant or "turbo"
+
+    def default_size(self) -> int:
+        return 64 if self.model.startswith("tiny:") else 1024
+
+    def defaults(self) -> dict[str, Any]:
+        """Values for rows that leave a column empty."""
+        v = get_variant(self.resolved_variant())
+        size = self.default_size()
+        return {
+            "width": self.width or size,
+            "height": self.height or size,
+            "num_inference_steps": self.num_inference_steps or v.num_inference_steps,
+            "guidance_scale": v.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+            "cfg_truncation": self.cfg_truncation,
+            "cfg_normalization": float(self.cfg_normalization),
+            "strength": self.strength,
+        }
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(JobSpec)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or --set value into the field's type."""
+    if value is None or name not in _FIELDS:
+        return value
+    kind = str(_FIELDS[name].type)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("bool"):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise JobError(f"{name}: cannot use {value!r} ({kind})") from None
+    return value
+
+
+def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str]) -> JobSpec:
+    """Job file, then flags, then `--set key=value` pairs; later wins."""
+    values: dict[str, Any] = {}
+    if job_file:
+        try:
+            with open(job_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise JobError(f"{job_file}: cannot read job file ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise JobError(f"{job_file}: a job file is a mapping of settings")
+        values.update(loaded.pop("defaults", None) or {})
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep:
+            raise JobError(f"--set takes key=value, got {setting!r}")
+        values[key.strip().removeprefix("defaults.")] = yaml.safe_load(raw) if raw else None
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise JobError(f"unknown job setting(s): {', '.join(unknown)}")
+    job = JobSpec(**{k: _coerce(k, v) for k, v in values.items()})
+    job.validate()
+    return job

@@ -1,0 +1,82 @@
+"""The ledger: what OUTPUT already holds, and the one atomic step that makes a shard done.
+
+A shard is done when `_commits/<shard>.json` exists. The marker is created only after the
+shard's images and metadata are durable, with a create-only write (S3 `If-None-Match: *`,
+local `link`), so two attempts of one shard can never both commit.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .storage import Storage
+
+COMMITS = "_commits/"
+JOB_FILE = "job.json"
+OUTPUT_PREFIXES = ("_commits/", "job.json", "metadata/", "images/", "shards/", "data/", "_runs/", "report.html")
+
+
+class JobMismatch(RuntimeError):
+    """OUTPUT holds a different job."""
+
+
+def commit_key(shard: str) -> str:
+    return f"{COMMITS}{shard}.json"
+
+
+class Ledger:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def committed_names(self) -> list[str]:
+        return [
+            info.key[len(COMMITS) : -len(".json")]
+            for info in self.storage.list(COMMITS)
+            if info.key.endswith(".json")
+        ]
+
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """Every commit marker, read in parallel."""
+        names = self.committed_names()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            markers = pool.map(lambda n: json.loads(self.storage.get_bytes(commit_key(n))), names)
+            return dict(zip(names, markers))
+
+    def is_committed(self, shard: str) -> bool:
+        return self.storage.exists(commit_key(shard))
+
+    def commit(self, shard: str, marker: dict[str, Any]) -> bool:
+        """Create the marker; False when another attempt committed this shard first."""
+        data = json.dumps(marker, sort_keys=True, ensure_ascii=False).encode()
+        return self.storage.put_if_absent(commit_key(shard), data)
+
+    # ------------------------------------------------------------------ job identity
+    def read_job(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.get_bytes(JOB_FILE))
+        except FileNotFoundError:
+            return None
+
+    def claim_output(self, record: dict[str, Any], overwrite: bool) -> None:
+        """Refuse an OUTPUT that holds a different job; with overwrite, clear it first.
+
+        `record` is what job.json holds: {"fingerprint": ..., "job": {...}, "output_fields": [...]}.
+        """
+        previous = self.read_job()
+        if previous is not None and previous.get("fingerprint") != record["fingerprint"] and not overwrite:
+            before, now = previous.get("job", {}), record["job"]
+            changed = sorted(k for k in record["output_fields"] if before.get(k) != now.get(k))
+            raise JobMismatch(
+                f"{self.storage.uri} holds a different job (differs in: {', '.join(changed) or 'settings'}); "
+                "use another output, or --overwrite to replace it"
+            )
+        if overwrite and (previous is not None or self.committed_names()):
+            self.clear()
+        self.storage.put_bytes(JOB_FILE, json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False).encode())
+
+    def clear(self) -> None:
+        """Remove everything a previous job left (markers first, so no half state looks done)."""
+        for prefix in OUTPUT_PREFIXES:
+            self.storage.delete_prefix(prefix)

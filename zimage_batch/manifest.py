@@ -1,0 +1,324 @@
+"""Manifests (SPEC §3): Parquet files, local or s3://, read and checked in a streaming way.
+
+The driver never holds rows as Python objects: validation runs on Arrow record batches, and
+workers read only the row range of the shard they run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .storage import is_s3, open_storage, split_s3_uri
+from .variants import VARIANTS
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+EDIT_MODES = ("img2img", "inpaint", "edit")
+
+# column -> the Arrow type family it must have
+STRING, INTEGER, NUMBER, BOOL_OR_NUMBER = "string", "integer", "number", "boolean or number"
+PROMPT_COLUMNS = {
+    "id": STRING,
+    "prompt": STRING,
+    "negative_prompt": STRING,
+    "seed": INTEGER,
+    "width": INTEGER,
+    "height": INTEGER,
+    "num_inference_steps": INTEGER,
+    "guidance_scale": NUMBER,
+    "cfg_truncation": NUMBER,
+    "cfg_normalization": BOOL_OR_NUMBER,
+    "variant": STRING,
+}
+EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER}
+KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
+MAX_LISTED = 5  # offending rows named in an error message
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message is one line naming file, column and rows."""
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One Parquet file of a manifest."""
+
+    path: str  # path within the filesystem (bucket/key for S3)
+    name: str  # path relative to the manifest root, stable across runs
+    num_rows: int
+
+
+class Manifest:
+    """A Parquet file or folder of files, local or on S3."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, root = _filesystem(uri)
+        self.files = self._list_files(root)
+        self.schema = self._common_schema()
+        self.kind = "edit" if "source" in self.schema.names else "prompt"
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def _list_files(self, root: str) -> list[ManifestFile]:
+        info = self.fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise ManifestError(f"{self.uri}: no such file or folder")
+        if info.type == pafs.FileType.File:
+            paths = [(root, posixpath.basename(root))]
+        else:
+            selector = pafs.FileSelector(root, recursive=True)
+            paths = sorted(
+                (i.path, posixpath.relpath(i.path, root))
+                for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File
+                and i.path.lower().endswith(PARQUET_SUFFIXES)
+                and not any(part.startswith(("_", ".")) for part in posixpath.relpath(i.path, root).split("/"))
+            )
+            if not paths:
+                raise ManifestError(f"{self.uri}: folder holds no .parquet files")
+        return [ManifestFile(path, name, self._footer(path).num_rows) for path, name in paths]
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        try:
+            with self.fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ManifestError(f"{self._display(path)}: not a readable Parquet file ({_first_line(exc)})") from None
+
+    def _common_schema(self) -> pa.Schema:
+        schemas = []
+        for f in self.files:
+            with self.fs.open_input_file(f.path) as handle:
+                schemas.append((f, pq.ParquetFile(handle).schema_arrow))
+        first_file, first = schemas[0]
+        for f, schema in schemas[1:]:
+            for field in first:
+                if field.name in KNOWN_COLUMNS and field.name in schema.names:
+                    if _family(schema.field(field.name).type) != _family(field.type):
+                        raise ManifestError(
+                            f"{self._display(f.path)}: column '{field.name}' is {schema.field(field.name).type}"
+                            f" but {first_file.name} has {field.type}"
+                        )
+        return first
+
+    def _display(self, path: str) -> str:
+        return f"s3://{path}" if is_s3(self.uri) else path
+
+    def display_name(self, f: ManifestFile) -> str:
+        return self._display(f.path)
+
+    # ------------------------------------------------------------------ reading
+    def iter_batches(self, f: ManifestFile, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        with self.fs.open_input_file(f.path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size)
+
+    def read_rows(self, f: ManifestFile, start: int, end: int) -> pa.Table:
+        """Rows [start, end) of one file, reading only the row groups that hold them."""
+        with self.fs.open_input_file(f.path) as handle:
+            parquet = pq.ParquetFile(handle)
+            groups, offset, first_offset = [], 0, None
+            for g in range(parquet.metadata.num_row_groups):
+                n = parquet.metadata.row_group(g).num_rows
+                if offset < end and offset + n > start:
+                    groups.append(g)
+                    first_offset = offset if first_offset is None else first_offset
+                offset += n
+            if not groups:
+                return parquet.schema_arrow.empty_table()
+            table = parquet.read_row_groups(groups)
+        return table.slice(start - first_offset, end - start)
+
+
+def open_manifest(uri: str) -> Manifest:
+    try:
+        return Manifest(uri)
+    except ManifestError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise ManifestError(f"{uri}: cannot read manifest ({_first_line(exc)})") from None
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_s3(uri):
+        bucket, key = split_s3_uri(uri)
+        fs, _ = open_storage(f"s3://{bucket}").arrow_fs()
+        return fs, f"{bucket}/{key}".rstrip("/")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _family(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return STRING
+    if pa.types.is_integer(t):
+        return INTEGER
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return NUMBER
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def _type_ok(expected: str, actual: pa.DataType) -> bool:
+    family = _family(actual)
+    if family == "null":
+        return True  # an all-null optional column
+    if expected == NUMBER:
+        return family in (NUMBER, INTEGER)
+    if expected == BOOL_OR_NUMBER:
+        return family in (NUMBER, INTEGER, "boolean")
+    return family == expected
+
+
+# ---------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class Limits:
+    """What the job allows for rows that leave a value to the defaults."""
+
+    default_variant: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance: float
+
+
+def validate_manifest(manifest: Manifest, limits: Limits) -> None:
+    """Check schema and every value, streaming; raise ManifestError on the first problem."""
+    required = ("id", "source", "prompt") if manifest.kind == "edit" else ("id", "prompt")
+    for f in manifest.files:
+        with manifest.fs.open_input_file(f.path) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+        where = manifest.display_name(f)
+        for column in required:
+            if column not in schema.names:
+                raise ManifestError(f"{where}: required column '{column}' is missing (columns: {', '.join(schema.names)})")
+        for field in schema:
+            expected = KNOWN_COLUMNS.get(field.name)
+            if expected and not _type_ok(expected, field.type):
+                raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
+    ids = []
+    for f in manifest.files:
+        row_offset = 0
+        for batch in manifest.iter_batches(f):
+            _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
+            ids.append(pc.cast(batch.column("id"), pa.large_string()))
+            row_offset += batch.num_rows
+    if manifest.num_rows == 0:
+        raise ManifestError(f"{manifest.uri}: manifest has no rows")
+    _check_unique_ids(manifest.uri, pa.chunked_array(ids, type=pa.large_string()))
+
+
+def _offending(where: str, column: str, problem: str, batch: pa.RecordBatch, bad: pa.Array, offset: int) -> ManifestError:
+    """A one-line error naming the first offending rows by number and id."""
+    rows = np.flatnonzero(np.asarray(pc.fill_null(bad, False)))[:MAX_LISTED]
+    ids = batch.column("id")
+    named = ", ".join(f"row {offset + int(r)} (id={ids[int(r)].as_py()!r:.60})" for r in rows)
+    count = pc.sum(pc.cast(pc.fill_null(bad, False), pa.int64())).as_py()
+    more = f" and {count - len(rows)} more" if count > len(rows) else ""
+    return ManifestError(f"{where}: column '{column}' {problem}: {named}{more}")
+
+
+def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits, kind: str) -> None:
+    def column(name: str) -> pa.Array | None:
+        return batch.column(name) if name in batch.schema.names else None
+
+    def fail_if(name: str, bad: pa.Array, problem: str) -> None:
+        if pc.any(pc.fill_null(bad, False)).as_py():
+            raise _offending(where, name, problem, batch, bad, offset)
+
+    ids = column("id")
+    fail_if("id", pc.is_null(ids), "has null ids")
+    fail_if("id", pc.equal(pc.utf8_length(ids), 0), "has empty ids")
+    fail_if("prompt", pc.is_null(column("prompt")), "has null prompts")
+    if kind == "edit":
+        fail_if("source", pc.is_null(column("source")), "has null sources")
+        fail_if("source", pc.equal(pc.utf8_length(column("source")), 0), "has empty sources")
+        mode = column("mode")
+        if mode is not None:
+            fail_if("mode", pc.invert(pc.is_in(mode, pa.array(EDIT_MODES))), f"must be one of {'|'.join(EDIT_MODES)}")
+        strength = column("strength")
+        if strength is not None:
+            fail_if("strength", pc.or_(pc.less_equal(strength, 0), pc.greater(strength, 1)), "must be in (0, 1]")
+
+    variant_column = column("variant")
+    if variant_column is not None:
+        fail_if("variant", pc.invert(pc.is_in(variant_column, pa.array(list(VARIANTS)))), f"must be one of {'|'.join(VARIANTS)}")
+    for name, default in (("width", limits.default_width), ("height", limits.default_height)):
+        values = column(name)
+        if values is None:
+            continue
+        fail_if(name, pc.not_equal(pc.bit_wise_and(values, 15), 0), "has sizes that are not multiples of 16")
+        lowest, highest = _side_limits(variant_column, limits, batch.num_rows)
+        fail_if(name, pc.or_(pc.less(values, lowest), pc.greater(values, highest)), "has sizes beyond the model's limits")
+    steps = column("num_inference_steps")
+    if steps is not None:
+        fail_if("num_inference_steps", pc.less_equal(steps, 0), "must be > 0")
+        fail_if("num_inference_steps", pc.greater(steps, 1000), "must be <= 1000")
+    guidance = column("guidance_scale")
+    if guidance is not None:
+        fail_if("guidance_scale", pc.or_(pc.less(guidance, 0), pc.is_nan(pc.cast(guidance, pa.float64()))), "must be >= 0")
+    truncation = column("cfg_truncation")
+    if truncation is not None:
+        fail_if("cfg_truncation", pc.less(truncation, 0), "must be >= 0")
+    seed = column("seed")
+    if seed is not None:
+        fail_if("seed", pc.less(seed, 0), "must be >= 0")
+
+
+def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:
+    """Per-row min and max side from the row's variant (or the job's)."""
+    names = list(VARIANTS)
+    if variant_column is None:
+        v = VARIANTS[limits.default_variant]
+        return pa.array(np.full(n, v.min_side)), pa.array(np.full(n, v.max_side))
+    filled = pc.fill_null(variant_column, limits.default_variant)
+    index = pc.index_in(filled, pa.array(names))
+    mins = pc.take(pa.array([VARIANTS[v].min_side for v in names]), index)
+    maxs = pc.take(pa.array([VARIANTS[v].max_side for v in names]), index)
+    return mins, maxs
+
+
+def _check_unique_ids(uri: str, ids: pa.ChunkedArray) -> None:
+    counts = pc.value_counts(ids)
+    dupes = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        shown = ", ".join(repr(v.as_py()["values"])[:60] for v in dupes[:MAX_LISTED])
+        more = f" and {len(dupes) - MAX_LISTED} more" if len(dupes) > MAX_LISTED else ""
+        raise ManifestError(f"{uri}: column 'id' has duplicate ids: {shown}{more}")
+
+
+# ---------------------------------------------------------------------- rows
+def derive_seed(job_seed: int, row_id: str) -> int:
+    """The seed of a row that has none: stable across runs, distinct across ids."""
+    digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def rows_digest(table: pa.Table) -> str:
+    """Content hash of rows, independent of how they are chunked or sliced."""
+    table = table.replace_schema_metadata(None)
+    table = table.take(pa.array(np.arange(table.num_rows))).combine_chunks()
+    h = hashlib.sha256(table.schema.to_string().encode())
+    for batch in table.to_batches():
+        h.update(batch.serialize())
+    return h.hexdigest()

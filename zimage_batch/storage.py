@@ -1,0 +1,573 @@
+"""Local folders and ``s3://bucket/prefix`` behind one small interface.
+
+Keys are relative, ``/``-separated paths under the storage root. Writes are durable and
+whole-object when they return; ``put_if_absent`` is an atomic create-only write (S3
+conditional writes, ``os.link`` locally). S3 settings come from the standard AWS chain
+(environment, profile, ``AWS_ENDPOINT_URL`` for S3-compatible stores); retries come from
+botocore's retry configuration. Error messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+MiB = 1024 * 1024
+#: Files larger than this are uploaded/downloaded with S3 multipart transfers.
+MULTIPART_THRESHOLD = 64 * MiB
+#: Part size of S3 multipart transfers.
+MULTIPART_CHUNKSIZE = 64 * MiB
+#: Whole-object upload attempts (botocore retries single requests; this retries a
+#: multipart upload that failed midway as a whole).
+UPLOAD_ATTEMPTS = 3
+#: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
+DELETE_BATCH = 1000
+PROBE_PREFIX = "_probe/"
+# Local temporary files start with this; list() hides them.
+_TMP_MARK = ".~zb-tmp-"
+
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """A storage problem a user can act on (missing bucket, access denied, ...)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None = None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` -> ``("bucket", "a/b")`` (prefix without surrounding slashes)."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in S3 URI: {uri!r}")
+    return bucket, prefix.strip("/")
+
+
+def open_storage(uri: str) -> Storage:
+    """``s3://...`` -> :class:`S3Storage`; a path or ``file://`` URI -> :class:`LocalStorage`."""
+    uri = os.fspath(uri)
+    return S3Storage(uri) if is_s3(uri) else LocalStorage(uri)
+
+
+def check_key(key: str) -> str:
+    """Validate a relative key: no NUL, no absolute path, no ``..`` component."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid storage key: {key!r}")
+    if "\x00" in key:
+        raise ValueError(f"storage key contains NUL: {key!r}")
+    if key.startswith("/") or key.startswith("\\") or (len(key) > 1 and key[1] == ":"):
+        raise ValueError(f"storage key must be relative: {key!r}")
+    if ".." in key.replace("\\", "/").split("/"):
+        raise ValueError(f"storage key must not contain '..': {key!r}")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    return check_key(prefix) if prefix else ""
+
+
+class Storage(ABC):
+    """A root (local folder or S3 prefix) holding objects addressed by relative keys."""
+
+    uri: str
+
+    @abstractmethod
+    def url(self, key: str) -> str:
+        """Full URI (``s3://b/p/key`` or absolute local path) of ``key``."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` to ``key`` (replacing it); durable when this returns."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Upload the local file ``path`` to ``key`` (replacing it)."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Atomically create ``key``: True if we created it, False if it already existed."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Contents of ``key``; FileNotFoundError if missing."""
+
+    @abstractmethod
+    def download(self, key: str, local_path: str | os.PathLike) -> None:
+        """Copy ``key`` to ``local_path`` (parents created); FileNotFoundError if missing."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, recursively, sorted by key."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete ``keys``; missing keys are fine."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object whose key starts with ``prefix``."""
+        self.delete(info.key for info in self.list(prefix))
+
+    @abstractmethod
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem and the root path on it (for pyarrow.parquet / dataset)."""
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise StorageError unless a probe object can be written and deleted."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+# --------------------------------------------------------------------------- local
+
+
+class LocalStorage(Storage):
+    """A local folder. Writes go to a temporary file in the same folder, are fsynced and
+    then renamed (or hard-linked, for put_if_absent) into place."""
+
+    def __init__(self, uri: str | os.PathLike):
+        uri = os.fspath(uri)
+        if uri.startswith("file://"):
+            uri = unquote(urlparse(uri).path)
+        self.root = Path(uri).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _write_temp(self, final: Path, write: Callable[[object], None]) -> Path:
+        tmp = final.parent / f"{_TMP_MARK}{final.name}.{uuid.uuid4().hex}"
+        for attempt in range(3):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                f = open(tmp, "wb")
+                break
+            except FileNotFoundError:  # folder removed by a concurrent delete_prefix
+                if attempt == 2:
+                    raise
+        try:
+            with f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        final = self._path(key)
+        tmp = self._write_temp(final, lambda f: f.write(data))
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        final = self._path(key)
+
+        def copy(f: object) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 8 * MiB)
+
+        tmp = self._write_temp(final, copy)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        final = self._path(key)
+        tmp = self._write_temp(final, lambda f: f.write(data))
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return True
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such object: {path}")
+        return path.read_bytes()
+
+    def download(self, key: str, local_path: str | os.PathLike) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise FileNotFoundError(f"no such object: {src}")
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, local_path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        prefix = _check_prefix(prefix)
+        # Walk only the deepest folder that can contain matches.
+        start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        found: list[ObjectInfo] = []
+        for dirpath, _dirs, files in os.walk(start):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if name.startswith(_TMP_MARK):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:  # deleted while listing
+                        continue
+                    found.append(ObjectInfo(key, size, None))
+        yield from sorted(found, key=lambda info: info.key)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        super().delete_prefix(prefix)
+        # Remove the folders left empty that lie entirely within the prefix.
+        top = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            if rel != "." and f"{rel}/".startswith(prefix):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:  # not empty
+                    pass
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), self.uri
+
+    def check_writable(self) -> None:
+        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.put_bytes(key, b"probe")
+            self.delete([key])
+            try:
+                (self.root / PROBE_PREFIX).rmdir()
+            except OSError:
+                pass
+        except OSError as e:
+            raise StorageError(f"cannot write to local folder {self.uri}: {e.strerror or e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- S3
+
+_client_lock = threading.Lock()
+_clients: dict[tuple, object] = {}
+# Settings that change which endpoint/identity a client talks to; a change makes a new client.
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION",
+    "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def s3_client():
+    """The process's shared boto3 S3 client (thread-safe; rebuilt after fork or when the
+    AWS environment changes). Endpoint, region and credentials come from the AWS chain."""
+    import boto3
+    import botocore.config
+
+    key = (os.getpid(),) + tuple(os.environ.get(name) for name in _CLIENT_ENV)
+    client = _clients.get(key)
+    if client is None:
+        with _client_lock:
+            client = _clients.get(key)
+            if client is None:
+                config = botocore.config.Config(
+                    retries={"mode": "adaptive", "max_attempts": 10},
+                    connect_timeout=10,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                )
+                client = boto3.session.Session().client("s3", config=config)
+                _clients.clear()
+                _clients[key] = client
+    return client
+
+
+def _error_code(e: Exception) -> str:
+    response = getattr(e, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _status(e: Exception) -> int:
+    response = getattr(e, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _is_not_found(e: Exception) -> bool:
+    return _error_code(e) in ("NoSuchKey", "404", "NotFound") or (
+        _status(e) == 404 and _error_code(e) != "NoSuchBucket"
+    )
+
+
+def _transient(e: Exception) -> bool:
+    """Worth retrying a whole upload: connection problems, 5xx, throttling."""
+    import boto3.exceptions
+    import botocore.exceptions
+
+    if isinstance(e, (botocore.exceptions.ConnectionError, botocore.exceptions.ReadTimeoutError,
+                      boto3.exceptions.S3UploadFailedError)):
+        return "NoSuchBucket" not in str(e) and "AccessDenied" not in str(e)
+    if isinstance(e, botocore.exceptions.ClientError):
+        return _status(e) >= 500 or _error_code(e) in ("SlowDown", "Throttling", "RequestTimeout")
+    return False
+
+
+class S3Storage(Storage):
+    """An ``s3://bucket/prefix`` root, through the shared boto3 client."""
+
+    def __init__(self, uri: str, *, multipart_threshold: int | None = None,
+                 multipart_chunksize: int | None = None):
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.multipart_threshold = multipart_threshold or MULTIPART_THRESHOLD
+        self.multipart_chunksize = multipart_chunksize or MULTIPART_CHUNKSIZE
+
+    @property
+    def client(self):
+        return s3_client()
+
+    def _key(self, key: str) -> str:
+        check_key(key.rstrip("/") or key)  # folder markers end in "/"
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_chunksize)
+
+    def _raise_storage_error(self, e: Exception, action: str, key: str | None = None) -> None:
+        """Re-raise bucket-level failures as StorageError (code only, never credentials)."""
+        code = _error_code(e) or ("NoSuchBucket" if "NoSuchBucket" in str(e) else "")
+        if not code and "AccessDenied" in str(e):
+            code = "AccessDenied"
+        where = self.url(key) if key else self.uri
+        if code == "NoSuchBucket":
+            raise StorageError(f"output bucket '{self.bucket}' does not exist") from None
+        if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch", "ExpiredToken") or _status(e) == 403:
+            raise StorageError(f"access denied {action} {where} ({code or 403})") from None
+
+    def _upload(self, fn: Callable[[], T], key: str) -> T:
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                self._raise_storage_error(e, "writing to", key)
+                if attempt + 1 == UPLOAD_ATTEMPTS or not _transient(e):
+                    raise
+                time.sleep(min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._key(key)
+        self._upload(lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data), key)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        full = self._key(key)
+        self._upload(lambda: self.client.upload_file(os.fspath(path), self.bucket, full,
+                                                     Config=self._transfer_config()), key)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Conditional write (``If-None-Match: *``). S3 answers 412 when the key exists and
+        409 when a concurrent conditional write is in flight; then we look again.
+
+        If botocore retries a PUT whose first attempt did land (response lost), the retry
+        sees 412 and we report False: callers that must know who won should write a unique
+        token and read the object back."""
+        import botocore.exceptions
+
+        full = self._key(key)
+        for attempt in range(10):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                return True
+            except botocore.exceptions.ClientError as e:
+                code = _error_code(e)
+                if code == "PreconditionFailed" or _status(e) == 412:
+                    return False
+                if code == "ConditionalRequestConflict" or _status(e) == 409:
+                    if self.exists(key):
+                        return False
+                    time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+                    continue
+                self._raise_storage_error(e, "writing to", key)
+                raise
+        raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
+
+    def get_bytes(self, key: str) -> bytes:
+        import botocore.exceptions
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except botocore.exceptions.ClientError as e:
+            if _is_not_found(e):
+                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
+            self._raise_storage_error(e, "reading", key)
+            raise
+
+    def download(self, key: str, local_path: str | os.PathLike) -> None:
+        import botocore.exceptions
+
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # s3transfer writes a temporary file and renames it into place.
+            self.client.download_file(self.bucket, self._key(key), os.fspath(local_path),
+                                      Config=self._transfer_config())
+        except botocore.exceptions.ClientError as e:
+            if _is_not_found(e):
+                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
+            self._raise_storage_error(e, "reading", key)
+            raise
+
+    def head(self, key: str) -> dict:
+        """The raw HeadObject response of ``key``; FileNotFoundError if missing."""
+        import botocore.exceptions
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except botocore.exceptions.ClientError as e:
+            if _is_not_found(e):
+                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
+            self._raise_storage_error(e, "reading", key)
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """S3 lists keys in UTF-8 byte order, which is Python's str order: already sorted.
+        Folder markers (keys ending in ``/``, e.g. from pyarrow's create_dir) are skipped."""
+        return (info for info in self._list(prefix) if not info.key.endswith("/"))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.delete(info.key for info in self._list(prefix))  # folder markers too
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        import botocore.exceptions
+
+        _check_prefix(prefix)
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full_prefix)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(self._rel(obj["Key"]), int(obj["Size"]),
+                                     obj.get("ETag", "").strip('"') or None)
+        except botocore.exceptions.ClientError as e:
+            self._raise_storage_error(e, "listing", None)
+            raise
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch: list[str] = []
+        for key in keys:
+            batch.append(self._key(key))
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, full_keys: list[str]) -> None:
+        import botocore.exceptions
+
+        try:
+            response = self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True})
+        except botocore.exceptions.ClientError as e:
+            self._raise_storage_error(e, "deleting from", None)
+            raise
+        errors = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            raise StorageError(f"could not delete {len(errors)} object(s) under {self.uri}, "
+                               f"e.g. {first.get('Key')!r}: {first.get('Code')}")
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        kwargs: dict[str, object] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint)
+            if parsed.scheme:
+                kwargs["scheme"] = parsed.scheme
+                kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            else:
+                kwargs["endpoint_override"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region and not endpoint:
+            try:
+                region = pafs.resolve_s3_region(self.bucket)
+            except OSError:
+                region = None
+        if region:
+            kwargs["region"] = region
+        root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return pafs.S3FileSystem(**kwargs), root
+
+    def check_writable(self) -> None:
+        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=b"probe")
+            self.delete([key])
+        except Exception as e:  # noqa: BLE001 - translated to a one-line reason
+            self._raise_storage_error(e, "writing to", None)
+            code = _error_code(e) or type(e).__name__
+            raise StorageError(f"cannot write to {self.uri} ({code})") from None
