@@ -1,0 +1,96 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+# ============================================================================ S3 test server
+# A real S3 endpoint (moto's threaded server on 127.0.0.1) for every test that touches S3.
+# It is configured through os.environ so that subprocesses (the CLI) and Ray workers started
+# by the tests inherit it. No in-process mocking of boto3.
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+import pytest
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+# Settings that would point clients elsewhere (real profiles, tokens, endpoints).
+_S3_ENV_DROP = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_conditional_puts_atomic() -> None:
+    """Real S3 evaluates ``If-None-Match: *`` atomically; moto checks then writes without a
+    lock, so two racing conditional PUTs could both succeed. Serialise moto's put_object."""
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response.put_object, "_zb_locked", False):
+        return
+    original = S3Response.put_object
+    lock = threading.Lock()
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    put_object._zb_locked = True
+    S3Response.put_object = put_object
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Start a moto S3 server; export AWS_* settings pointing at it; yield its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    _make_conditional_puts_atomic()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    aws_dir = tmp_path_factory.mktemp("aws")
+    env = dict(_S3_ENV, AWS_ENDPOINT_URL=endpoint,
+               AWS_CONFIG_FILE=str(aws_dir / "config"),
+               AWS_SHARED_CREDENTIALS_FILE=str(aws_dir / "credentials"),
+               AWS_EC2_METADATA_DISABLED="true")
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+    env["NO_PROXY"] = env["no_proxy"] = no_proxy
+    saved = {name: os.environ.get(name) for name in [*env, *_S3_ENV_DROP]}
+    for name in _S3_ENV_DROP:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, uniquely named bucket on the test server."""
+    from zimage_batch.storage import s3_client
+
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_client().create_bucket(Bucket=name)
+    yield name
+
+# ======================================================================== end S3 test server

@@ -1,0 +1,207 @@
+"""The same storage behaviours against a local folder and a real (moto) S3 server."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from zimage_batch.storage import (
+    LocalStorage,
+    ObjectInfo,
+    S3Storage,
+    StorageError,
+    is_s3,
+    open_storage,
+    s3_client,
+    split_s3_uri,
+)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"s3://{bucket}/some/prefix/")
+
+
+def test_open_storage_and_uris(tmp_path):
+    assert is_s3("s3://b/p") and not is_s3(str(tmp_path))
+    assert split_s3_uri("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert split_s3_uri("s3://bucket") == ("bucket", "")
+    with pytest.raises(ValueError):
+        split_s3_uri("s3:///x")
+    s3 = open_storage("s3://bucket/a/b/")
+    assert isinstance(s3, S3Storage) and s3.uri == "s3://bucket/a/b"
+    assert s3.url("x/y.png") == "s3://bucket/a/b/x/y.png"
+    assert open_storage("s3://bucket").url("k") == "s3://bucket/k"
+    local = open_storage(f"file://{tmp_path}/out/")
+    assert isinstance(local, LocalStorage) and local.uri == str(tmp_path / "out")
+    assert local.url("a/b") == str(tmp_path / "out" / "a" / "b")
+
+
+def test_put_get_exists(store):
+    assert not store.exists("a/b.txt")
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("a/b.txt")
+    store.put_bytes("a/b.txt", b"hello")
+    assert store.exists("a/b.txt")
+    assert store.get_bytes("a/b.txt") == b"hello"
+    store.put_bytes("a/b.txt", b"replaced")
+    assert store.get_bytes("a/b.txt") == b"replaced"
+    store.put_bytes("unicode/中文 id.txt", "图".encode())
+    assert store.get_bytes("unicode/中文 id.txt") == "图".encode()
+
+
+def test_list_delete_and_delete_prefix(store):
+    keys = ["b/2.txt", "a/1.txt", "a/sub/3.txt", "ab.txt", "c.txt"]
+    for i, key in enumerate(keys):
+        store.put_bytes(key, b"x" * i)
+    listed = list(store.list())
+    assert [o.key for o in listed] == sorted(keys)
+    assert {o.key: o.size for o in listed} == {k: i for i, k in enumerate(keys)}
+    assert all(isinstance(o, ObjectInfo) for o in listed)
+    assert [o.key for o in store.list("a/")] == ["a/1.txt", "a/sub/3.txt"]
+    assert [o.key for o in store.list("a")] == ["a/1.txt", "a/sub/3.txt", "ab.txt"]
+    assert list(store.list("missing/")) == []
+
+    store.delete(["c.txt", "does/not/exist"])
+    assert not store.exists("c.txt")
+    store.delete_prefix("a/")
+    assert [o.key for o in store.list()] == ["ab.txt", "b/2.txt"]
+    store.delete_prefix("")
+    assert list(store.list()) == []
+
+
+def test_delete_many_keys_in_batches(store, monkeypatch):
+    import zimage_batch.storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "DELETE_BATCH", 3)
+    keys = [f"k/{i:02d}" for i in range(8)]
+    for key in keys:
+        store.put_bytes(key, b"1")
+    store.delete(keys[:7])
+    assert [o.key for o in store.list()] == ["k/07"]
+
+
+def test_put_if_absent(store):
+    assert store.put_if_absent("_commits/s0.json", b"first") is True
+    assert store.put_if_absent("_commits/s0.json", b"second") is False
+    assert store.get_bytes("_commits/s0.json") == b"first"
+
+
+def test_put_if_absent_race_has_one_winner(store):
+    n_threads, rounds = 8, 3
+    for r in range(rounds):
+        key = f"race/{r}"
+        barrier = threading.Barrier(n_threads)
+        results: dict[int, bool] = {}
+
+        def attempt(i: int) -> None:
+            barrier.wait()
+            results[i] = store.put_if_absent(key, f"writer-{i}".encode())
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for i, won in results.items() if won]
+        assert len(results) == n_threads and len(winners) == 1
+        assert store.get_bytes(key) == f"writer-{winners[0]}".encode()
+    if isinstance(store, LocalStorage):  # no temporary files left behind
+        assert sorted(os.listdir(store.root / "race")) == [str(r) for r in range(rounds)]
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a\x00b", "", "..", "a/.."])
+def test_bad_keys_rejected(tmp_path, key):
+    store = LocalStorage(tmp_path / "root")
+    for op in (lambda: store.put_bytes(key, b"x"), lambda: store.get_bytes(key),
+               lambda: store.put_if_absent(key, b"x"), lambda: store.exists(key),
+               lambda: store.url(key)):
+        with pytest.raises(ValueError):
+            op()
+    assert not (tmp_path / "x").exists()
+
+
+def test_put_file_local(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1000))
+    store = LocalStorage(tmp_path / "root")
+    store.put_file("d/f.bin", src)
+    assert store.get_bytes("d/f.bin") == src.read_bytes()
+    store.download("d/f.bin", tmp_path / "copy" / "f.bin")
+    assert (tmp_path / "copy" / "f.bin").read_bytes() == src.read_bytes()
+
+
+def test_put_file_multipart_s3(s3_bucket, tmp_path):
+    mib = 1024 * 1024
+    store = S3Storage(f"s3://{s3_bucket}/big", multipart_threshold=5 * mib,
+                      multipart_chunksize=5 * mib)
+    src = tmp_path / "big.bin"
+    data = os.urandom(11 * mib)
+    src.write_bytes(data)
+    store.put_file("weights/big.bin", src)
+    (info,) = store.list("weights/")
+    assert info.size == len(data)
+    assert info.etag and info.etag.endswith("-3")  # three parts: 5 + 5 + 1 MiB
+    assert store.get_bytes("weights/big.bin") == data
+    store.download("weights/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == data
+    with pytest.raises(FileNotFoundError):
+        store.download("weights/missing.bin", tmp_path / "missing.bin")
+
+
+def test_arrow_fs_parquet_round_trip(store):
+    table = pa.table({"id": ["a", "b", "中"], "seed": pa.array([1, 2, 3], pa.int64())})
+    fs, root = store.arrow_fs()
+    fs.create_dir(f"{root}/metadata", recursive=True)
+    pq.write_table(table, f"{root}/metadata/s0.parquet", filesystem=fs)
+    assert [o.key for o in store.list("metadata/")] == ["metadata/s0.parquet"]
+    assert pq.read_table(f"{root}/metadata/s0.parquet", filesystem=fs).equals(table)
+    dataset = ds.dataset(f"{root}/metadata", filesystem=fs, format="parquet")
+    assert dataset.to_table().equals(table)
+    # Bytes written through the Storage interface are readable through arrow, and back.
+    store.put_bytes("metadata/s1.parquet", store.get_bytes("metadata/s0.parquet"))
+    assert pq.read_table(f"{root}/metadata/s1.parquet", filesystem=fs).equals(table)
+
+
+def test_check_writable_ok(store):
+    store.check_writable()
+    assert list(store.list()) == []
+
+
+def test_check_writable_missing_bucket(s3_server):
+    store = open_storage("s3://no-such-bucket-zimage/out")
+    with pytest.raises(StorageError, match="output bucket 'no-such-bucket-zimage' does not exist"):
+        store.check_writable()
+    with pytest.raises(StorageError, match="does not exist"):
+        store.put_bytes("x", b"1")
+
+
+def test_check_writable_local_unwritable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot write to local folder"):
+        LocalStorage(blocker / "out").check_writable()
+
+
+def test_errors_do_not_leak_credentials(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SUPERSECRETVALUE123")
+    with pytest.raises(StorageError) as err:
+        open_storage("s3://no-such-bucket-zimage/out").check_writable()
+    assert "SUPERSECRETVALUE123" not in str(err.value)
+    assert "testing" not in str(err.value)
+
+
+def test_s3_client_is_shared(s3_server):
+    assert s3_client() is s3_client()
+    config = s3_client().meta.config
+    assert config.retries["mode"] in ("adaptive", "standard")
+    assert config.retries["total_max_attempts"] == 11  # max_attempts=10 retries + the first try
+    assert s3_client().meta.endpoint_url == s3_server
