@@ -65,8 +65,10 @@ def load_pipeline(model_dir: str, variant: Variant, device: str, dtype: torch.dt
     import warnings
 
     import diffusers
+    import transformers
 
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, variant.pipeline_class)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)

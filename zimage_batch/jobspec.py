@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +157,16 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
+    """Local paths in a job file are relative to the job file's folder."""
+    for name in ("manifest", "output", "model"):
+        value = values.get(name)
+        if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
+            continue
+        if name != "model" or value.startswith(("./", "../")):
+            values[name] = os.path.normpath(os.path.join(base, value))
+
+
 def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str]) -> JobSpec:
     """Job file, then flags, then `--set key=value` pairs; later wins."""
     values: dict[str, Any] = {}
@@ -169,6 +180,7 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             raise JobError(f"{job_file}: a job file is a mapping of settings")
         values.update(loaded.pop("defaults", None) or {})
         values.update(loaded)
+        _resolve_relative_paths(values, os.path.dirname(os.path.abspath(job_file)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     for setting in settings:
         key, sep, raw = setting.partition("=")

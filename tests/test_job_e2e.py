@@ -1,0 +1,186 @@
+"""End to end: manifest -> Ray workers -> writers -> ledger, on local disk and on a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from output_check import check_exactly_once, load_json, pixels, read_images, read_metadata
+from zimage_batch.jobspec import JobSpec
+from zimage_batch.storage import open_storage
+
+PROMPTS = ["a cat on a sofa", "一只可爱的小猫坐在窗台上", "un chat noir la nuit", "a red car", "夕阳下的古城"]
+
+
+def make_manifest(path: Path, n: int, start: int = 0) -> list[str]:
+    ids = [f"row-{i:05d}" for i in range(start, start + n)]
+    table = pa.table(
+        {
+            "id": ids,
+            "prompt": [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(start, start + n)],
+            "seed": pa.array([None if i % 3 == 0 else i * 7 for i in range(start, start + n)], pa.int64()),
+            "width": pa.array([96 if i % 10 == 0 else None for i in range(start, start + n)], pa.int64()),
+            "category": [f"c{i % 4}" for i in range(start, start + n)],
+            "score": [i / 10 for i in range(start, start + n)],
+        }
+    )
+    pq.write_table(table, path, row_group_size=64)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One local Ray cluster for the in-process runs of this module (S3 settings already exported)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def reference_pixels(model_path: str, row: dict) -> np.ndarray:
+    """The same row through diffusers' own ZImagePipeline."""
+    from diffusers import ZImagePipeline
+
+    pipe = _pipeline(model_path)
+    out = pipe(
+        prompt=row["prompt"],
+        width=row["width"],
+        height=row["height"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        generator=torch.Generator("cpu").manual_seed(row["seed"]),
+        output_type="np",
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+_PIPES: dict = {}
+
+
+def _pipeline(model_path: str):
+    from diffusers import ZImagePipeline
+
+    if model_path not in _PIPES:
+        _PIPES[model_path] = ZImagePipeline.from_pretrained(model_path)
+        _PIPES[model_path].set_progress_bar_config(disable=True)
+    return _PIPES[model_path]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
+    from zimage_batch.driver import run_job
+    from zimage_batch.sources import resolve_model
+
+    manifest = tmp_path / "manifest.parquet"
+    ids = make_manifest(manifest, 210)
+    output = str(tmp_path / "out") if where == "local" else f"s3://{s3_bucket}/runs/{fmt}"
+    job = JobSpec(manifest=str(manifest), output=output, model="tiny:turbo", format=fmt, workers=2, shard_size=50, batch_size=8)
+    summary = run_job(job, echo=lambda line: None)
+    assert summary.exit_code == 0 and summary.rows_ok == 210 and summary.shards_committed == 5
+    rows = check_exactly_once(output, ids)
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["row-00010"]["width"] == 96 and by_id["row-00011"]["width"] == 64
+    assert by_id["row-00007"]["category"] == "c3" and by_id["row-00007"]["score"] == pytest.approx(0.7)
+    assert by_id["row-00001"]["seed"] == 7
+    record = load_json(output, "job.json")
+    assert record["fingerprint"] == job.fingerprint() and record["job"]["format"] == fmt
+    # pixels equal diffusers' reference pipeline for the same rows
+    images = read_images(output, [by_id[i] for i in ("row-00000", "row-00001", "row-00010")])
+    model_path = resolve_model("tiny:turbo").path
+    for row_id, data in images.items():
+        diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, by_id[row_id]).astype(int)).max()
+        assert diff <= 1, f"{row_id}: max pixel difference {diff}"
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_sigkill_then_resume_is_exactly_once(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    ids = make_manifest(manifest, 240)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ["run", "--manifest", str(manifest), "--model", "tiny:turbo", "--workers", "2", "--shard-size", "12"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_batch.cli", *args, "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_commits").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(list((out / "_commits").glob("*.json")))
+    assert 3 <= committed < 20, "the kill should land mid-run"
+    resumed = _cli(*args, "--output", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{committed} shards already committed" in resumed.stdout or "already committed" in resumed.stdout
+    rows = check_exactly_once(str(out), ids)
+    assert _cli(*args, "--output", str(ref)).returncode == 0
+    ref_rows = {r["id"]: r for r in read_metadata(str(ref))}
+    for row in rows:
+        if row["sha256"] != ref_rows[row["id"]]["sha256"]:
+            a = pixels((out / row["image"]).read_bytes()).astype(int)
+            b = pixels((ref / ref_rows[row["id"]]["image"]).read_bytes()).astype(int)
+            assert np.abs(a - b).max() <= 1, row["id"]
+
+
+def test_different_job_refused_and_appended_rows_picked_up(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    ids = make_manifest(manifest, 50)
+    out = tmp_path / "out"
+    base = ["run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo", "--shard-size", "20"]
+    first = _cli(*base)
+    assert first.returncode == 0, first.stderr
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
+    assert len(markers) == 3
+
+    refused = _cli(*base, "--set", "guidance_scale=1.5")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "different job" in refused.stderr and "guidance_scale" in refused.stderr
+
+    table = pq.read_table(manifest)
+    extra = tmp_path / "extra.parquet"
+    new_ids = make_manifest(extra, 25, start=50)
+    pq.write_table(pa.concat_tables([table, pq.read_table(extra)]), manifest)
+    again = _cli(*base)
+    assert again.returncode == 0, again.stderr
+    assert "3 shards already committed" in again.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
+    assert {k: after[k] for k in markers} == markers, "committed shards must not be redone"
+    assert len(after) == 5  # the short last shard [40, 50) stays; [50, 70) and [70, 75) are new
+    check_exactly_once(str(out), ids + new_ids)
+
+    grown = pq.read_table(manifest)
+    changed = grown.set_column(1, "prompt", pa.array(["changed"] * grown.num_rows))
+    pq.write_table(changed, manifest)
+    refused = _cli(*base)
+    assert refused.returncode != 0 and "changed since shard" in refused.stderr
+
+    overwrite = _cli(*base, "--set", "guidance_scale=1.5", "--overwrite")
+    assert overwrite.returncode == 0, overwrite.stderr
+    rows = check_exactly_once(str(out), ids + new_ids)
+    assert {r["guidance_scale"] for r in rows} == {1.5} and {r["prompt"] for r in rows} == {"changed"}
+
+
+def test_quickstart_job_file(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = _cli("run", str(root / "jobs" / "quickstart.yaml"), "--output", str(tmp_path / "qs"))
+    assert result.returncode == 0, result.stderr
+    assert "done: 16 ok" in result.stdout
+    rows = read_metadata(str(tmp_path / "qs"))
+    assert len(rows) == 16 and {r["topic"] for r in rows} >= {"animal", "city"}
+    assert open_storage(str(tmp_path / "qs")).exists("job.json")
