@@ -1,0 +1,149 @@
+"""The batched Engine against diffusers' own ZImagePipeline (SPEC §2, §5.4).
+
+For every row: the Engine's pixels, in a mixed batch and alone, are within 1/255 of
+`ZImagePipeline.from_pretrained(tiny_dir)(...)` with the same prompt, settings and seed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_batch.engine import MAX_SEQUENCE_LENGTH, Engine, GenerationRequest
+from zimage_batch.tiny import make_tiny_model
+
+TOLERANCE = 1  # 1/255
+
+LONG_PROMPT = ", ".join(
+    ["a watercolor painting of mountains at sunrise with mist over a quiet lake"] * 60
+    + ["and at the very end a tiny red boat"]
+)
+CHINESE_PROMPT = "一只可爱的小猫坐在窗台上，阳光明媚，高清摄影"
+
+# No CFG (the turbo recipe): sizes, seeds, languages and prompt lengths mixed in one batch.
+# Several rows share a shape so that they really run together, padded to different lengths.
+NO_CFG_ROWS = [
+    GenerationRequest("a photo of a cat sitting on a red sofa", 1, 64, 64, 9, 0.0),
+    GenerationRequest(CHINESE_PROMPT, 2, 64, 64, 9, 0.0),
+    GenerationRequest(LONG_PROMPT, 3, 64, 64, 9, 0.0),
+    GenerationRequest("a photo of a cat sitting on a red sofa", 4, 64, 64, 9, 0.0),  # seed differs only
+    GenerationRequest("portrait of an astronaut", 5, 96, 64, 9, 0.0),
+    GenerationRequest(CHINESE_PROMPT, 6, 96, 64, 9, 0.0),
+    GenerationRequest("东京的夜景 neon lights in the rain", 7, 64, 128, 9, 0.0),
+    GenerationRequest("a red apple", 8, 64, 128, 5, 0.0),
+]
+
+# CFG on (the base recipe): negative prompts, truncation, normalisation, mixed with CFG off.
+CFG_ROWS = [
+    GenerationRequest("a dog on the grass", 11, 64, 64, 6, 4.0, negative_prompt="blurry, low quality"),
+    GenerationRequest(CHINESE_PROMPT, 12, 64, 64, 6, 4.0, negative_prompt="模糊"),
+    GenerationRequest("a dog on the grass", 13, 64, 64, 6, 4.0),  # no negative prompt: ""
+    GenerationRequest(LONG_PROMPT, 14, 64, 64, 6, 4.0, negative_prompt=LONG_PROMPT[:200]),
+    GenerationRequest("a lighthouse", 15, 96, 64, 6, 4.0, negative_prompt="people", cfg_truncation=0.5),
+    GenerationRequest("a lighthouse", 16, 96, 64, 6, 4.0, negative_prompt="people", cfg_truncation=0.5),
+    GenerationRequest("a lighthouse", 17, 64, 128, 6, 4.0, negative_prompt="fog", cfg_normalization=1.0),
+    GenerationRequest(
+        "a lighthouse at night", 18, 64, 128, 6, 4.0, negative_prompt="fog", cfg_truncation=0.7, cfg_normalization=0.5
+    ),
+    GenerationRequest("a small boat", 19, 64, 64, 6, 0.0, negative_prompt="ignored without CFG"),
+]
+
+VARIANT_ROWS = {"turbo": NO_CFG_ROWS + CFG_ROWS[:3], "base": CFG_ROWS + NO_CFG_ROWS[:3]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are far too small to gain from intra-op threads; on a shared 2-core
+    machine OpenMP threads only fight other processes (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-parity")
+    # Different seeds so the two variants do not share weights.
+    return {
+        "turbo": make_tiny_model(root / "turbo", "turbo", seed=0),
+        "base": make_tiny_model(root / "base", "base", seed=1),
+    }
+
+
+@pytest.fixture(scope="module", params=["turbo", "base"])
+def setup(request, checkpoints):
+    """(variant, engine, reference pipeline, mixed-batch outputs) for one variant."""
+    from diffusers import ZImagePipeline
+
+    variant = request.param
+    path = str(checkpoints[variant])
+    engine = Engine(path, variant, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = ZImagePipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    rows = VARIANT_ROWS[variant]
+    mixed = engine.generate(rows, batch_size=8)
+    return variant, engine, pipe, rows, mixed
+
+
+def reference(pipe, r: GenerationRequest) -> np.ndarray:
+    image = pipe(
+        prompt=r.prompt,
+        negative_prompt=r.negative_prompt,
+        width=r.width,
+        height=r.height,
+        num_inference_steps=r.num_inference_steps,
+        guidance_scale=r.guidance_scale,
+        cfg_truncation=r.cfg_truncation,
+        cfg_normalization=r.cfg_normalization,
+        generator=torch.Generator("cpu").manual_seed(r.seed),
+        output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_long_prompt_exceeds_truncation(checkpoints):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["turbo"] / "tokenizer")
+    assert len(tokenizer(LONG_PROMPT).input_ids) > MAX_SEQUENCE_LENGTH
+
+
+def test_mixed_batch_matches_reference(setup):
+    variant, _, pipe, rows, mixed = setup
+    assert len(mixed) == len(rows)
+    for i, (row, got) in enumerate(zip(rows, mixed)):
+        assert got.dtype == np.uint8 and got.shape == (row.height, row.width, 3)
+        want = reference(pipe, row)
+        assert max_diff(got, want) <= TOLERANCE, f"{variant} row {i} ({row}) differs from ZImagePipeline"
+
+
+def test_batch_invariance(setup):
+    """A row alone gives the pixels it gets inside a mixed batch (and batch size does not matter)."""
+    variant, engine, _, rows, mixed = setup
+    for i, row in enumerate(rows):
+        alone = engine.generate([row], batch_size=1)[0]
+        assert max_diff(alone, mixed[i]) <= TOLERANCE, f"{variant} row {i} depends on its batch"
+    small_batches = engine.generate(rows[::-1], batch_size=2)[::-1]
+    for i, (a, b) in enumerate(zip(small_batches, mixed)):
+        assert max_diff(a, b) <= TOLERANCE, f"{variant} row {i} depends on batch size/order"
+
+
+def test_rows_differ(setup):
+    """Sanity: seeds, prompts and guidance matter (the comparison is not vacuous)."""
+    _, _, _, rows, mixed = setup
+    images = {i: img for i, img in enumerate(mixed) if rows[i].width == rows[i].height == 64}
+    keys = list(images)
+    for a in range(len(keys)):
+        for b in range(a + 1, len(keys)):
+            assert max_diff(images[keys[a]], images[keys[b]]) > TOLERANCE
