@@ -1,0 +1,140 @@
+"""The job outlives its parts: a killed worker, a lost node, a shard that always crashes, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from output_check import check_exactly_once
+from test_job_e2e import make_manifest
+from zimage_batch.jobspec import JobSpec
+from zimage_batch.worker import CRASH_ENV
+
+
+def _commits(out: Path) -> int:
+    return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
+
+
+def _wait_for_commits(out: Path, n: int, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while _commits(out) < n:
+        assert time.time() < deadline, f"fewer than {n} shards committed in {timeout}s"
+        assert proc is None or proc.poll() is None, "the run ended early"
+        time.sleep(0.05)
+
+
+def _start_run(manifest: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", str(out),
+         "--model", "tiny:turbo", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _worker_processes(driver_pid: int) -> list[psutil.Process]:
+    """The Ray actor processes running ShardRunner (Ray names their process titles after the actor)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("ShardRunner" in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_killed_worker_is_replaced_and_rows_stay_exactly_once(tmp_path):
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 300)
+    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10")
+    try:
+        _wait_for_commits(out, 2, proc)
+        victims = _worker_processes(proc.pid)
+        assert victims, "no worker actor process found"
+        victims[0].send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "retrying" in stdout
+    check_exactly_once(str(out), ids)
+
+
+def test_shard_that_always_crashes_fails_alone(tmp_path):
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    make_manifest(manifest, 60)
+    started = time.time()
+    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10", "--set", "max_attempts=2",
+                      env={CRASH_ENV: "-0000000020"})
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode != 0
+    assert time.time() - started < 300
+    assert "-0000000020" in stderr and "failed" in stderr
+    committed = sorted(p.stem for p in (out / "_commits").glob("*.json"))
+    assert len(committed) == 5 and not any(c.endswith("-0000000020") for c in committed)
+    # the failed shard is not committed, so a rerun without the fault finishes the job
+    rerun = _start_run(manifest, out, "--workers", "1", "--shard-size", "10")
+    rerun.communicate(timeout=300)
+    assert rerun.returncode == 0
+    assert _commits(out) == 6
+
+
+def test_sigterm_stops_within_grace_period_and_resumes(tmp_path):
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 400)
+    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10", "--set", "grace_period=30")
+    try:
+        _wait_for_commits(out, 2, proc)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=90)
+        assert time.time() - sent < 45, "the driver must exit within the grace period"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "stopping" in stdout
+    assert _commits(out) < 40, "the stop should land mid-run"
+    rerun = _start_run(manifest, out, "--workers", "2", "--shard-size", "10")
+    rerun.communicate(timeout=300)
+    assert rerun.returncode == 0
+    check_exactly_once(str(out), ids)
+
+
+def test_node_loss_on_a_multi_node_cluster(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    from zimage_batch.driver import run_job
+
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 240)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        job = JobSpec(manifest=str(manifest), output=str(out), model="tiny:turbo", workers=3, shard_size=10,
+                      batch_size=4, address=cluster.address)
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(summary=run_job(job, echo=lambda line: None)))
+        runner.start()
+        _wait_for_commits(out, 3)
+        cluster.remove_node(workers[0])
+        cluster.add_node(num_cpus=1)
+        runner.join(timeout=400)
+        assert not runner.is_alive(), "the run did not finish after losing a node"
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    assert result["summary"].exit_code == 0
+    check_exactly_once(str(out), ids)

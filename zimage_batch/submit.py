@@ -1,0 +1,81 @@
+"""`zimage-batch submit`: run a job file on a remote Ray cluster through the Ray Jobs API.
+
+The job file (with local relative paths made absolute) travels in the job's runtime
+environment as its working directory; the entrypoint is the same `zimage-batch run` joining
+the cluster it runs on. The cluster's image must have zimage-batch installed (see cluster/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import yaml
+
+from .jobspec import _resolve_relative_paths, load_job
+
+# Non-secret settings forwarded to the job; credentials come from the cluster's own chain.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submit_job(
+    job_file: str,
+    address: str,
+    settings: list[str],
+    wait: bool = True,
+    pip: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Submit; with `wait`, stream the job's logs and return 0 when it succeeded."""
+    from ray.job_submission import JobSubmissionClient
+
+    job = load_job(job_file, {}, settings)  # refuse a bad job file before it reaches the cluster
+    with open(job_file, encoding="utf-8") as f:
+        values: dict[str, Any] = yaml.safe_load(f) or {}
+    _resolve_relative_paths(values, os.path.dirname(os.path.abspath(job_file)))
+    values.pop("address", None)
+    with tempfile.TemporaryDirectory(prefix="zimage-batch-submit-") as workdir:
+        with open(os.path.join(workdir, "job.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(values, f, allow_unicode=True)
+        runtime_env: dict[str, Any] = dict(job.runtime_env or {})
+        runtime_env["working_dir"] = workdir
+        env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
+        if pip:
+            runtime_env["pip"] = list(pip)
+        entrypoint = " ".join(["zimage-batch", "run", "job.yaml", "--address", "auto", *_quoted_settings(settings)])
+        client = JobSubmissionClient(address)
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(job_file).rsplit(".", 1)[0])
+        submission_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=f"zimage-batch-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        )
+    echo(f"submitted {submission_id} to {address}")
+    if not wait:
+        return 0
+    return _follow(client, submission_id, echo)
+
+
+def _quoted_settings(settings: list[str]) -> list[str]:
+    import shlex
+
+    return [part for s in settings for part in ("--set", shlex.quote(s))]
+
+
+def _follow(client, submission_id: str, echo: Callable[[str], None], poll: float = 1.0) -> int:
+    printed = 0
+    while True:
+        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        logs = client.get_job_logs(submission_id)
+        for line in logs[printed:].splitlines():
+            echo(line)
+        printed = len(logs)
+        if status in TERMINAL:
+            echo(f"job {submission_id}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(poll)
