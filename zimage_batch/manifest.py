@@ -105,7 +105,8 @@ class Manifest:
         for f, schema in schemas[1:]:
             for field in first:
                 if field.name in KNOWN_COLUMNS and field.name in schema.names:
-                    if _family(schema.field(field.name).type) != _family(field.type):
+                    families = {_family(schema.field(field.name).type), _family(field.type)}
+                    if len(families) > 1 and "null" not in families:  # all-null: an empty optional column
                         raise ManifestError(
                             f"{self._display(f.path)}: column '{field.name}' is {schema.field(field.name).type}"
                             f" but {first_file.name} has {field.type}"
@@ -162,7 +163,8 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)  # no control characters
 
 
 def _family(t: pa.DataType) -> str:
@@ -216,16 +218,32 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> None:
             expected = KNOWN_COLUMNS.get(field.name)
             if expected and not _type_ok(expected, field.type):
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
-    ids = []
+    ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
     for f in manifest.files:
         row_offset = 0
-        for batch in manifest.iter_batches(f):
+        for batch in _readable_batches(manifest, f):
             _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
             ids.append(pc.cast(batch.column("id"), pa.large_string()))
+            origins.append((f.name, row_offset))
             row_offset += batch.num_rows
     if manifest.num_rows == 0:
         raise ManifestError(f"{manifest.uri}: manifest has no rows")
-    _check_unique_ids(manifest.uri, pa.chunked_array(ids, type=pa.large_string()))
+    _check_unique_ids(manifest.uri, ids, origins)
+
+
+def _readable_batches(manifest: Manifest, f: ManifestFile) -> Iterator[pa.RecordBatch]:
+    """The record batches of one file; a file whose data (not just footer) is corrupt is a ManifestError."""
+    batches = manifest.iter_batches(f)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as exc:
+            raise ManifestError(
+                f"{manifest.display_name(f)}: not a readable Parquet file ({_first_line(exc)})"
+            ) from None
+        yield batch
 
 
 def _offending(where: str, column: str, problem: str, batch: pa.RecordBatch, bad: pa.Array, offset: int) -> ManifestError:
@@ -255,14 +273,14 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         fail_if("source", pc.equal(pc.utf8_length(column("source")), 0), "has empty sources")
         mode = column("mode")
         if mode is not None:
-            fail_if("mode", pc.invert(pc.is_in(mode, pa.array(EDIT_MODES))), f"must be one of {'|'.join(EDIT_MODES)}")
+            fail_if("mode", _not_in(mode, EDIT_MODES), f"must be one of {'|'.join(EDIT_MODES)}")
         strength = column("strength")
         if strength is not None:
             fail_if("strength", pc.or_(pc.less_equal(strength, 0), pc.greater(strength, 1)), "must be in (0, 1]")
 
     variant_column = column("variant")
     if variant_column is not None:
-        fail_if("variant", pc.invert(pc.is_in(variant_column, pa.array(list(VARIANTS)))), f"must be one of {'|'.join(VARIANTS)}")
+        fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")
     for name, default in (("width", limits.default_width), ("height", limits.default_height)):
         values = column(name)
         if values is None:
@@ -285,10 +303,17 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
 
 
+def _not_in(values: pa.Array, allowed) -> pa.Array:
+    """True where a value is set and not allowed (a null takes the job default)."""
+    if pa.types.is_null(values.type):
+        return pc.is_valid(values)  # all null
+    return pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed, type=values.type))))
+
+
 def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:
     """Per-row min and max side from the row's variant (or the job's)."""
     names = list(VARIANTS)
-    if variant_column is None:
+    if variant_column is None or pa.types.is_null(variant_column.type):
         v = VARIANTS[limits.default_variant]
         return pa.array(np.full(n, v.min_side)), pa.array(np.full(n, v.max_side))
     filled = pc.fill_null(variant_column, limits.default_variant)
@@ -298,13 +323,22 @@ def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.A
     return mins, maxs
 
 
-def _check_unique_ids(uri: str, ids: pa.ChunkedArray) -> None:
-    counts = pc.value_counts(ids)
+def _check_unique_ids(uri: str, ids: list[pa.Array], origins: list[tuple[str, int]]) -> None:
+    """Duplicate ids are named with the file and row of each copy (they may be in different files)."""
+    counts = pc.value_counts(pa.chunked_array(ids, type=pa.large_string()))
     dupes = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(dupes):
-        shown = ", ".join(repr(v.as_py()["values"])[:60] for v in dupes[:MAX_LISTED])
-        more = f" and {len(dupes) - MAX_LISTED} more" if len(dupes) > MAX_LISTED else ""
-        raise ManifestError(f"{uri}: column 'id' has duplicate ids: {shown}{more}")
+    if not len(dupes):
+        return
+    shown_values = dupes.field("values")[:MAX_LISTED]
+    places: dict[str, list[str]] = {v.as_py(): [] for v in shown_values}
+    for chunk, (name, offset) in zip(ids, origins):
+        for r in np.flatnonzero(np.asarray(pc.fill_null(pc.is_in(chunk, shown_values), False))):
+            value = chunk[int(r)].as_py()
+            if len(places[value]) < 3:
+                places[value].append(f"{name} row {offset + int(r)}")
+    shown = ", ".join(f"{repr(v)[:60]} ({', '.join(p)})" for v, p in places.items())
+    more = f" and {len(dupes) - MAX_LISTED} more" if len(dupes) > MAX_LISTED else ""
+    raise ManifestError(f"{uri}: column 'id' has duplicate ids: {shown}{more}")
 
 
 # ---------------------------------------------------------------------- rows
