@@ -25,11 +25,18 @@ def _fail(exc: BaseException) -> None:
     sys.exit(2)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(load: bool = False) -> None:
+    """Quiet diffusers/transformers. Unless `load`, they are not imported here (torch takes
+    seconds to import, and `run` must refuse a bad manifest at once): their verbosity is set
+    through the environment, which they read when they are first imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not load and not ("diffusers" in sys.modules and "transformers" in sys.modules):
+        return
     try:
         import diffusers
         import transformers
@@ -111,7 +118,7 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
-    _quiet_libraries()
+    _quiet_libraries(load=True)
     from .tiny import make_tiny_model
 
     try:
