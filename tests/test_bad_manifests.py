@@ -1,0 +1,347 @@
+"""SPEC §6: a malformed manifest fails before any GPU work (before Ray starts), with one line
+naming the file, the column and the first offending rows, and writes nothing.
+
+Every case below is run through both ``zimage-batch validate`` and ``zimage-batch run`` as real
+subprocesses (so a traceback or a stray line on stderr is caught). The subprocesses of all cases
+run concurrently in one module-scoped fixture; each test then checks one case's results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+RUN_DEADLINE_S = 15.0  # a refused run must not get as far as starting Ray
+CLI = shutil.which("zimage-batch") or "zimage-batch"
+
+
+# ---------------------------------------------------------------------- building manifests
+def _write(path: Path, columns: dict, schema: pa.Schema | None = None, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path, **kwargs)
+    return path
+
+
+def _good_columns(n: int = 4) -> dict:
+    return {"id": [f"r{i}" for i in range(n)], "prompt": [f"a cat number {i}" for i in range(n)]}
+
+
+def _with(**overrides) -> dict:
+    cols = _good_columns()
+    cols.update(overrides)
+    return cols
+
+
+def _single(**columns) -> Callable[[Path], Path]:
+    """A builder writing one file ``m.parquet`` with the given columns over _good_columns()."""
+
+    def build(d: Path) -> Path:
+        return _write(d / "m.parquet", _with(**columns))
+
+    return build
+
+
+def _missing_id(d: Path) -> Path:
+    return _write(d / "m.parquet", {"prompt": ["a", "b"], "seed": [1, 2]})
+
+
+def _missing_prompt(d: Path) -> Path:
+    return _write(d / "m.parquet", {"id": ["a", "b"], "seed": [1, 2]})
+
+
+def _typed(name: str, values: list, arrow_type: pa.DataType) -> Callable[[Path], Path]:
+    def build(d: Path) -> Path:
+        cols = _good_columns()
+        cols[name] = pa.array(values, type=arrow_type)
+        return _write(d / "m.parquet", cols)
+
+    return build
+
+
+def _dup_in_folder(d: Path) -> Path:
+    folder = d / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]})
+    _write(folder / "part-1.parquet", {"id": ["d", "b"], "prompt": ["x", "y"]})
+    return folder
+
+
+def _bad_row_in_second_file(d: Path) -> Path:
+    folder = d / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a", "b"], "prompt": ["x", "y"], "width": [64, 128]})
+    _write(folder / "part-1.parquet", {"id": ["c", "d", "e"], "prompt": ["x", "y", "z"], "width": [64, 64, 100]})
+    return folder
+
+
+def _mistyped_in_second_file(d: Path) -> Path:
+    folder = d / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a"], "prompt": ["x"], "seed": [1]})
+    _write(folder / "part-1.parquet", {"id": ["b"], "prompt": ["y"], "seed": ["one"]})
+    return folder
+
+
+def _late_bad_row(d: Path) -> Path:
+    """100k rows in several row groups (and several read batches); row 70_001 is bad."""
+    n = 100_000
+    steps = np.full(n, 8, dtype=np.int64)
+    steps[70_001] = 0
+    cols = {"id": [f"id{i}" for i in range(n)], "prompt": ["p"] * n, "num_inference_steps": steps}
+    return _write(d / "m.parquet", cols, row_group_size=30_000)
+
+
+def _many_bad_rows(d: Path) -> Path:
+    n = 20
+    cols = {"id": [f"id{i}" for i in range(n)], "prompt": ["p"] * n, "height": [72] * n}
+    return _write(d / "m.parquet", cols)
+
+
+def _text_file(d: Path) -> Path:
+    p = d / "m.parquet"
+    p.write_text("id,prompt\na,a cat\nb,a dog\n")
+    return p
+
+
+def _truncated(d: Path) -> Path:
+    p = _write(d / "full.parquet", {"id": [f"r{i}" for i in range(1000)], "prompt": ["a cat"] * 1000})
+    data = p.read_bytes()
+    p.unlink()
+    out = d / "m.parquet"
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def _corrupt_body(d: Path) -> Path:
+    """Footer intact (schema and row counts readable), column data overwritten with garbage."""
+    n = 2000
+    ids = [f"row-{i:06d}-{'x' * 20}" for i in range(n)]
+    p = _write(d / "full.parquet", {"id": ids, "prompt": ["a cat"] * n}, compression="snappy",
+               use_dictionary=False)
+    data = bytearray(p.read_bytes())
+    p.unlink()
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    body_end = len(data) - 8 - footer_len
+    rng = np.random.default_rng(0)
+    data[4:body_end] = rng.integers(0, 256, body_end - 4, dtype=np.uint8).tobytes()
+    out = d / "m.parquet"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _empty_file(d: Path) -> Path:
+    p = d / "m.parquet"
+    p.write_bytes(b"")
+    return p
+
+
+def _missing_path(d: Path) -> Path:
+    return d / "does-not-exist.parquet"
+
+
+def _empty_folder(d: Path) -> Path:
+    folder = d / "manifest"
+    folder.mkdir()
+    (folder / "README.txt").write_text("no parquet here")
+    return folder
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[Path], Path]
+    column: str | None = None  # the column the message must name
+    rows: tuple[str, ...] = ()  # fragments naming offending rows (row number / id)
+    files: tuple[str, ...] | None = None  # file names the message must hold (default: the manifest's name)
+    extra: tuple[str, ...] = field(default=())  # other fragments the message must hold
+
+
+CASES = [
+    Case("missing_id", _missing_id, column="id"),
+    Case("missing_prompt", _missing_prompt, column="prompt"),
+    Case("width_as_string", _typed("width", ["64", "64", "128", "64"], pa.string()), column="width"),
+    Case("seed_as_float", _typed("seed", [1.0, 2.5, 3.0, 4.0], pa.float64()), column="seed"),
+    Case("prompt_as_int", _typed("prompt", [1, 2, 3, 4], pa.int64()), column="prompt"),
+    Case("id_as_int", _typed("id", [1, 2, 3, 4], pa.int64()), column="id"),
+    Case("steps_as_string", _typed("num_inference_steps", ["8"] * 4, pa.string()), column="num_inference_steps"),
+    Case("mistyped_in_second_file", _mistyped_in_second_file, column="seed", files=("part-1.parquet",)),
+    Case("duplicate_ids_in_file", _single(id=["a", "b", "a", "c"]), column="id", rows=("'a'",)),
+    Case("duplicate_ids_across_files", _dup_in_folder, column="id", rows=("'b'",),
+         files=("part-0.parquet", "part-1.parquet")),
+    Case("empty_id", _single(id=["a", "", "c", "d"]), column="id", rows=("row 1",)),
+    Case("null_id", _single(id=["a", "b", None, "d"]), column="id", rows=("row 2",)),
+    Case("null_prompt", _single(prompt=["x", None, "y", "z"]), column="prompt", rows=("row 1", "'r1'")),
+    Case("width_not_multiple_of_16", _single(width=[64, 64, 100, 64]), column="width", rows=("row 2", "'r2'")),
+    Case("height_too_large", _single(height=[64, 8192, 64, 64]), column="height", rows=("row 1", "'r1'")),
+    Case("width_zero", _single(width=[64, 64, 64, 0]), column="width", rows=("row 3", "'r3'")),
+    Case("width_negative", _single(width=[-64, 64, 64, 64]), column="width", rows=("row 0", "'r0'")),
+    Case("width_negative_odd", _single(width=[64, -5, 64, 64]), column="width", rows=("row 1", "'r1'")),
+    Case("steps_zero", _single(num_inference_steps=[8, 0, 8, 8]), column="num_inference_steps",
+         rows=("row 1", "'r1'")),
+    Case("steps_negative", _single(num_inference_steps=[8, 8, -3, 8]), column="num_inference_steps",
+         rows=("row 2", "'r2'")),
+    Case("guidance_negative", _single(guidance_scale=[0.0, -1.5, 0.0, 0.0]), column="guidance_scale",
+         rows=("row 1", "'r1'")),
+    Case("guidance_nan", _single(guidance_scale=[0.0, 0.0, float("nan"), 0.0]), column="guidance_scale",
+         rows=("row 2", "'r2'")),
+    Case("seed_negative", _single(seed=[1, 2, 3, -4]), column="seed", rows=("row 3", "'r3'")),
+    Case("unknown_variant", _single(variant=["turbo", "turbo", "mega", None]), column="variant",
+         rows=("row 2", "'r2'")),
+    Case("bad_row_in_second_file", _bad_row_in_second_file, column="width", rows=("row 2", "'e'"),
+         files=("part-1.parquet",)),
+    Case("bad_row_late_in_file", _late_bad_row, column="num_inference_steps", rows=("row 70001", "'id70001'")),
+    Case("many_bad_rows", _many_bad_rows, column="height",
+         rows=("row 0", "row 4", "'id4'", "15 more")),
+    Case("text_file_named_parquet", _text_file),
+    Case("empty_file_named_parquet", _empty_file),
+    Case("truncated_parquet", _truncated),
+    Case("corrupt_parquet_body", _corrupt_body),
+    Case("missing_path", _missing_path),
+    Case("empty_folder", _empty_folder),
+]
+
+
+# ---------------------------------------------------------------------- running them
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed_s: float
+
+
+@dataclass
+class Outcome:
+    case: Case
+    manifest: Path
+    output: Path
+    workdir: Path
+    files_before: set[str]
+    validate: Result
+    run: Result
+
+
+def _cli(*args: str, timeout: float = 120) -> Result:
+    """The real command, in a subprocess."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning")
+    started = time.monotonic()
+    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)
+    return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def _cli_in_process(*args: str) -> Result:
+    """The command through click's CliRunner (no interpreter start-up); an escaping exception
+    is reported as a traceback, as the real command would print one."""
+    from click.testing import CliRunner
+
+    from zimage_batch.cli import main
+
+    started = time.monotonic()
+    result = CliRunner().invoke(main, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return Result(result.exit_code, result.stdout, stderr, time.monotonic() - started)
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    base = tmp_path_factory.mktemp("bad_manifests")
+    prepared = []
+    for case in CASES:
+        d = base / case.name
+        d.mkdir()
+        manifest = case.build(d)
+        prepared.append((case, manifest, d / "out", d, _listing(d)))
+
+    validations = {case.name: _cli_in_process("validate", str(manifest)) for case, manifest, *_ in prepared}
+
+    def go(item):
+        case, manifest, output, d, before = item
+        run = _cli("run", "--manifest", str(manifest), "--output", str(output), "--model", "tiny:turbo",
+                   "--workers", "1")
+        return Outcome(case, manifest, output, d, before, validations[case.name], run)
+
+    # Each refused run is a short CPU-bound process; run a few at once.
+    parallel = max(2, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(parallel) as pool:
+        return {o.case.name: o for o in pool.map(go, prepared)}
+
+
+def _check_error(result: Result, outcome: Outcome, command: str) -> str:
+    case = outcome.case
+    both = result.stdout + result.stderr
+    context = f"{command} {case.name}: rc={result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode != 0, context
+    assert "Traceback" not in both, context
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, context
+    assert lines == errors, f"stderr holds more than the one error line\n{context}"
+    assert not result.stdout.strip(), f"nothing but the error line expected\n{context}"
+    message = errors[0]
+    assert message.isprintable(), f"control characters in the message: {message!r}"
+
+    names = case.files if case.files is not None else (outcome.manifest.name,)
+    for name in names:
+        assert name in message, f"message does not name the file {name!r}: {message}"
+    if case.column:
+        assert f"'{case.column}'" in message, f"message does not name column {case.column!r}: {message}"
+    for fragment in (*case.rows, *case.extra):
+        assert fragment in message, f"message lacks {fragment!r}: {message}"
+    return message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_validate_refuses(outcomes, case):
+    outcome = outcomes[case.name]
+    _check_error(outcome.validate, outcome, "validate")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_run_refuses_fast_and_writes_nothing(outcomes, case):
+    outcome = outcomes[case.name]
+    message = _check_error(outcome.run, outcome, "run")
+    assert "plan:" not in outcome.run.stdout
+    assert outcome.run.elapsed_s < RUN_DEADLINE_S, f"took {outcome.run.elapsed_s:.1f}s: {message}"
+    assert not outcome.output.exists() or not any(outcome.output.iterdir()), _listing(outcome.output)
+    # nothing appeared beside the manifest either
+    assert _listing(outcome.workdir) - outcome.files_before <= {"out"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_validate_and_run_agree(outcomes, case):
+    """The same manifest gets the same reason from `validate` and from `run`."""
+    outcome = outcomes[case.name]
+    assert outcome.validate.stderr.strip() == outcome.run.stderr.strip()
+
+
+def test_good_manifest_validates(tmp_path):
+    folder = tmp_path / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a", "b"], "prompt": ["a cat", "一只猫"], "width": [64, None],
+                                       "seed": [1, None], "variant": ["turbo", None], "extra": [1, 2]})
+    _write(folder / "part-1.parquet", {"id": ["c"], "prompt": ["a dog"], "width": [128], "seed": [3],
+                                       "variant": [None], "extra": [3]})
+    (folder / "_SUCCESS").write_text("")
+    result = _cli("validate", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok:"), result.stdout
+    assert "3 rows" in result.stdout and "2 file(s)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert _listing(tmp_path) == {"manifest", "manifest/part-0.parquet", "manifest/part-1.parquet",
+                                  "manifest/_SUCCESS"}
