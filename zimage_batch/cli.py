@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -91,7 +92,53 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     if summary.stopped:
         click.echo("stopped before the end; run again to resume", err=True)
     click.echo(f"output: {summary.output}")
+    if job.report:
+        _write_report(summary.output)
     sys.exit(summary.exit_code)
+
+
+def _write_report(output: str) -> None:
+    """Write OUTPUT/report.html and say where; a failure here is reported, not fatal."""
+    from .report import write_report
+
+    try:
+        click.echo(f"report: {write_report(output)}")
+    except Exception as exc:  # noqa: BLE001 - the job itself is done
+        click.echo(f"warning: could not write the report: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+
+
+@main.command("status")
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON")
+def status_command(output: str, as_json: bool) -> None:
+    """Shards and rows done / failed / left of the job in OUTPUT, throughput so far, last errors.
+
+    Reads OUTPUT only: works while the job runs, from any machine, and after it ended."""
+    from .status import NoJob, format_status, status
+
+    try:
+        figures = status(output)
+    except (NoJob, ValueError, *USER_ERRORS) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2, ensure_ascii=False))
+    else:
+        for line in format_status(figures):
+            click.echo(line)
+
+
+@main.command("report")
+@click.argument("output")
+def report_command(output: str) -> None:
+    """Write OUTPUT/report.html: gallery (prompt, seed, id), errors, throughput, workers, settings."""
+    from .report import write_report
+    from .status import NoJob
+
+    try:
+        location = write_report(output)
+    except (NoJob, ValueError, *USER_ERRORS) as exc:
+        _fail(exc)
+    click.echo(f"report: {location}")
 
 
 @main.command()

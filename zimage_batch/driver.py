@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import metrics
 from .jobspec import JobSpec
 from .ledger import Ledger
 from .manifest import Limits, ManifestError, open_manifest, validate_manifest
@@ -85,6 +86,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     ledger = Ledger(storage)
     ledger.claim_output(job_record(job), job.overwrite)
     plan = make_plan(manifest, ledger.committed(), job.shard_size)
+    _write_plan_record(storage, job, plan, started)
     summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))
     echo(
         f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
@@ -103,6 +105,20 @@ def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
     summary.rows_ok = sum(m["ok"] for m in markers.values())
     summary.rows_error = sum(m["error"] for m in markers.values())
     summary.shards_committed = len(markers)
+
+
+def _write_plan_record(storage, job: JobSpec, plan: Plan, started: float) -> None:
+    """`_runs/plan-<time>.json`: totals as planned, so `status` can tell rows left while a run goes on."""
+    record = {
+        "started": started,
+        "fingerprint": job.fingerprint(),
+        "total_rows": plan.total_rows,
+        "total_shards": len(plan.done) + len(plan.todo),
+        "shards_todo": len(plan.todo),
+        "rows_todo": plan.rows_todo,
+    }
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"-{os.getpid()}"
+    storage.put_bytes(f"_runs/plan-{name}.json", json.dumps(record, indent=2).encode())
 
 
 def _write_run_record(storage, job: JobSpec, summary: RunSummary) -> None:
@@ -221,6 +237,7 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
                 if not marker.get("skipped"):
                     progress.shard_done(marker["rows"], marker["error"])
             progress.tick(len(queue), len(in_flight), pool.size)
+            metrics.queue_depth(len(queue), len(in_flight))
         summary.workers = pool.stats()
         progress.finish()
     finally:

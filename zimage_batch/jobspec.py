@@ -57,6 +57,7 @@ class JobSpec:
     max_attempts: int = 3
     grace_period: float = 60.0
     progress_interval: float = 10.0
+    report: bool = True  # write OUTPUT/report.html when the run ends
     overwrite: bool = False
     runtime_env: dict[str, Any] = field(default_factory=dict)
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import metrics
 from .engine import Engine, GenerationRequest
 from .keys import safe_key
 from .ledger import Ledger
@@ -130,6 +131,8 @@ class ShardRunner:
             "busy_s": self.engine.busy_seconds - busy_before,
         }
         marker["committed"] = self.ledger.commit(shard_obj.name, marker)
+        if marker["committed"]:
+            metrics.rows_done(self.worker_id, ok, len(rows) - ok)
         return marker
 
     def _request(self, row: dict[str, Any]) -> GenerationRequest:
@@ -168,6 +171,7 @@ class ShardRunner:
             started = time.perf_counter()
             images = self._generate([requests[i] for i in batch])
             duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
+            metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
             drain()  # the previous batch's images were encoded while this one generated
             for i, image in zip(batch, images):
                 if isinstance(image, BaseException):

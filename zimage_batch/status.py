@@ -1,0 +1,190 @@
+"""`zimage-batch status OUTPUT`: where a job stands, read from OUTPUT alone.
+
+Works while a run goes on, from another machine, and after it ended: everything comes from
+storage, never from the driver.
+
+    job.json              the job (settings, fingerprint)
+    _runs/plan-*.json     one per run, written when it planned: total rows and shards then
+    _runs/<time>.json     one per run that ended: its summary and per-worker figures
+    _commits/<shard>.json one per committed shard: rows, ok, error, errors, times, worker
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ledger import JOB_FILE, Ledger
+from .storage import Storage, open_storage
+
+RUNS = "_runs/"
+PLAN_PREFIX = "plan-"
+LAST_ERRORS = 5
+
+
+class NoJob(RuntimeError):
+    """OUTPUT holds no job."""
+
+
+@dataclass
+class OutputState:
+    """What OUTPUT holds about its job, as read from storage."""
+
+    storage: Storage
+    job: dict[str, Any]  # job.json
+    markers: list[dict[str, Any]]  # commit markers, by shard name
+    plans: list[dict[str, Any]] = field(default_factory=list)  # plan records, oldest first
+    runs: list[dict[str, Any]] = field(default_factory=list)  # run records, oldest first
+
+    @property
+    def latest_plan(self) -> dict[str, Any] | None:
+        return self.plans[-1] if self.plans else None
+
+    @property
+    def latest_run(self) -> dict[str, Any] | None:
+        return self.runs[-1] if self.runs else None
+
+
+def load_output(output: str | Storage) -> OutputState:
+    """Read job.json, every commit marker and every `_runs/` record; NoJob if there is no job."""
+    storage = open_storage(output) if isinstance(output, str) else output
+    job = Ledger(storage).read_job()
+    if job is None:
+        raise NoJob(f"{storage.uri} holds no job (no {JOB_FILE})")
+    markers = sorted(Ledger(storage).committed().values(), key=lambda m: m.get("shard", ""))
+    keys = [info.key for info in storage.list(RUNS) if info.key.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        records = list(pool.map(lambda key: _read_json(storage, key), keys))
+    plans = [r for k, r in zip(keys, records) if r and k[len(RUNS) :].startswith(PLAN_PREFIX)]
+    runs = [r for k, r in zip(keys, records) if r and not k[len(RUNS) :].startswith(PLAN_PREFIX)]
+    plans.sort(key=lambda r: r.get("started", 0))
+    runs.sort(key=lambda r: r.get("finished", 0))
+    return OutputState(storage, job, markers, plans, runs)
+
+
+def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.get_bytes(key))
+    except (FileNotFoundError, ValueError):  # removed meanwhile, or not ours
+        return None
+
+
+def run_state(state: OutputState) -> str:
+    """running | finished | failed | stopped | unknown (for the latest run)."""
+    plan, run = state.latest_plan, state.latest_run
+    if run is not None and (plan is None or run.get("finished", 0) >= plan.get("started", 0)):
+        if run.get("stopped"):
+            return "stopped"
+        return "failed" if run.get("failed") else "finished"
+    return "running" if plan is not None else "unknown"
+
+
+def throughput(markers: list[dict[str, Any]]) -> tuple[float, float]:
+    """(rows per second, seconds) over the span from the first start to the last finish."""
+    if not markers:
+        return 0.0, 0.0
+    span = max(m["finished"] for m in markers) - min(m["started"] for m in markers)
+    rows = sum(m["rows"] for m in markers)
+    return (rows / span if span > 0 else 0.0), span
+
+
+def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
+    """The figures `status` prints (and `--json` emits)."""
+    now = time.time() if now is None else now
+    plan, run = state.latest_plan, state.latest_run
+    current = run_state(state)
+    markers = state.markers
+    rows_done = sum(m["rows"] for m in markers)
+    rows_ok = sum(m["ok"] for m in markers)
+    total_rows = plan.get("total_rows") if plan else (run.get("rows_total") if run else None)
+    total_shards = plan.get("total_shards") if plan else None
+    if total_shards is None and run is not None:  # outputs written before plan records
+        total_shards = run.get("shards_committed", 0) + len(run.get("failed") or {})
+    started = plan.get("started") if plan else (run["finished"] - run.get("elapsed_s", 0) if run else None)
+    # throughput of the latest run: the shards it committed (all shards if it committed none)
+    since = plan.get("started", 0) if plan else 0
+    recent = [m for m in markers if m.get("finished", 0) >= since] or markers
+    rate, span = throughput(recent)
+    if current == "running":
+        elapsed = now - plan["started"]
+    elif run is not None:
+        elapsed = run.get("elapsed_s", 0.0)
+    else:
+        elapsed = None
+    rows_left = max(total_rows - rows_done, 0) if total_rows is not None else None
+    errors = [
+        {"shard": m["shard"], "error": e, "finished": m.get("finished")}
+        for m in sorted(markers, key=lambda m: m.get("finished", 0), reverse=True)
+        for e in m.get("errors", [])
+    ]
+    failed_shards = (run.get("failed") or {}) if run is not None and current != "running" else {}
+    errors = [{"shard": s, "error": f"shard failed: {r}", "finished": run.get("finished")}
+              for s, r in failed_shards.items()] + errors
+    job = state.job.get("job", {})
+    return {
+        "output": state.storage.uri,
+        "state": current,
+        "fingerprint": state.job.get("fingerprint"),
+        "model": job.get("model"),
+        "variant": job.get("variant"),
+        "format": job.get("format"),
+        "started": started,
+        "elapsed_s": elapsed,
+        "runs": len(state.runs),
+        "total_shards": total_shards,
+        "shards_done": len(markers),
+        "shards_left": max(total_shards - len(markers), 0) if total_shards is not None else None,
+        "shards_failed": sorted(failed_shards),
+        "total_rows": total_rows,
+        "rows_done": rows_done,
+        "rows_ok": rows_ok,
+        "rows_failed": rows_done - rows_ok,
+        "rows_left": rows_left,
+        "rows_per_s": rate,
+        "rate_span_s": span,
+        "eta_s": rows_left / rate if current == "running" and rate > 0 and rows_left is not None else None,
+        "last_errors": errors[:LAST_ERRORS],
+    }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _of(n: int, total: int | None) -> str:
+    return f"{n} of {total}" if total is not None else f"{n} of ?"
+
+
+def format_status(s: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `status`."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["started"])) if s["started"] else "?"
+    pct = f" ({s['rows_done'] / s['total_rows']:.0%})" if s["total_rows"] else ""
+    lines = [
+        f"job: {s['output']} (model {s['model']}, {s['variant']}, format {s['format']}, fingerprint {s['fingerprint']})",
+        f"state: {s['state']}{' (no run record yet: running, or its driver died)' if s['state'] == 'running' else ''}; "
+        f"started {started}, elapsed {_duration(s['elapsed_s'])}, {s['runs']} run(s) ended",
+        f"shards: {_of(s['shards_done'], s['total_shards'])} done, "
+        f"{s['shards_left'] if s['shards_left'] is not None else '?'} left"
+        + (f", {len(s['shards_failed'])} failed" if s["shards_failed"] else ""),
+        f"rows: {_of(s['rows_done'], s['total_rows'])} done{pct}, {s['rows_failed']} failed, "
+        f"{s['rows_left'] if s['rows_left'] is not None else '?'} left",
+        f"throughput: {s['rows_per_s']:.2f} rows/s over {_duration(s['rate_span_s'])} of committed shards"
+        + (f"; ETA {_duration(s['eta_s'])}" if s["eta_s"] is not None else ""),
+    ]
+    if s["last_errors"]:
+        lines.append("last errors:")
+        lines += [f"  {e['shard']}: {e['error']}" for e in s["last_errors"]]
+    return lines
+
+
+def status(output: str) -> dict[str, Any]:
+    """Load OUTPUT and summarize it."""
+    return summarize(load_output(output))
