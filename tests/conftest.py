@@ -94,3 +94,33 @@ def s3_bucket(s3_server):
     yield name
 
 # ======================================================================== end S3 test server
+
+
+# ============================================================================ flaky S3
+# A fault-injecting proxy (tests/fault_proxy.py) in front of the S3 test server. While a test
+# runs, AWS_ENDPOINT_URL points at the proxy: clients made in this process and every process
+# started meanwhile (the CLI, Ray workers) go through it. No faults until the test asks
+# (`flaky_s3.set_faults(rate, kinds, seed)` or `flaky_s3.force(kind, ...)`).
+
+
+@pytest.fixture
+def flaky_s3(s3_server):
+    """A started FaultProxy in front of the S3 test server; ``.upstream`` is the direct endpoint."""
+    from fault_proxy import FaultProxy, endpoint_env
+
+    with FaultProxy(s3_server) as proxy, endpoint_env(proxy.url):
+        yield proxy
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private Ray temp folder: pass it as RAY_TMPDIR to a CLI run so that its Ray logs land there
+    and it starts its own cluster (not one another process started). Short: Ray puts sockets in it."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="zbray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+# ======================================================================== end flaky S3

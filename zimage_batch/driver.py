@@ -24,7 +24,7 @@ from .manifest import Limits, ManifestError, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
 from .progress import Progress
 from .sources import ResolvedModel, resolve_model
-from .storage import open_storage
+from .storage import check_scratch_space, open_storage
 from .variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,16 @@ class RunSummary:
         return 1 if self.failed else 0
 
 
-def prepare(job: JobSpec) -> tuple[Any, ResolvedModel]:
-    """Check manifest and model without writing anything; returns (manifest, model)."""
+def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tuple[Any, ResolvedModel]:
+    """Check manifest and model without writing anything; returns (manifest, model).
+
+    `check_output` runs once the manifest opened, before the model is fetched (which can mean
+    downloading gigabytes): an unusable OUTPUT fails at once."""
     manifest = open_manifest(job.manifest)
     if manifest.kind == "edit":
         raise ManifestError(f"{job.manifest}: edit manifests (a 'source' column) are not supported yet")
+    if check_output is not None:
+        check_output()
     model = resolve_model(job.model, job.variant)
     job.variant = model.variant
     get_variant(job.variant)
@@ -66,6 +71,21 @@ def prepare(job: JobSpec) -> tuple[Any, ResolvedModel]:
     limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
     validate_manifest(manifest, limits)
     return manifest, model
+
+
+# Bytes per pixel of a stored image, generously: raw RGB for PNG; lossy formats far less.
+_BYTES_PER_PIXEL = {"png": 3.0, "jpeg": 1.0, "webp": 1.0}
+
+
+def scratch_needed(job: JobSpec) -> int:
+    """Local disk that one shard of `job` takes while staged before upload (webdataset and
+    parquet; files upload each image at once): at raw size this is about what a worker's two
+    shards in flight take with real images."""
+    if job.format == "files":
+        return 0
+    d = job.defaults()
+    per_image = d["width"] * d["height"] * _BYTES_PER_PIXEL.get(job.image_format, 3.0) + 1024
+    return int(job.shard_size * per_image)
 
 
 def job_record(job: JobSpec) -> dict[str, Any]:
@@ -80,9 +100,10 @@ def job_record(job: JobSpec) -> dict[str, Any]:
 
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     started = time.time()
-    manifest, model = prepare(job)
     storage = open_storage(job.output)
-    storage.check_writable()
+    manifest, model = prepare(job, check_output=storage.check_writable)
+    if not job.address:  # workers run here: their temporary files do too
+        check_scratch_space(scratch_needed(job))
     ledger = Ledger(storage)
     ledger.claim_output(job_record(job), job.overwrite)
     plan = make_plan(manifest, ledger.committed(), job.shard_size)
@@ -130,15 +151,29 @@ def _write_run_record(storage, job: JobSpec, summary: RunSummary) -> None:
 
 
 # ---------------------------------------------------------------------- Ray part
+# Settings forwarded to Ray workers, which may run on other nodes: where storage and models are
+# (endpoint, region, profile name, caches), never credentials. Ray writes the runtime_env to its
+# logs in plain text (runtime_env_agent.log), so credentials stay out of it: workers started by
+# a local cluster inherit this process's environment; workers on other nodes use their node's
+# own AWS chain (instance role, profile, environment).
+_FORWARDED_ENV = ("AWS_", "HF_", "ZIMAGE_BATCH_")
+_SECRET_ENV_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "AUTH")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The environment settings passed to Ray workers (no credentials)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(_FORWARDED_ENV) and not any(w in k.upper() for w in _SECRET_ENV_WORDS)}
+
+
 def _init_ray(job: JobSpec) -> bool:
     """Join the cluster at job.address or start a local one; True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "ZIMAGE_BATCH_"))}
     runtime_env = dict(job.runtime_env or {})
-    runtime_env.setdefault("env_vars", {}).update(env_vars)
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **forwarded_env()}
     if job.address:
         ray.init(address=job.address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
         return True

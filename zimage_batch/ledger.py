@@ -8,6 +8,7 @@ local `link`), so two attempts of one shard can never both commit.
 from __future__ import annotations
 
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,9 +49,17 @@ class Ledger:
         return self.storage.exists(commit_key(shard))
 
     def commit(self, shard: str, marker: dict[str, Any]) -> bool:
-        """Create the marker; False when another attempt committed this shard first."""
-        data = json.dumps(marker, sort_keys=True, ensure_ascii=False).encode()
-        return self.storage.put_if_absent(commit_key(shard), data)
+        """Create the marker; False when another attempt committed this shard first.
+
+        The marker carries a unique token: when our create landed but its answer was lost, the
+        retried create finds the key taken, and reading it back tells that it is ours."""
+        data = json.dumps(marker | {"token": uuid.uuid4().hex}, sort_keys=True, ensure_ascii=False).encode()
+        if self.storage.put_if_absent(commit_key(shard), data):
+            return True
+        try:
+            return self.storage.get_bytes(commit_key(shard)) == data
+        except FileNotFoundError:
+            return False
 
     # ------------------------------------------------------------------ job identity
     def read_job(self) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -32,6 +33,10 @@ MULTIPART_CHUNKSIZE = 64 * MiB
 #: Whole-object upload attempts (botocore retries single requests; this retries a
 #: multipart upload that failed midway as a whole).
 UPLOAD_ATTEMPTS = 3
+#: Reads of an object whose body was cut off midway (botocore retries only until the headers).
+READ_ATTEMPTS = 5
+#: Request attempts of pyarrow's S3 filesystem (manifests), as for botocore.
+ARROW_S3_ATTEMPTS = 10
 #: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
 DELETE_BATCH = 1000
 PROBE_PREFIX = "_probe/"
@@ -83,6 +88,17 @@ def check_key(key: str) -> str:
     if ".." in key.replace("\\", "/").split("/"):
         raise ValueError(f"storage key must not contain '..': {key!r}")
     return key
+
+
+def check_scratch_space(needed: int, folder: str | None = None) -> None:
+    """Raise StorageError when the folder for temporary files (TMPDIR) has under ``needed`` bytes free."""
+    folder = folder or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if needed and free < needed:
+        raise StorageError(
+            f"not enough scratch space in {folder}: {free / MiB:.0f} MiB free, a shard needs about "
+            f"{needed / MiB:.0f} MiB; set TMPDIR to a larger disk or lower shard_size"
+        )
 
 
 def _check_prefix(prefix: str) -> str:
@@ -448,15 +464,24 @@ class S3Storage(Storage):
         raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
 
     def get_bytes(self, key: str) -> bytes:
+        """botocore retries the request; a body cut off midway (outside its retries) is read again."""
         import botocore.exceptions
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except botocore.exceptions.ClientError as e:
-            if _is_not_found(e):
-                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
-            self._raise_storage_error(e, "reading", key)
-            raise
+        cut_off = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
+                   botocore.exceptions.ReadTimeoutError)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except botocore.exceptions.ClientError as e:
+                if _is_not_found(e):
+                    raise FileNotFoundError(f"no such object: {self.url(key)}") from None
+                self._raise_storage_error(e, "reading", key)
+                raise
+            except cut_off:
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise
+                time.sleep(min(4.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     def download(self, key: str, local_path: str | os.PathLike) -> None:
         import botocore.exceptions
@@ -560,7 +585,8 @@ class S3Storage(Storage):
         if region:
             kwargs["region"] = region
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        return pafs.S3FileSystem(**kwargs), root
+        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
+        return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
     def check_writable(self) -> None:
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
