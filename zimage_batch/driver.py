@@ -20,7 +20,7 @@ from typing import Any, Callable
 from . import metrics
 from .jobspec import JobSpec
 from .ledger import Ledger
-from .manifest import Limits, ManifestError, open_manifest, validate_manifest
+from .manifest import Limits, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
 from .progress import Progress
 from .sources import ResolvedModel, resolve_model
@@ -60,8 +60,6 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
     `check_output` runs once the manifest opened, before the model is fetched (which can mean
     downloading gigabytes): an unusable OUTPUT fails at once."""
     manifest = open_manifest(job.manifest)
-    if manifest.kind == "edit":
-        raise ManifestError(f"{job.manifest}: edit manifests (a 'source' column) are not supported yet")
     if check_output is not None:
         check_output()
     model = resolve_model(job.model, job.variant)

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +142,10 @@ class Engine:
             return self._generate_splitting_on_oom(batch[:half]) + self._generate_splitting_on_oom(batch[half:])
 
     def _generate_batch(self, batch: list[GenerationRequest]) -> list[np.ndarray]:
+        if getattr(batch[0], "mode", None):  # an EditRequest: img2img, inpaint or edit
+            from .edit_engine import generate_edit_batch
+
+            return generate_edit_batch(self, batch)
         if self.variant.needs_siglip:
             return [self._generate_with_reference_pipeline(r) for r in batch]
         first = batch[0]
@@ -174,9 +178,8 @@ class Engine:
     # ------------------------------------------------------------------ stages
     def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
         """Qwen3 hidden_states[-2] per prompt, padded only to the longest prompt in the batch."""
-        tokenizer = self.pipe.tokenizer
         templated = [
-            tokenizer.apply_chat_template(
+            self.pipe.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}],
                 tokenize=False,
                 add_generation_prompt=True,
@@ -184,9 +187,14 @@ class Engine:
             )
             for text in texts
         ]
-        tokens = tokenizer(
-            templated,
-            padding="longest",
+        return self.encode_texts(templated)
+
+    def encode_texts(self, texts: list[str], pad_to_max: bool = False) -> list[torch.Tensor]:
+        """Qwen3 hidden_states[-2] of already templated texts, padded to the longest one
+        (or to MAX_SEQUENCE_LENGTH, as the reference pipelines do, with `pad_to_max`)."""
+        tokens = self.pipe.tokenizer(
+            texts,
+            padding="max_length" if pad_to_max else "longest",
             max_length=MAX_SEQUENCE_LENGTH,
             truncation=True,
             return_tensors="pt",
@@ -227,12 +235,18 @@ class Engine:
         positive: list[torch.Tensor],
         negative: list[torch.Tensor],
         settings: GenerationRequest,
+        schedule: tuple | None = None,
+        forward: Callable | None = None,
+        after_step: Callable | None = None,
     ) -> torch.Tensor:
+        """The reference denoising loop. Edit modes pass their own (scheduler, timesteps), a
+        transformer call `forward(latents, timestep, captions)` and a hook run after each step."""
         transformer = self.pipe.transformer
-        scheduler, timesteps = self._timesteps(latents, settings.num_inference_steps)
+        scheduler, timesteps = schedule or self._timesteps(latents, settings.num_inference_steps)
+        forward = forward or self._forward
         n = latents.shape[0]
         guidance = settings.guidance_scale
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             timestep = (1000 - t.expand(n)) / 1000
             t_norm = float((1000 - t.float()) / 1000)
             apply_cfg = guidance > 0 and not (settings.cfg_truncation <= 1 and t_norm > settings.cfg_truncation)
@@ -243,16 +257,19 @@ class Engine:
                 timestep = timestep.repeat(2)
             else:
                 captions = positive
-            out = transformer(
-                list(model_latents.unsqueeze(2).unbind(dim=0)), timestep, captions, return_dict=False
-            )[0]
+            out = forward(list(model_latents.unsqueeze(2).unbind(dim=0)), timestep, captions)
             if apply_cfg:
                 preds = [self._guide(out[j].float(), out[n + j].float(), guidance, settings) for j in range(n)]
             else:
                 preds = [o.float() for o in out]
             noise_pred = -torch.stack(preds).squeeze(2)
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(i, latents)
         return latents
+
+    def _forward(self, latents: list[torch.Tensor], timestep: torch.Tensor, captions: list) -> list[torch.Tensor]:
+        return self.pipe.transformer(latents, timestep, captions, return_dict=False)[0]
 
     @staticmethod
     def _guide(pos: torch.Tensor, neg: torch.Tensor, scale: float, settings: GenerationRequest) -> torch.Tensor:

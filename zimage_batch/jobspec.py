@@ -46,6 +46,7 @@ class JobSpec:
     cfg_normalization: float = 0.0
     strength: float = 0.6  # img2img default
     # how the job runs (not part of the fingerprint)
+    max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
     batch_size: int | None = None
     shard_size: int = 1000

@@ -277,6 +277,7 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         strength = column("strength")
         if strength is not None:
             fail_if("strength", pc.or_(pc.less_equal(strength, 0), pc.greater(strength, 1)), "must be in (0, 1]")
+        _check_edit_modes(batch, limits, fail_if)
 
     variant_column = column("variant")
     if variant_column is not None:
@@ -308,6 +309,22 @@ def _not_in(values: pa.Array, allowed) -> pa.Array:
     if pa.types.is_null(values.type):
         return pc.is_valid(values)  # all null
     return pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed, type=values.type))))
+
+
+def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if) -> None:
+    """Each row's mode (given, or inferred: a mask means inpaint, an editing variant means edit,
+    else img2img) must be one the job's variant does, and inpaint rows need a mask."""
+    variant = VARIANTS[limits.default_variant]
+    n = batch.num_rows
+    mask = batch.column("mask") if "mask" in batch.schema.names else pa.nulls(n, pa.string())
+    has_mask = pc.fill_null(pc.greater(pc.utf8_length(pc.cast(mask, pa.string())), 0), False)
+    inferred = pc.if_else(has_mask, "inpaint", "edit" if "edit" in variant.tasks else "img2img")
+    mode = batch.column("mode") if "mode" in batch.schema.names else pa.nulls(n, pa.string())
+    mode = pc.coalesce(pc.cast(mode, pa.string()), inferred)
+    supported = [m for m in EDIT_MODES if m in variant.tasks]
+    fail_if("mode", pc.invert(pc.is_in(mode, pa.array(supported))),
+            f"asks for modes the {variant.name} variant does not do (it does {'|'.join(supported)})")
+    fail_if("mask", pc.and_(pc.equal(mode, "inpaint"), pc.invert(has_mask)), "is missing for inpaint rows")
 
 
 def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import platform
+import posixpath
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import metrics
+from . import images
+from .edit_engine import EditRequest, infer_mode
 from .engine import Engine, GenerationRequest
 from .keys import safe_key
 from .ledger import Ledger
@@ -56,6 +59,20 @@ METADATA_COLUMNS = {
 }
 
 
+# lineage columns added for edit manifests (SPEC §3): where each edited image came from
+EDIT_METADATA_COLUMNS = {
+    "source": pa.string(),
+    "source_sha256": pa.string(),
+    "source_width": pa.int64(),
+    "source_height": pa.int64(),
+    "mode": pa.string(),
+    "strength": pa.float64(),
+    "mask": pa.string(),
+}
+SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
+PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
+
+
 def metadata_key(shard: str) -> str:
     return f"metadata/{shard}.parquet"
 
@@ -86,6 +103,8 @@ class ShardRunner:
         self.files = {f.name: f for f in self.manifest.files}
         self.model_lock = threading.Lock()
         self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.edit = self.manifest.kind == "edit"
+        self.sources = ThreadPoolExecutor(max_workers=SOURCE_THREADS, thread_name_prefix="source") if self.edit else None
         self.started = time.time()
         self.worker_id = f"{platform.node()}:{os.getpid()}"
 
@@ -99,12 +118,13 @@ class ShardRunner:
         table = self.manifest.read_rows(self.files[shard_obj.file], shard_obj.start, shard_obj.end)
         rows = table.to_pylist()
         requests = [self._request(row) for row in rows]
+        base = posixpath.dirname(self.manifest.display_name(self.files[shard_obj.file]))  # for relative sources
         busy_before = self.engine.busy_seconds
         writer = make_writer(
             self.job["format"], self.storage, shard_obj.name, self.job["image_format"], self.job["quality"]
         )
         try:
-            outcomes = self._generate_and_store(rows, requests, writer)
+            outcomes = self._generate_and_store(rows, requests, writer, base)
             writer.close()
         except BaseException:
             writer.abort()
@@ -143,31 +163,69 @@ class ShardRunner:
             return d[name] if v is None else v
 
         seed = row.get("seed")
-        return GenerationRequest(
+        common = dict(
             prompt=row["prompt"],
             seed=derive_seed(self.job["seed"], row["id"]) if seed is None else int(seed),
-            width=int(value("width")),
-            height=int(value("height")),
             num_inference_steps=int(value("num_inference_steps")),
             guidance_scale=float(value("guidance_scale")),
             negative_prompt=value("negative_prompt"),
             cfg_truncation=float(value("cfg_truncation")),
             cfg_normalization=float(value("cfg_normalization")),
         )
+        if self.edit:  # sizes left empty follow the source, known once it is loaded
+            mode = infer_mode(row.get("mode"), bool(row.get("mask")), self.engine.variant)
+            width, height = row.get("width") or self.job.get("width"), row.get("height") or self.job.get("height")
+            return EditRequest(width=width, height=height, mode=mode, strength=float(value("strength")), **common)
+        return GenerationRequest(width=int(value("width")), height=int(value("height")), **common)
 
-    def _generate_and_store(self, rows, requests, writer) -> list[dict[str, Any]]:
+    def _load_edit(self, row: dict[str, Any], template: EditRequest, base: str) -> images.EditRow:
+        """A row's source and mask, fetched and decoded (on the source pool, ahead of the GPU)."""
+        source = images.resolve_uri(row["source"], base)
+        mask = images.resolve_uri(row["mask"], base) if row.get("mask") else None
+        limit = self.job.get("max_source_pixels") or images.DEFAULT_MAX_PIXELS
+        return images.load_edit_row(template, source, mask, self.engine.variant, limit)
+
+    def _batches(self, rows, requests, outcomes, lineage, base: str):
+        """Row indices, batch by batch, rows sharing a batch key together. Edit rows are loaded
+        a window at a time while the previous window generates; rows whose source cannot be
+        used get their error outcome here, and their pixels are dropped once generated."""
+        if not self.edit:
+            order = sorted(range(len(requests)), key=lambda i: requests[i].batch_key())
+            for b in range(0, len(order), self.batch_size):
+                yield order[b : b + self.batch_size]
+            return
+        load = lambda i: self._load_edit(rows[i], requests[i], base)  # noqa: E731
+        windows = images.prefetch(
+            self.sources, range(len(rows)), load, PREFETCH_BATCHES * self.batch_size, first=self.batch_size
+        )
+        for window in windows:
+            ready = []
+            for i, loaded in window:
+                lineage[i] = loaded.lineage
+                if loaded.error:
+                    outcomes[i] = {"status": "error", "error": loaded.error, "image": None, "sha256": None, "duration_ms": 0.0}
+                else:
+                    requests[i] = loaded.request
+                    ready.append(i)
+            ready.sort(key=lambda i: requests[i].batch_key())
+            for b in range(0, len(ready), self.batch_size):
+                batch = ready[b : b + self.batch_size]
+                yield batch
+                for i in batch:
+                    requests[i].image = requests[i].mask = None
+
+    def _generate_and_store(self, rows, requests, writer, base: str = "") -> list[dict[str, Any]]:
         """Generate batch by batch; encoding and storing run beside the next batch's generation."""
         outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         pending: list[tuple[int, Future, float]] = []
+        lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
 
         def drain() -> None:
             for i, future, duration_ms in pending:
-                outcomes[i] = self._store(writer, rows[i], requests[i], future, duration_ms)
+                outcomes[i] = self._store(writer, rows[i], requests[i], future, duration_ms, lineage.get(i))
             pending.clear()
 
-        order = sorted(range(len(requests)), key=lambda i: requests[i].batch_key())
-        for b in range(0, len(order), self.batch_size):
-            batch = order[b : b + self.batch_size]
+        for batch in self._batches(rows, requests, outcomes, lineage, base):
             started = time.perf_counter()
             images = self._generate([requests[i] for i in batch])
             duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
@@ -179,6 +237,8 @@ class ShardRunner:
                 else:
                     pending.append((i, self.encoder.submit(self._encode, image), duration_ms))
         drain()
+        for i, extra in lineage.items():
+            outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]
 
     def _generate(self, batch: list[GenerationRequest]) -> list[np.ndarray | BaseException]:
@@ -199,17 +259,19 @@ class ShardRunner:
         data = encode_image(image, self.job["image_format"], self.job["quality"])
         return data, hashlib.sha256(data).hexdigest()
 
-    def _store(self, writer, row, request, future: Future, duration_ms: float) -> dict[str, Any]:
+    def _store(self, writer, row, request, future: Future, duration_ms: float, lineage: dict | None = None) -> dict[str, Any]:
         data, digest = future.result()
         key = safe_key(row["id"])
         meta = {"id": row["id"], "prompt": request.prompt, "seed": request.seed, "width": request.width,
                 "height": request.height, "sha256": digest, "model": self.model, "variant": self.variant}
+        meta |= lineage or {}
         meta |= {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
         location = writer.add(key, data, meta)
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
 
     def _write_metadata(self, shard: Shard, table: pa.Table, rows, requests, outcomes) -> None:
-        columns: dict[str, list[Any]] = {name: [] for name in METADATA_COLUMNS}
+        schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if self.edit else {})
+        columns: dict[str, list[Any]] = {name: [] for name in schema}
         for row, request, outcome in zip(rows, requests, outcomes):
             values = {
                 "id": row["id"],
@@ -228,11 +290,11 @@ class ShardRunner:
                 "shard": shard.name,
                 **outcome,
             }
-            for name in METADATA_COLUMNS:
-                columns[name].append(values[name])
-        metadata = pa.table({name: pa.array(columns[name], type=t) for name, t in METADATA_COLUMNS.items()})
+            for name in schema:
+                columns[name].append(values.get(name))
+        metadata = pa.table({name: pa.array(columns[name], type=t) for name, t in schema.items()})
         for name in table.column_names:
-            if name not in KNOWN_COLUMNS and name not in METADATA_COLUMNS:
+            if name not in KNOWN_COLUMNS and name not in schema:
                 metadata = metadata.append_column(table.schema.field(name), table.column(name))
         buffer = io.BytesIO()
         pq.write_table(metadata, buffer)
