@@ -175,5 +175,24 @@ def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
     click.echo(f"tiny {variant} checkpoint written to {path}")
 
 
+@main.command()
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", required=True, help="Ray dashboard / Jobs API address, e.g. http://HEAD:8265")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job settings passed to the run")
+@click.option("--pip", multiple=True, help="Extra pip requirements for the job's runtime environment")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job's logs until it ends")
+def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool) -> None:
+    """Run JOB_FILE on a Ray cluster through the Ray Jobs API."""
+    from .submit import submit_job
+
+    try:
+        code = submit_job(job_file, address, list(settings), wait=wait, pip=list(pip), echo=click.echo)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    except (ConnectionError, RuntimeError) as exc:
+        _fail(RuntimeError(f"cannot submit to {address}: {exc}"))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

@@ -172,10 +172,12 @@ def _init_ray(job: JobSpec) -> bool:
         return False
     runtime_env = dict(job.runtime_env or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **forwarded_env()}
-    if job.address:
-        ray.init(address=job.address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+    address = job.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
         return True
     ray.init(
+        address="local",  # a new local cluster, even when another one runs on this machine
         num_cpus=os.cpu_count() or 2,
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -272,6 +274,7 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
             progress.tick(len(queue), len(in_flight), pool.size)
             metrics.queue_depth(len(queue), len(in_flight))
         summary.workers = pool.stats()
+        summary.images_per_s = progress.rate()
         progress.finish()
     finally:
         stop.uninstall()

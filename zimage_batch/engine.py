@@ -92,17 +92,19 @@ class Engine:
 
     def __init__(
         self,
-        model_dir: str,
+        model_dir: str | None,
         variant: str = "turbo",
         device: str | None = None,
         dtype: torch.dtype | None = None,
         attention_backend: str | None = None,
         compile: bool = False,
+        pipe=None,
     ) -> None:
+        """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`."""
         self.variant = get_variant(variant)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.pipe = load_pipeline(model_dir, self.variant, self.device, self.dtype)
+        self.pipe = pipe if pipe is not None else load_pipeline(model_dir, self.variant, self.device, self.dtype)
         self.on_cuda = str(self.device).startswith("cuda")
         if self.on_cuda and attention_backend:
             self.pipe.transformer.set_attention_backend(attention_backend)

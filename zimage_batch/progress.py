@@ -27,9 +27,12 @@ class Progress:
         self.done += rows
         self.failed += errors
 
+    def rate(self) -> float:
+        """Rows per second since the run started dispatching."""
+        return self.done / max(time.time() - self.started, 1e-9)
+
     def line(self) -> str:
-        elapsed = max(time.time() - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = self.rate()
         left = max(self.rows_todo - self.done, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         return (

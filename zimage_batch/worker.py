@@ -97,6 +97,7 @@ class ShardRunner:
             compile=bool(job.get("compile")),
         )
         self.batch_size = job.get("batch_size") or default_batch_size(self.defaults["width"], self.defaults["height"])
+        self._warm_up()
         self.storage = open_storage(job["output"])
         self.ledger = Ledger(self.storage)
         self.manifest = open_manifest(job["manifest"])
@@ -105,8 +106,15 @@ class ShardRunner:
         self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.edit = self.manifest.kind == "edit"
         self.sources = ThreadPoolExecutor(max_workers=SOURCE_THREADS, thread_name_prefix="source") if self.edit else None
-        self.started = time.time()
+        self.first_shard_started: float | None = None
         self.worker_id = f"{platform.node()}:{os.getpid()}"
+
+    def _warm_up(self) -> None:
+        """One short generation at the default size, so first-call costs (kernel selection,
+        lazy initialisation, compilation) do not land on the first shard."""
+        d = self.defaults
+        self.engine.generate([GenerationRequest("warm-up", 0, d["width"], d["height"], 2, 0.0)], batch_size=1)
+        self.engine.busy_seconds = 0.0
 
     # ------------------------------------------------------------------ one shard
     def run_shard(self, shard: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
@@ -114,7 +122,9 @@ class ShardRunner:
         shard_obj = Shard(**shard)
         if self.ledger.is_committed(shard_obj.name):
             return {"shard": shard_obj.name, "skipped": True}
+        _inject_crash(shard_obj.name)
         started = time.time()
+        self.first_shard_started = self.first_shard_started or started
         table = self.manifest.read_rows(self.files[shard_obj.file], shard_obj.start, shard_obj.end)
         rows = table.to_pylist()
         requests = [self._request(row) for row in rows]
@@ -302,9 +312,23 @@ class ShardRunner:
 
     # ------------------------------------------------------------------ figures
     def stats(self) -> dict[str, Any]:
-        wall = time.time() - self.started
+        """Device busy fraction: time generating over wall time since this worker's first shard."""
+        since = self.first_shard_started or time.time()
+        wall = time.time() - since
         return {"worker": self.worker_id, "busy_s": self.engine.busy_seconds, "wall_s": wall,
-                "busy_fraction": self.engine.busy_seconds / wall if wall else 0.0}
+                "busy_fraction": min(1.0, self.engine.busy_seconds / wall) if wall else 0.0}
+
+
+CRASH_ENV = "ZIMAGE_BATCH_FAULT_CRASH_SHARDS"
+
+
+def _inject_crash(shard: str) -> None:
+    """Fault injection for drills and tests: kill this worker process when it starts a shard
+    whose name contains one of the comma-separated strings in $ZIMAGE_BATCH_FAULT_CRASH_SHARDS."""
+    patterns = [p for p in os.environ.get(CRASH_ENV, "").split(",") if p]
+    if any(p in shard for p in patterns):
+        log.error("fault injection: crashing worker on shard %s", shard)
+        os._exit(86)
 
 
 def default_batch_size(width: int, height: int) -> int:
@@ -319,4 +343,4 @@ def default_batch_size(width: int, height: int) -> int:
         free, _ = torch.cuda.mem_get_info()
         per_image = 3 * 2**30 * pixels / (1024 * 1024)
         return int(max(1, min(16, (free - 2 * 2**30) // max(per_image, 1))))
-    return int(max(1, min(16, (256 * 256) // max(pixels, 1))))
+    return int(max(1, min(64, (256 * 256 * 16) // max(pixels, 1))))

@@ -1,0 +1,220 @@
+"""CPU benchmark: zimage-batch against the usual ways of running Z-Image over many prompts.
+
+    python benchmarks/cpu.py                  # 1,000 rows, tiny:turbo, 64x64, 9 steps
+    python benchmarks/cpu.py --rows 200       # quicker
+
+One command, one run, the same rows for every figure (images per second, steady state: model
+loading and cluster start-up are reported apart, not counted):
+  (a) naive loop  - diffusers ZImagePipeline called once per prompt, each PNG saved
+                    (what the official Z-Image repository's batch_inference.py does)
+  (b) Ray Data    - ray.data map_batches with the diffusers pipeline, PNGs written as Parquet
+  (c) zimage-batch run, end to end with the ledger, to local disk
+  (d) the same to an S3 server (moto, on 127.0.0.1)
+  (e) the engine alone on in-memory rows (the ceiling on this machine)
+and the ratios c/a, c/b, c/e. Needs the test extras (moto[server]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a cat", "一只可爱的小猫坐在窗台上", "a watercolor of mountains at dawn", "a red vintage car"]
+
+
+def make_manifest(path: Path, rows: int) -> list[dict]:
+    records = [{"id": f"bench-{i:06d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}, variation {i}", "seed": i} for i in range(rows)]
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return records
+
+
+def _steps_and_size(args) -> dict:
+    return {"num_inference_steps": args.steps, "height": args.size, "width": args.size}
+
+
+def naive_loop(model_path: str, records: list[dict], out: Path, args) -> float:
+    """(a) one pipeline call per prompt, then save the PNG."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(model_path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    for r in records:
+        image = pipe(prompt=r["prompt"], guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(r["seed"]),
+                     **_steps_and_size(args)).images[0]
+        image.save(out / f"{r['id']}.png")
+    return len(records) / (time.perf_counter() - started)
+
+
+class _RayDataPredictor:
+    """(b) the Ray Data recipe: a callable class holding the diffusers pipeline."""
+
+    def __init__(self, model_path: str, settings: dict) -> None:
+        import torch
+        from diffusers import ZImagePipeline
+
+        torch.set_num_threads(settings.pop("threads"))
+        self.pipe = ZImagePipeline.from_pretrained(model_path, torch_dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.settings = settings
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        images = self.pipe(
+            prompt=list(batch["prompt"]), guidance_scale=0.0,
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in batch["seed"]], **self.settings,
+        ).images
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+        return {"id": batch["id"], "image": encoded}
+
+
+def ray_data(model_path: str, records: list[dict], out: Path, args) -> float:
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", address="local")
+    try:
+        settings = _steps_and_size(args) | {"threads": max(1, (os.cpu_count() or 2) // args.workers)}
+        ds = ray.data.from_items(records[: args.batch_size * args.workers])  # warm-up: model load + first batches
+        started = None
+        for warm in (True, False):
+            ds = ray.data.from_items(records[: args.batch_size * args.workers] if warm else records)
+            started = started if warm else time.perf_counter()
+            ds.map_batches(
+                _RayDataPredictor, fn_constructor_args=(model_path, dict(settings)), batch_size=args.batch_size,
+                concurrency=args.workers, num_cpus=0.5,
+            ).write_parquet(str(out / ("warm" if warm else "run")))
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        ray.shutdown()
+
+
+def zimage_batch_run(manifest: Path, output: str, args) -> tuple[float, float]:
+    """(c)/(d): the CLI, end to end; steady state from the commit markers, and the whole command's wall time."""
+    from zimage_batch.storage import open_storage
+
+    cmd = [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", output,
+           "--model", "tiny:turbo", "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+           "--shard-size", str(args.shard_size), "--set", f"num_inference_steps={args.steps}",
+           "--set", f"width={args.size}", "--set", f"height={args.size}", "--set", "report=false"]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"zimage-batch run failed: {result.stderr[-2000:]}")
+    storage = open_storage(output)
+    markers = [json.loads(storage.get_bytes(i.key)) for i in storage.list("_commits/")]
+    rows = sum(m["rows"] for m in markers)
+    steady = rows / (max(m["finished"] for m in markers) - min(m["started"] for m in markers))
+    return steady, rows / wall
+
+
+def engine_alone(model_path: str, records: list[dict], args) -> float:
+    """(e) the engine on in-memory rows, no I/O at all."""
+    from zimage_batch.engine import Engine, GenerationRequest
+
+    engine = Engine(model_path, "turbo", device="cpu")
+    requests = [GenerationRequest(r["prompt"], r["seed"], args.size, args.size, args.steps, 0.0) for r in records]
+    engine.generate(requests[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    started = time.perf_counter()
+    engine.generate(requests, batch_size=args.batch_size)
+    return len(records) / (time.perf_counter() - started)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_server_env() -> tuple[object, dict]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    return server, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--only", default="abcde", help="which figures to measure, e.g. 'ce'")
+    args = parser.parse_args()
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from zimage_batch.sources import resolve_model
+
+    model_path = resolve_model("tiny:turbo").path
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as tmp:
+        tmp_path = Path(tmp)
+        manifest = tmp_path / "manifest.parquet"
+        records = make_manifest(manifest, args.rows)
+        print(f"{args.rows} rows, tiny:turbo, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
+              f"{args.workers} worker(s), {os.cpu_count()} cores", flush=True)
+        if "a" in args.only:
+            figures["a"] = naive_loop(model_path, records, tmp_path / "naive", args)
+            print(f"(a) naive diffusers loop + PNG save     {figures['a']:7.1f} img/s", flush=True)
+        if "b" in args.only:
+            figures["b"] = ray_data(model_path, records, tmp_path / "raydata", args)
+            print(f"(b) Ray Data map_batches + diffusers    {figures['b']:7.1f} img/s", flush=True)
+        if "c" in args.only:
+            figures["c"], wall = zimage_batch_run(manifest, str(tmp_path / "out"), args)
+            print(f"(c) zimage-batch run, local disk        {figures['c']:7.1f} img/s  ({wall:.1f} img/s counting start-up)", flush=True)
+        if "d" in args.only:
+            server, env = s3_server_env()
+            saved = dict(os.environ)
+            os.environ.update(env)  # the run and this process both reach the server
+            try:
+                import boto3
+
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench",
+                             aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket="bench")
+                figures["d"], wall = zimage_batch_run(manifest, "s3://bench/out", args)
+                print(f"(d) zimage-batch run, S3 (moto)         {figures['d']:7.1f} img/s  ({wall:.1f} img/s counting start-up)", flush=True)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+                server.stop()
+        if "e" in args.only:
+            figures["e"] = engine_alone(model_path, records, args)
+            print(f"(e) engine alone, in memory (ceiling)   {figures['e']:7.1f} img/s", flush=True)
+    for num, den, target in (("c", "a", 2.5), ("c", "b", 2.5), ("c", "e", 0.8), ("d", "e", None)):
+        if num in figures and den in figures:
+            ratio = figures[num] / figures[den]
+            verdict = "" if target is None else (f"  target >= {target}: " + ("met" if ratio >= target else "NOT met"))
+            print(f"{num}/{den} = {ratio:.2f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()

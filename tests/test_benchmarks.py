@@ -1,0 +1,79 @@
+"""The benchmark scripts keep working (they are run for real numbers elsewhere), and OOM splitting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _run(*args: str, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu():
+    out = _run("benchmarks/gpu.py", "--tiny", "--batches", "1,2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all("x" in r for r in rows)
+
+
+def test_gpu_benchmark_builds_the_released_architecture():
+    """On the meta device (no memory): the sizes of the full Z-Image-Turbo parts."""
+    import gpu
+
+    pipe = gpu.full_size_pipeline("meta", torch.bfloat16)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
+    assert count(pipe.transformer) == pytest.approx(6.15, abs=0.01)
+    assert count(pipe.text_encoder) == pytest.approx(4.02, abs=0.01)
+    assert pipe.transformer.config.n_layers == 30 and pipe.transformer.config.dim == 3840
+    assert pipe.vae.config.latent_channels == 16
+
+
+def test_plan_scale_benchmark_small():
+    out = _run("benchmarks/plan_scale.py", "--rows", "20000", "--files", "2")
+    assert "shards committed=10 todo=10" in out and "driver peak RSS" in out
+
+
+def test_cpu_harness_prints_all_five_figures():
+    out = _run("benchmarks/cpu.py", "--rows", "32", "--batch-size", "16", "--shard-size", "16", timeout=900)
+    for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "c/a =", "c/b =", "c/e ="):
+        assert label in out, out
+
+
+def test_out_of_memory_splits_the_batch(monkeypatch):
+    from zimage_batch.engine import Engine, GenerationRequest
+    from zimage_batch.sources import resolve_model
+
+    engine = Engine(resolve_model("tiny:turbo").path, "turbo", device="cpu")
+    requests = [GenerationRequest(f"prompt {i}", i, 64, 64, 4, 0.0) for i in range(6)]
+    expected = engine.generate(requests, batch_size=6)
+    real = engine._generate_batch
+    sizes: list[int] = []
+
+    def tight_memory(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_generate_batch", tight_memory)
+    images = engine.generate(requests, batch_size=6)
+    assert sizes == [6, 3, 1, 2, 3, 1, 2]
+    for got, want in zip(images, expected):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+    def never_fits(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(engine, "_generate_batch", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.generate(requests[:1], batch_size=1)
