@@ -49,7 +49,7 @@ def naive_loop(model_path: str, records: list[dict], out: Path, args) -> float:
     import torch
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(model_path, torch_dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(model_path)
     pipe.set_progress_bar_config(disable=True)
     out.mkdir(parents=True)
     started = time.perf_counter()
@@ -68,7 +68,7 @@ class _RayDataPredictor:
         from diffusers import ZImagePipeline
 
         torch.set_num_threads(settings.pop("threads"))
-        self.pipe = ZImagePipeline.from_pretrained(model_path, torch_dtype=torch.float32)
+        self.pipe = ZImagePipeline.from_pretrained(model_path)
         self.pipe.set_progress_bar_config(disable=True)
         self.settings = settings
 
@@ -90,16 +90,21 @@ class _RayDataPredictor:
 def ray_data(model_path: str, records: list[dict], out: Path, args) -> float:
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", address="local")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", address="local",
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         settings = _steps_and_size(args) | {"threads": max(1, (os.cpu_count() or 2) // args.workers)}
-        ds = ray.data.from_items(records[: args.batch_size * args.workers])  # warm-up: model load + first batches
+        batch_size = args.baseline_batch_size or args.batch_size
         started = None
-        for warm in (True, False):
-            ds = ray.data.from_items(records[: args.batch_size * args.workers] if warm else records)
+        for warm in (True, False):  # the first pass loads the model and warms it up
+            ds = ray.data.from_items(records[: batch_size * args.workers] if warm else records)
             started = started if warm else time.perf_counter()
             ds.map_batches(
-                _RayDataPredictor, fn_constructor_args=(model_path, dict(settings)), batch_size=args.batch_size,
+                _RayDataPredictor, fn_constructor_args=(model_path, dict(settings)), batch_size=batch_size,
                 concurrency=args.workers, num_cpus=0.5,
             ).write_parquet(str(out / ("warm" if warm else "run")))
         return len(records) / (time.perf_counter() - started)
@@ -163,6 +168,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--baseline-batch-size", type=int, default=None,
+                        help="batch size of the Ray Data recipe (b); default: the same as --batch-size")
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--only", default="abcde", help="which figures to measure, e.g. 'ce'")
     args = parser.parse_args()

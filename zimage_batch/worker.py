@@ -1,8 +1,8 @@
 """A worker: one loaded model that turns a shard into images, metadata and a commit marker.
 
-`ShardRunner` is plain Python (testable without Ray); `GenerationWorker` is the Ray actor
-around it. The actor is threaded so that one shard's encoding, uploads and commit overlap
-the next shard's generation; the model itself runs one batch at a time behind a lock.
+`ShardRunner` is plain Python (testable without Ray); the driver runs it as a threaded Ray
+actor so that one shard's reading, encoding, uploads and commit overlap the next shard's
+generation, while the model itself runs one batch at a time on a dedicated thread.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import posixpath
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -97,12 +96,15 @@ class ShardRunner:
             compile=bool(job.get("compile")),
         )
         self.batch_size = job.get("batch_size") or default_batch_size(self.defaults["width"], self.defaults["height"])
-        self._warm_up()
+        # Every model call runs on this one thread: shards run on the actor's threads side by
+        # side, and CPU thread pools (OpenMP) keep one team per calling thread, so calls from
+        # several threads would leave idle teams spinning against the busy one.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.model_thread.submit(self._warm_up).result()
         self.storage = open_storage(job["output"])
         self.ledger = Ledger(self.storage)
         self.manifest = open_manifest(job["manifest"])
         self.files = {f.name: f for f in self.manifest.files}
-        self.model_lock = threading.Lock()
         self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.edit = self.manifest.kind == "edit"
         self.sources = ThreadPoolExecutor(max_workers=SOURCE_THREADS, thread_name_prefix="source") if self.edit else None
@@ -252,14 +254,13 @@ class ShardRunner:
         return outcomes  # type: ignore[return-value]
 
     def _generate(self, batch: list[GenerationRequest]) -> list[np.ndarray | BaseException]:
-        """One batch under the model lock; if it fails, retry row by row so one bad row fails alone."""
-        with self.model_lock:
-            try:
-                return self.engine.generate(batch, batch_size=len(batch))
-            except Exception as exc:  # noqa: BLE001 - narrowed to the failing rows below
-                if len(batch) == 1:
-                    return [exc]
-                log.warning("batch failed (%s); retrying its rows one by one", exc)
+        """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
+        try:
+            return self.model_thread.submit(self.engine.generate, batch, len(batch)).result()
+        except Exception as exc:  # noqa: BLE001 - narrowed to the failing rows below
+            if len(batch) == 1:
+                return [exc]
+            log.warning("batch failed (%s); retrying its rows one by one", exc)
         results: list[np.ndarray | BaseException] = []
         for request in batch:
             results.extend(self._generate([request]))
