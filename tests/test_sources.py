@@ -67,7 +67,7 @@ def test_tiny_is_built_once_into_the_cache(cache, monkeypatch):
 
 
 def test_tiny_unknown_variant_is_refused(cache):
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ModelSourceError, match="unknown tiny model 'tiny:giant'"):
         resolve_model("tiny:giant")
 
 

@@ -79,6 +79,13 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         summary = run_job(job, echo=lambda line: click.echo(line))
     except USER_ERRORS as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; run again to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line, not a traceback
+        logging.getLogger(__name__).debug("run failed", exc_info=True)
+        click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", err=True)
+        sys.exit(1)
     click.echo(
         f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows; "
         f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import metrics
-from .jobspec import JobSpec
+from .jobspec import JobError, JobSpec
 from .ledger import Ledger
 from .manifest import Limits, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
 from .progress import Progress
-from .sources import ResolvedModel, resolve_model
+from .sources import ResolvedModel, guess_variant, resolve_model
 from .storage import check_scratch_space, open_storage
 from .variants import get_variant
 
@@ -60,15 +60,25 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
     `check_output` runs once the manifest opened, before the model is fetched (which can mean
     downloading gigabytes): an unusable OUTPUT fails at once."""
     manifest = open_manifest(job.manifest)
+    job.variant = job.variant or guess_variant(job.model)
+    check_defaults(job)
+    d = job.defaults()
+    validate_manifest(manifest, Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"]))
     if check_output is not None:
         check_output()
     model = resolve_model(job.model, job.variant)
-    job.variant = model.variant
-    get_variant(job.variant)
-    d = job.defaults()
-    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
-    validate_manifest(manifest, limits)
     return manifest, model
+
+
+def check_defaults(job: JobSpec) -> None:
+    """The job's own defaults must suit its variant (rows that leave a value empty use them)."""
+    v = get_variant(job.variant)
+    d = job.defaults()
+    for name in ("width", "height"):
+        if not v.min_side <= d[name] <= v.max_side:
+            raise JobError(f"{name} {d[name]} is beyond the {v.name} model's limits ({v.min_side}..{v.max_side})")
+    if not 0 < d["strength"] <= 1:
+        raise JobError(f"strength must be in (0, 1], got {d['strength']}")
 
 
 # Bytes per pixel of a stored image, generously: raw RGB for PNG; lossy formats far less.
@@ -88,9 +98,13 @@ def scratch_needed(job: JobSpec) -> int:
 
 def job_record(job: JobSpec) -> dict[str, Any]:
     """What job.json holds: the job as resolved, its defaults and fingerprint."""
+    settings = job.to_dict()
+    env_vars = (settings.get("runtime_env") or {}).get("env_vars")
+    if env_vars:  # names only: values may be credentials
+        settings["runtime_env"] = {**settings["runtime_env"], "env_vars": {k: "<set>" for k in env_vars}}
     return {
         "fingerprint": job.fingerprint(),
-        "job": job.to_dict(),
+        "job": settings,
         "defaults": job.defaults(),
         "output_fields": list(JobSpec.OUTPUT_FIELDS),
     }
@@ -233,7 +247,7 @@ class WorkerPool:
 
 def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummary, echo) -> None:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     started_ray = _init_ray(job)
     stop = _StopFlag()
@@ -260,13 +274,17 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
                 shard, index, sent = in_flight.pop(ref)
                 try:
                     marker = ray.get(ref)
+                except ActorUnavailableError as exc:
+                    # unreachable for now, not dead: run the shard again, keep the actor
+                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, False, echo)
+                    continue
                 except RayActorError as exc:
                     # charge the attempt to the oldest shard on the dead worker: the one it was running
                     running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
                     _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
                     _drop_worker_refs(in_flight, index, queue, free_requeues)
                     continue
-                except (RayTaskError, GetTimeoutError) as exc:
+                except RayTaskError as exc:
                     _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
                     continue
                 if not marker.get("skipped"):

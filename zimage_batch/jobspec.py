@@ -142,9 +142,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(JobSpec)}
 
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or --set value into the field's type."""
-    if value is None or name not in _FIELDS:
+    if name not in _FIELDS:
         return value
     kind = str(_FIELDS[name].type)
+    if value is None:
+        if "None" not in kind:
+            raise JobError(f"{name} needs a value")
+        return value
     try:
         if kind.startswith("int"):
             return int(value)
@@ -180,7 +184,10 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             raise JobError(f"{job_file}: cannot read job file ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise JobError(f"{job_file}: a job file is a mapping of settings")
-        values.update(loaded.pop("defaults", None) or {})
+        defaults = loaded.pop("defaults", None) or {}
+        if not isinstance(defaults, dict):
+            raise JobError(f"{job_file}: 'defaults' is a mapping of settings")
+        values.update(defaults)
         values.update(loaded)
         _resolve_relative_paths(values, os.path.dirname(os.path.abspath(job_file)))
     values.update({k: v for k, v in overrides.items() if v is not None})

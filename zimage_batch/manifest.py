@@ -40,6 +40,11 @@ PROMPT_COLUMNS = {
 }
 EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER}
 KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
+# metadata columns the pipeline writes itself: a manifest column of that name would be lost
+RESERVED_COLUMNS = frozenset(
+    {"status", "error", "image", "sha256", "model", "duration_ms", "key", "shard",
+     "source_sha256", "source_width", "source_height"}
+)
 MAX_LISTED = 5  # offending rows named in an error message
 
 
@@ -215,6 +220,10 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> None:
             if column not in schema.names:
                 raise ManifestError(f"{where}: required column '{column}' is missing (columns: {', '.join(schema.names)})")
         for field in schema:
+            if field.name in RESERVED_COLUMNS:
+                raise ManifestError(
+                    f"{where}: column '{field.name}' is a name the output metadata uses; rename it to keep it"
+                )
             expected = KNOWN_COLUMNS.get(field.name)
             if expected and not _type_ok(expected, field.type):
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
@@ -222,7 +231,10 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> None:
     for f in manifest.files:
         row_offset = 0
         for batch in _readable_batches(manifest, f):
-            _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
+            try:
+                _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
+            except pa.ArrowException as exc:  # e.g. values no check kernel takes: name the file
+                raise ManifestError(f"{manifest.display_name(f)}: unusable values ({_first_line(exc)})") from None
             ids.append(pc.cast(batch.column("id"), pa.large_string()))
             origins.append((f.name, row_offset))
             row_offset += batch.num_rows
@@ -282,6 +294,9 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     variant_column = column("variant")
     if variant_column is not None:
         fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")
+        other = pc.and_(pc.is_valid(variant_column), pc.not_equal(variant_column, limits.default_variant))
+        fail_if("variant", other, f"names a variant other than the job's ({limits.default_variant}); "
+                "one job runs one model: split the manifest by variant")
     for name, default in (("width", limits.default_width), ("height", limits.default_height)):
         values = column(name)
         if values is None:
@@ -302,6 +317,8 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     seed = column("seed")
     if seed is not None:
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
+        if pa.types.is_uint64(seed.type):
+            fail_if("seed", pc.greater(seed, pa.scalar(2**63 - 1, pa.uint64())), "must be < 2**63")
 
 
 def _not_in(values: pa.Array, allowed) -> pa.Array:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .variants import VARIANTS, get_variant, variant_for_hub_id
+from .variants import VARIANTS, variant_for_hub_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
@@ -44,8 +44,7 @@ def cache_root() -> Path:
 def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
     """Fetch (if needed) and check the checkpoint named by `source`."""
     if source.startswith("tiny:"):
-        tiny_variant = source.split(":", 1)[1]
-        get_variant(tiny_variant)
+        tiny_variant = guess_variant(source)
         path = _tiny_checkpoint(tiny_variant)
         return ResolvedModel(source, str(path), variant or tiny_variant)
     if source.startswith("s3://"):
@@ -60,6 +59,37 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
         raise ModelSourceError(f"model source {source!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
     check_checkpoint(path)
     return ResolvedModel(source, str(path), variant or infer_variant(source, path))
+
+
+def guess_variant(source: str) -> str:
+    """The variant of `source` without fetching its weights (at most its model_index.json)."""
+    if source.startswith("tiny:"):
+        variant = source.split(":", 1)[1]
+        if variant not in VARIANTS:
+            raise ModelSourceError(f"unknown tiny model {source!r}; use tiny:{'|tiny:'.join(VARIANTS)}")
+        return variant
+    if source.startswith("s3://"):
+        from .storage import open_storage
+
+        storage = open_storage(source)
+        try:
+            index = json.loads(storage.get_bytes("model_index.json"))
+        except FileNotFoundError:
+            raise ModelSourceError(f"{source} is not a diffusers checkpoint folder (no model_index.json)") from None
+        return _variant_from_index(index, None) or "turbo"
+    if os.path.isdir(source):
+        return infer_variant(source, Path(source)) if (Path(source) / "model_index.json").is_file() else "turbo"
+    return variant_for_hub_id(source) or "turbo"
+
+
+def _variant_from_index(index: dict, readme: Path | None) -> str | None:
+    if index.get("_class_name") == VARIANTS["omni"].pipeline_class or "siglip" in index:
+        return "omni"
+    if readme is not None and readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines():
+            if line.startswith("variant:") and line.split(":", 1)[1].strip() in VARIANTS:
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 def check_checkpoint(path: Path) -> None:
@@ -80,14 +110,7 @@ def infer_variant(source: str, path: Path) -> str:
     if by_hub:
         return by_hub
     index = json.loads((Path(path) / "model_index.json").read_text())
-    if index.get("_class_name") == VARIANTS["omni"].pipeline_class or "siglip" in index:
-        return "omni"
-    readme = Path(path) / "README.md"
-    if readme.is_file():
-        for line in readme.read_text(errors="replace").splitlines():
-            if line.startswith("variant:") and line.split(":", 1)[1].strip() in VARIANTS:
-                return line.split(":", 1)[1].strip()
-    return "turbo"
+    return _variant_from_index(index, Path(path) / "README.md") or "turbo"
 
 
 def _tiny_checkpoint(variant: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import platform
@@ -20,13 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from . import metrics
-from . import images
+from . import images, metrics
 from .edit_engine import EditRequest, infer_mode
 from .engine import Engine, GenerationRequest
 from .keys import safe_key
-from .ledger import Ledger
+from .ledger import Ledger, commit_key
 from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest
 from .plan import Shard
 from .storage import open_storage
@@ -72,6 +73,11 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
 
 
+# Failures that belong to the rows of a batch (bad values, one row too large for the device);
+# a batch that fails with one of these is retried row by row and the failing rows become errors.
+ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
+
+
 def metadata_key(shard: str) -> str:
     return f"metadata/{shard}.parquet"
 
@@ -80,8 +86,6 @@ class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
     def __init__(self, job: dict[str, Any], model_path: str, variant: str, threads: int | None = None) -> None:
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         self.job = job
@@ -122,7 +126,7 @@ class ShardRunner:
     def run_shard(self, shard: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
         """Generate, store and commit one shard; returns its commit marker (or a skip note)."""
         shard_obj = Shard(**shard)
-        if self.ledger.is_committed(shard_obj.name):
+        if self._already_committed(shard_obj):
             return {"shard": shard_obj.name, "skipped": True}
         _inject_crash(shard_obj.name)
         started = time.time()
@@ -141,6 +145,9 @@ class ShardRunner:
         except BaseException:
             writer.abort()
             raise
+        if self._already_committed(shard_obj):
+            # another attempt of this shard won while we worked: leave its objects alone
+            return {"shard": shard_obj.name, "skipped": True}
         writer.remove_strays()
         self._write_metadata(shard_obj, table, rows, requests, outcomes)
         ok = sum(1 for o in outcomes if o["status"] == "ok")
@@ -166,6 +173,19 @@ class ShardRunner:
         if marker["committed"]:
             metrics.rows_done(self.worker_id, ok, len(rows) - ok)
         return marker
+
+    def _already_committed(self, shard: Shard) -> bool:
+        """True if `shard` is committed; a marker for another row range under its name is refused."""
+        try:
+            marker = json.loads(self.storage.get_bytes(commit_key(shard.name)))
+        except FileNotFoundError:
+            return False
+        if (marker.get("start"), marker.get("end")) != (shard.start, shard.end):
+            raise RuntimeError(
+                f"shard {shard.name} was committed for rows {marker.get('start')}..{marker.get('end')}, "
+                f"not {shard.start}..{shard.end}: another run is writing this OUTPUT"
+            )
+        return True
 
     def _request(self, row: dict[str, Any]) -> GenerationRequest:
         d = self.defaults
@@ -257,10 +277,12 @@ class ShardRunner:
         """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
         try:
             return self.model_thread.submit(self.engine.generate, batch, len(batch)).result()
-        except Exception as exc:  # noqa: BLE001 - narrowed to the failing rows below
+        except ROW_ERRORS as exc:
             if len(batch) == 1:
                 return [exc]
             log.warning("batch failed (%s); retrying its rows one by one", exc)
+        # Anything else (a CUDA fault, a crashed kernel) is the worker's problem, not the rows':
+        # it fails the shard attempt, which the driver retries on a fresh worker.
         results: list[np.ndarray | BaseException] = []
         for request in batch:
             results.extend(self._generate([request]))
@@ -337,8 +359,6 @@ def default_batch_size(width: int, height: int) -> int:
 
     A 1024x1024 row needs about 3 GiB of activations in bf16; 2 GiB stay free as headroom.
     """
-    import torch
-
     pixels = width * height
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
