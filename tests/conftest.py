@@ -124,3 +124,15 @@ def ray_tmpdir():
     shutil.rmtree(path, ignore_errors=True)
 
 # ======================================================================== end flaky S3
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads
+    only fight other processes (10x slower under load). Used by in-process engine tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -54,14 +54,7 @@ CFG_ROWS = [
 VARIANT_ROWS = {"turbo": NO_CFG_ROWS + CFG_ROWS[:3], "base": CFG_ROWS + NO_CFG_ROWS[:3]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far too small to gain from intra-op threads; on a shared 2-core
-    machine OpenMP threads only fight other processes (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

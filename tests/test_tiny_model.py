@@ -27,13 +27,7 @@ WEIGHTED = ["transformer", "text_encoder", "vae"]
 CHINESE = "一只可爱的小猫坐在窗台上，阳光明媚，高清摄影"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
