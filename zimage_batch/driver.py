@@ -216,7 +216,7 @@ class WorkerPool:
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self.actor_class = ray.remote(ShardRunner).options(**options)
         self.job_dict = job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}
-        self.args = (model.path, model.variant, threads)
+        self.args = (model.variant, threads)
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
 
@@ -260,6 +260,7 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
         in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
         progress = Progress(plan.rows_todo, pool.size, job.progress_interval, echo)
         deadline = None
+        deaths_in_a_row = 0  # worker deaths since the last finished shard
         while queue or in_flight:
             if stop.requested and deadline is None:
                 deadline = time.time() + job.grace_period
@@ -279,6 +280,12 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
                     _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, False, echo)
                     continue
                 except RayActorError as exc:
+                    deaths_in_a_row += 1
+                    if deaths_in_a_row > pool.size * job.max_attempts:
+                        raise RuntimeError(
+                            f"workers keep dying before finishing any shard ({_short_error(exc)}); "
+                            "check that the model loads on the workers' nodes"
+                        ) from None
                     # charge the attempt to the oldest shard on the dead worker: the one it was running
                     running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
                     _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
@@ -287,6 +294,7 @@ def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummar
                 except RayTaskError as exc:
                     _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
                     continue
+                deaths_in_a_row = 0
                 if not marker.get("skipped"):
                     progress.shard_done(marker["rows"], marker["error"])
             progress.tick(len(queue), len(in_flight), pool.size)

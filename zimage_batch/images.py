@@ -12,6 +12,7 @@ relative to the manifest file that lists them (`resolve_uri`).
 from __future__ import annotations
 
 import hashlib
+import struct
 import io
 import math
 import posixpath
@@ -163,6 +164,8 @@ def load_edit_row(
         return EditRow(None, lineage, str(exc))
     except ValueError as exc:  # the reference pipeline's own checks (size, aspect ratio)
         return EditRow(None, lineage, f"source unusable for {template.mode}: {source} ({_first_line(exc)})")
+    except (struct.error, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC
+        return EditRow(None, lineage, f"source could not be decoded: {source} ({type(exc).__name__})")
     return EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
 
 

@@ -30,6 +30,7 @@ from .keys import safe_key
 from .ledger import Ledger, commit_key
 from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest
 from .plan import Shard
+from .sources import resolve_model
 from .storage import open_storage
 from .writers import encode_image, make_writer
 
@@ -85,13 +86,15 @@ def metadata_key(shard: str) -> str:
 class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
-    def __init__(self, job: dict[str, Any], model_path: str, variant: str, threads: int | None = None) -> None:
+    def __init__(self, job: dict[str, Any], variant: str, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
         self.variant = variant
         self.model = job["model"]
         self.defaults = job["defaults"]
+        # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
+        model_path = resolve_model(self.model, variant).path
         self.engine = Engine(
             model_path,
             variant,
