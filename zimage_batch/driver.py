@@ -23,7 +23,7 @@ from .ledger import Ledger
 from .manifest import Limits, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
 from .progress import Progress
-from .sources import ResolvedModel, guess_variant, resolve_model
+from .sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from .storage import check_scratch_space, open_storage
 from .variants import get_variant
 
@@ -64,10 +64,22 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
     check_defaults(job)
     d = job.defaults()
     validate_manifest(manifest, Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"]))
+    for variant in _row_variants(manifest, job.variant):
+        source_for_variant(job.model, job.models, variant, job.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
     model = resolve_model(job.model, job.variant)
     return manifest, model
+
+
+def _row_variants(manifest, job_variant: str) -> set[str]:
+    """The variants the manifest's rows run on (rows without one run on the job's)."""
+    if "variant" not in manifest.schema.names:
+        return {job_variant}
+    found: set[str] = set()
+    for f in manifest.files:
+        found |= set(manifest.read_column(f, "variant").fill_null(job_variant).unique().to_pylist())
+    return found
 
 
 def check_defaults(job: JobSpec) -> None:
@@ -118,7 +130,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         check_scratch_space(scratch_needed(job))
     ledger = Ledger(storage)
     ledger.claim_output(job_record(job), job.overwrite)
-    plan = make_plan(manifest, ledger.committed(), job.shard_size)
+    plan = make_plan(manifest, ledger.committed(), job.shard_size, job.variant)
     _write_plan_record(storage, job, plan, started)
     summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))
     echo(
@@ -126,7 +138,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
     )
     if plan.todo:
-        _run_plan(job, model, plan, summary, echo)
+        _run_plan(job, plan, summary, echo)
     _count_committed(ledger, summary)
     summary.elapsed_s = time.time() - started
     _write_run_record(storage, job, summary)
@@ -203,7 +215,7 @@ def _init_ray(job: JobSpec) -> bool:
 class WorkerPool:
     """The Ray actors of one job, replaced when they die."""
 
-    def __init__(self, job: JobSpec, model: ResolvedModel) -> None:
+    def __init__(self, job: JobSpec, variant: str) -> None:
         import ray
 
         from .worker import ShardRunner
@@ -215,8 +227,8 @@ class WorkerPool:
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self.actor_class = ray.remote(ShardRunner).options(**options)
-        self.job_dict = job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}
-        self.args = (model.variant, threads)
+        self.job_dict = job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults(variant)}
+        self.args = (variant, threads)
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
 
@@ -233,6 +245,15 @@ class WorkerPool:
         self.actors[index] = self._start()
         self.replacements += 1
 
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
     def stats(self) -> list[dict[str, Any]]:
         import ray
 
@@ -245,67 +266,87 @@ class WorkerPool:
         return out
 
 
-def _run_plan(job: JobSpec, model: ResolvedModel, plan: Plan, summary: RunSummary, echo) -> None:
+def _run_plan(job: JobSpec, plan: Plan, summary: RunSummary, echo) -> None:
+    """Run the plan's shards: one worker pool per variant, the job's own variant first."""
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     started_ray = _init_ray(job)
     stop = _StopFlag()
     stop.install()
     try:
-        pool = WorkerPool(job, model)
-        queue: deque[Shard] = deque(plan.todo)
-        attempts: dict[str, int] = {}
-        free_requeues: dict[str, int] = {}
-        in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
-        progress = Progress(plan.rows_todo, pool.size, job.progress_interval, echo)
-        deadline = None
-        deaths_in_a_row = 0  # worker deaths since the last finished shard
-        while queue or in_flight:
-            if stop.requested and deadline is None:
-                deadline = time.time() + job.grace_period
-                echo(f"stopping: no new shards; waiting up to {job.grace_period:.0f}s for {len(in_flight)} in flight")
-            if deadline is not None and (time.time() > deadline or not in_flight):
-                summary.stopped = True
+        by_variant: dict[str, list[Shard]] = {}
+        for shard in plan.todo:
+            by_variant.setdefault(shard.variant or job.variant, []).append(shard)
+        progress = Progress(plan.rows_todo, 0, job.progress_interval, echo)
+        for variant, shards in sorted(by_variant.items(), key=lambda item: item[0] != job.variant):
+            if len(by_variant) > 1:
+                echo(f"variant {variant}: {len(shards)} shards")
+            pool = WorkerPool(job, variant)
+            try:
+                _run_shards(job, pool, shards, summary, progress, stop, echo)
+            finally:
+                summary.workers += pool.stats()
+                pool.shutdown()
+            if summary.stopped:
                 break
-            if deadline is None:
-                _dispatch(pool, queue, in_flight, attempts)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                shard, index, sent = in_flight.pop(ref)
-                try:
-                    marker = ray.get(ref)
-                except ActorUnavailableError as exc:
-                    # unreachable for now, not dead: run the shard again, keep the actor
-                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, False, echo)
-                    continue
-                except RayActorError as exc:
-                    deaths_in_a_row += 1
-                    if deaths_in_a_row > pool.size * job.max_attempts:
-                        raise RuntimeError(
-                            f"workers keep dying before finishing any shard ({_short_error(exc)}); "
-                            "check that the model loads on the workers' nodes"
-                        ) from None
-                    # charge the attempt to the oldest shard on the dead worker: the one it was running
-                    running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
-                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
-                    _drop_worker_refs(in_flight, index, queue, free_requeues)
-                    continue
-                except RayTaskError as exc:
-                    _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
-                    continue
-                deaths_in_a_row = 0
-                if not marker.get("skipped"):
-                    progress.shard_done(marker["rows"], marker["error"])
-            progress.tick(len(queue), len(in_flight), pool.size)
-            metrics.queue_depth(len(queue), len(in_flight))
-        summary.workers = pool.stats()
         summary.images_per_s = progress.rate()
         progress.finish()
     finally:
         stop.uninstall()
         if started_ray:
             ray.shutdown()
+
+
+def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: RunSummary, progress: Progress,
+                stop: "_StopFlag", echo) -> None:
+    """Hand `shards` to `pool` as workers free up; retry, replace dead workers, honour a stop."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    queue: deque[Shard] = deque(shards)
+    attempts: dict[str, int] = {}
+    free_requeues: dict[str, int] = {}
+    in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
+    deadline = None
+    deaths_in_a_row = 0  # worker deaths since the last finished shard
+    while queue or in_flight:
+        if stop.requested and deadline is None:
+            deadline = time.time() + job.grace_period
+            echo(f"stopping: no new shards; waiting up to {job.grace_period:.0f}s for {len(in_flight)} in flight")
+        if deadline is not None and (time.time() > deadline or not in_flight):
+            summary.stopped = True
+            break
+        if deadline is None:
+            _dispatch(pool, queue, in_flight, attempts)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            shard, index, sent = in_flight.pop(ref)
+            try:
+                marker = ray.get(ref)
+            except ActorUnavailableError as exc:
+                # unreachable for now, not dead: run the shard again, keep the actor
+                _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, False, echo)
+                continue
+            except RayActorError as exc:
+                deaths_in_a_row += 1
+                if deaths_in_a_row > pool.size * job.max_attempts:
+                    raise RuntimeError(
+                        f"workers keep dying before finishing any shard ({_short_error(exc)}); "
+                        "check that the model loads on the workers' nodes"
+                    ) from None
+                # charge the attempt to the oldest shard on the dead worker: the one it was running
+                running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
+                _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
+                _drop_worker_refs(in_flight, index, queue, free_requeues)
+                continue
+            except RayTaskError as exc:
+                _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
+                continue
+            deaths_in_a_row = 0
+            if not marker.get("skipped"):
+                progress.shard_done(marker["rows"], marker["error"])
+        progress.tick(len(queue), len(in_flight), pool.size)
+        metrics.queue_depth(len(queue), len(in_flight))
 
 
 def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[str, int]) -> None:

@@ -32,6 +32,7 @@ class JobSpec:
     output: str | None = None
     model: str = "tiny:turbo"
     variant: str | None = None  # None: inferred from the model source
+    models: dict[str, str] = field(default_factory=dict)  # other variants' sources, for rows naming them
     format: str = "files"
     image_format: str = "png"
     quality: int = 95
@@ -65,6 +66,7 @@ class JobSpec:
     OUTPUT_FIELDS = (
         "model",
         "variant",
+        "models",
         "format",
         "image_format",
         "quality",
@@ -96,6 +98,9 @@ class JobSpec:
             raise JobError(f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise JobError(f"image_format must be one of {'|'.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if not isinstance(self.models, dict) or not set(self.models) <= set(VARIANTS):
+            raise JobError(f"models maps variants ({'|'.join(VARIANTS)}) to model sources, got {self.models!r}")
+        self.models = {k: str(v) for k, v in self.models.items()}
         if self.variant is not None and self.variant not in VARIANTS:
             raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {self.variant!r}")
         for name in ("shard_size", "max_attempts"):
@@ -121,9 +126,9 @@ class JobSpec:
     def default_size(self) -> int:
         return 64 if self.model.startswith("tiny:") else 1024
 
-    def defaults(self) -> dict[str, Any]:
-        """Values for rows that leave a column empty."""
-        v = get_variant(self.resolved_variant())
+    def defaults(self, variant: str | None = None) -> dict[str, Any]:
+        """Values for rows (of `variant`, default the job's) that leave a column empty."""
+        v = get_variant(variant or self.resolved_variant())
         size = self.default_size()
         return {
             "width": self.width or size,
@@ -195,7 +200,12 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
         key, sep, raw = setting.partition("=")
         if not sep:
             raise JobError(f"--set takes key=value, got {setting!r}")
-        values[key.strip().removeprefix("defaults.")] = yaml.safe_load(raw) if raw else None
+        key = key.strip().removeprefix("defaults.")
+        value = yaml.safe_load(raw) if raw else None
+        if key.startswith("models."):  # --set models.base=SOURCE
+            values["models"] = {**(values.get("models") or {}), key.split(".", 1)[1]: raw}
+        else:
+            values[key] = value
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise JobError(f"unknown job setting(s): {', '.join(unknown)}")

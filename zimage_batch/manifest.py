@@ -129,6 +129,15 @@ class Manifest:
         with self.fs.open_input_file(f.path) as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size)
 
+    def read_column(self, f: ManifestFile, name: str) -> pa.Array:
+        """One column of one file (nulls where the file lacks it)."""
+        with self.fs.open_input_file(f.path) as handle:
+            parquet = pq.ParquetFile(handle)
+            if name not in parquet.schema_arrow.names:
+                return pa.nulls(f.num_rows, pa.string())
+            column = parquet.read(columns=[name]).column(name).combine_chunks()
+            return column.cast(pa.string()) if pa.types.is_null(column.type) else column
+
     def read_rows(self, f: ManifestFile, start: int, end: int) -> pa.Table:
         """Rows [start, end) of one file, reading only the row groups that hold them."""
         with self.fs.open_input_file(f.path) as handle:
@@ -294,9 +303,6 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     variant_column = column("variant")
     if variant_column is not None:
         fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")
-        other = pc.and_(pc.is_valid(variant_column), pc.not_equal(variant_column, limits.default_variant))
-        fail_if("variant", other, f"names a variant other than the job's ({limits.default_variant}); "
-                "one job runs one model: split the manifest by variant")
     for name, default in (("width", limits.default_width), ("height", limits.default_height)):
         values = column(name)
         if values is None:
@@ -380,6 +386,15 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     """The seed of a row that has none: stable across runs, distinct across ids."""
     digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def rows_of_variant(table: pa.Table, variant: str, job_variant: str) -> pa.Table:
+    """The rows of `table` that run on `variant` (rows without one run on the job's)."""
+    if "variant" not in table.column_names:
+        return table if variant == job_variant else table.slice(0, 0)
+    column = table.column("variant")
+    column = column.cast(pa.string()) if pa.types.is_null(column.type) else column
+    return table.filter(pc.equal(pc.fill_null(column, job_variant), variant))
 
 
 def rows_digest(table: pa.Table) -> str:

@@ -4,6 +4,10 @@ A shard is a row range [start, end) of one manifest file, named after the file a
 row. Committed shards are never re-cut: rows they do not cover (new rows appended to a file, or
 new files) form new shards. So appending to a manifest never changes an existing shard, and a
 changed `--shard-size` only affects rows not yet done.
+
+When rows name different variants (a `variant` column), each variant's rows of a range form
+their own shard (`<file>-<start>-<variant>` for variants other than the job's), so that each
+shard runs on a worker pool holding that variant's model.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .ledger import JobMismatch
-from .manifest import Manifest, ManifestFile, rows_digest
+from .manifest import Manifest, ManifestFile, rows_digest, rows_of_variant
 
 
 @dataclass(frozen=True)
@@ -25,10 +30,12 @@ class Shard:
     file: str  # ManifestFile.name
     start: int
     end: int
+    variant: str | None = None  # only this variant's rows of the range (mixed-variant manifests)
+    rows: int | None = None  # rows it holds, when not the whole range
 
     @property
     def num_rows(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.rows is None else self.rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,11 +63,14 @@ def file_tag(name: str) -> str:
     return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def shard_name(f: ManifestFile | str, start: int) -> str:
-    return f"{file_tag(f if isinstance(f, str) else f.name)}-{start:010d}"
+def shard_name(f: ManifestFile | str, start: int, variant: str | None = None) -> str:
+    name = f"{file_tag(f if isinstance(f, str) else f.name)}-{start:010d}"
+    return name if variant is None else f"{name}-{variant}"
 
 
-def make_plan(manifest: Manifest, committed: dict[str, dict[str, Any]], shard_size: int) -> Plan:
+def make_plan(
+    manifest: Manifest, committed: dict[str, dict[str, Any]], shard_size: int, job_variant: str | None = None
+) -> Plan:
     """Shards still to run, after checking that committed shards' rows are unchanged."""
     by_file: dict[str, list[dict[str, Any]]] = {}
     for marker in committed.values():
@@ -69,24 +79,42 @@ def make_plan(manifest: Manifest, committed: dict[str, dict[str, Any]], shard_si
     gone = sorted(set(by_file) - names)
     if gone:
         raise JobMismatch(f"manifest file(s) {', '.join(gone)} held committed rows and are gone from the manifest")
+    mixed = job_variant is not None and "variant" in manifest.schema.names
     todo: list[Shard] = []
     for f in manifest.files:
-        markers = sorted(by_file.get(f.name, []), key=lambda m: m["start"])
-        _verify_committed(manifest, f, markers)
-        todo.extend(_cut_gaps(f, [(m["start"], m["end"]) for m in markers], shard_size))
+        markers = by_file.get(f.name, [])
+        if not mixed:
+            markers.sort(key=lambda m: m["start"])
+            _verify_committed(manifest, f, markers)
+            todo.extend(_cut_gaps(f, [(m["start"], m["end"]) for m in markers], shard_size))
+            continue
+        variants = manifest.read_column(f, "variant").fill_null(job_variant)
+        for variant in sorted(set(variants.unique().to_pylist()), key=lambda v: (v != job_variant, v)):
+            mine = sorted((m for m in markers if m.get("variant", job_variant) == variant), key=lambda m: m["start"])
+            _verify_committed(manifest, f, mine, lambda t, v=variant: rows_of_variant(t, v, job_variant))
+            suffix = None if variant == job_variant else variant
+            for shard in _cut_gaps(f, [(m["start"], m["end"]) for m in mine], shard_size, suffix):
+                count = pc.sum(pc.equal(variants.slice(shard.start, shard.end - shard.start), variant)).as_py() or 0
+                if count:
+                    todo.append(Shard(shard.name, f.name, shard.start, shard.end, variant, count))
     return Plan(todo=todo, done=committed, total_rows=manifest.num_rows)
 
 
-def _cut_gaps(f: ManifestFile, covered: list[tuple[int, int]], shard_size: int) -> Iterator[Shard]:
+def _cut_gaps(f: ManifestFile, covered: list[tuple[int, int]], shard_size: int, variant: str | None = None) -> Iterator[Shard]:
     position = 0
     for start, end in covered + [(f.num_rows, f.num_rows)]:
         for s in range(position, start, shard_size):
-            yield Shard(shard_name(f, s), f.name, s, min(s + shard_size, start))
+            yield Shard(shard_name(f, s, variant), f.name, s, min(s + shard_size, start))
         position = max(position, end)
 
 
-def _verify_committed(manifest: Manifest, f: ManifestFile, markers: list[dict[str, Any]]) -> None:
-    """Stream the file once and compare each committed range with its recorded digest."""
+def _verify_committed(
+    manifest: Manifest,
+    f: ManifestFile,
+    markers: list[dict[str, Any]],
+    select: Callable[[pa.Table], pa.Table] | None = None,
+) -> None:
+    """Stream the file once and compare each committed range (its `select`ed rows) with its digest."""
     if not markers:
         return
     if markers[-1]["end"] > f.num_rows:
@@ -106,6 +134,8 @@ def _verify_committed(manifest: Manifest, f: ManifestFile, markers: list[dict[st
                 break
             table = pa.concat_tables(pieces) if pieces else None
             pieces = []
+            if table is not None and select is not None:
+                table = select(table)
             if table is None or rows_digest(table) != current["digest"]:
                 raise JobMismatch(
                     f"{f.name}: rows {current['start']}..{current['end'] - 1} changed since shard "

@@ -92,6 +92,22 @@ def _variant_from_index(index: dict, readme: Path | None) -> str | None:
     return None
 
 
+def source_for_variant(model: str, models: dict[str, str], variant: str, job_variant: str) -> str:
+    """The model source that runs rows of `variant`: `models[variant]` when the job names one,
+    else the job's model for its own variant, else the same family (tiny:<v>, the variant's hub id)."""
+    if variant in models:
+        return models[variant]
+    if variant == job_variant:
+        return model
+    if model.startswith("tiny:"):
+        return f"tiny:{variant}"
+    if variant_for_hub_id(model) and VARIANTS[variant].hub_id:
+        return VARIANTS[variant].hub_id
+    raise ModelSourceError(
+        f"rows ask for variant {variant!r} but the job names no model for it; add it with --set models.{variant}=SOURCE"
+    )
+
+
 def check_checkpoint(path: Path) -> None:
     """Refuse folders that are not diffusers checkpoints or that carry pickle weights."""
     path = Path(path)

@@ -28,9 +28,9 @@ from .edit_engine import EditRequest, infer_mode
 from .engine import Engine, GenerationRequest
 from .keys import safe_key
 from .ledger import Ledger, commit_key
-from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest
+from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest, rows_of_variant
 from .plan import Shard
-from .sources import resolve_model
+from .sources import resolve_model, source_for_variant
 from .storage import open_storage
 from .writers import encode_image, make_writer
 
@@ -91,7 +91,7 @@ class ShardRunner:
             torch.set_num_threads(threads)
         self.job = job
         self.variant = variant
-        self.model = job["model"]
+        self.model = source_for_variant(job["model"], job.get("models") or {}, variant, job["variant"])
         self.defaults = job["defaults"]
         # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
         model_path = resolve_model(self.model, variant).path
@@ -135,6 +135,8 @@ class ShardRunner:
         started = time.time()
         self.first_shard_started = self.first_shard_started or started
         table = self.manifest.read_rows(self.files[shard_obj.file], shard_obj.start, shard_obj.end)
+        if shard_obj.variant is not None:
+            table = rows_of_variant(table, shard_obj.variant, self.job["variant"])
         rows = table.to_pylist()
         requests = [self._request(row) for row in rows]
         base = posixpath.dirname(self.manifest.display_name(self.files[shard_obj.file]))  # for relative sources
@@ -159,6 +161,7 @@ class ShardRunner:
             "file": shard_obj.file,
             "start": shard_obj.start,
             "end": shard_obj.end,
+            "variant": shard_obj.variant,
             "rows": len(rows),
             "ok": ok,
             "error": len(rows) - ok,
