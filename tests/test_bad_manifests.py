@@ -9,7 +9,6 @@ run concurrently in one module-scoped fixture; each test then checks one case's 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time

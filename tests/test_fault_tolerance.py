@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from output_check import check_exactly_once
 from test_job_e2e import make_manifest

@@ -50,8 +50,6 @@ def ray_local(s3_server):
 
 def reference_pixels(model_path: str, row: dict) -> np.ndarray:
     """The same row through diffusers' own ZImagePipeline."""
-    from diffusers import ZImagePipeline
-
     pipe = _pipeline(model_path)
     out = pipe(
         prompt=row["prompt"],

@@ -3,7 +3,6 @@ S3 server), hub ids; safetensors only; variant inference."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
