@@ -200,6 +200,8 @@ def _init_ray(job: JobSpec) -> bool:
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **forwarded_env()}
     address = job.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+            runtime_env = None  # a Ray Jobs driver: the submitted job's runtime env already applies
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
         return True
     ray.init(

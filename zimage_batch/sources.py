@@ -69,13 +69,12 @@ def guess_variant(source: str) -> str:
             raise ModelSourceError(f"unknown tiny model {source!r}; use tiny:{'|tiny:'.join(VARIANTS)}")
         return variant
     if source.startswith("s3://"):
-        from .storage import open_storage
+        from .storage import StorageError, open_storage
 
-        storage = open_storage(source)
         try:
-            index = json.loads(storage.get_bytes("model_index.json"))
-        except FileNotFoundError:
-            raise ModelSourceError(f"{source} is not a diffusers checkpoint folder (no model_index.json)") from None
+            index = json.loads(open_storage(source).get_bytes("model_index.json"))
+        except (FileNotFoundError, StorageError):
+            return "turbo"  # fetching the model later says what is wrong with it
         return _variant_from_index(index, None) or "turbo"
     if os.path.isdir(source):
         return infer_variant(source, Path(source)) if (Path(source) / "model_index.json").is_file() else "turbo"

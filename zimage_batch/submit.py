@@ -50,7 +50,8 @@ def submit_job(
         entrypoint = " ".join(["zimage-batch", "run", "job.yaml", "--address", "auto", *_quoted_settings(settings)])
         client = JobSubmissionClient(address)
         name = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(job_file).rsplit(".", 1)[0])
-        submission_id = client.submit_job(
+        submission_id = _submit_when_ready(
+            client,
             entrypoint=entrypoint,
             runtime_env=runtime_env,
             submission_id=f"zimage-batch-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -59,6 +60,18 @@ def submit_job(
     if not wait:
         return 0
     return _follow(client, submission_id, echo)
+
+
+def _submit_when_ready(client, timeout: float = 120.0, **kwargs) -> str:
+    """Submit; a head that has just started answers "No available agent" for a while: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _quoted_settings(settings: list[str]) -> list[str]:
