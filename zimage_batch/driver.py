@@ -57,8 +57,9 @@ class RunSummary:
 def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tuple[Any, ResolvedModel]:
     """Check manifest and model without writing anything; returns (manifest, model).
 
-    `check_output` runs once the manifest opened, before the model is fetched (which can mean
-    downloading gigabytes): an unusable OUTPUT fails at once."""
+    Order: manifest and job defaults (no model, no network beyond the manifest), then
+    `check_output` (an unusable OUTPUT fails before any download), then the model source.
+    """
     manifest = open_manifest(job.manifest)
     job.variant = job.variant or guess_variant(job.model)
     check_defaults(job)
@@ -125,7 +126,7 @@ def job_record(job: JobSpec) -> dict[str, Any]:
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     started = time.time()
     storage = open_storage(job.output)
-    manifest, model = prepare(job, check_output=storage.check_writable)
+    manifest, _ = prepare(job, check_output=storage.check_writable)
     if not job.address:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(job))
     ledger = Ledger(storage)
