@@ -311,7 +311,8 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
     free_requeues: dict[str, int] = {}
     in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
     deadline = None
-    deaths_in_a_row = 0  # worker deaths since the last finished shard
+    deaths_in_a_row = 0  # workers that failed to start since the last finished shard
+    suspects: set[str] = set()  # shards that were on a worker when it died next to another
     while queue or in_flight:
         if stop.requested and deadline is None:
             deadline = time.time() + job.grace_period
@@ -320,10 +321,10 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
             summary.stopped = True
             break
         if deadline is None:
-            _dispatch(pool, queue, in_flight, attempts)
+            _dispatch(pool, queue, in_flight, attempts, suspects)
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
         for ref in ready:
-            shard, index, sent = in_flight.pop(ref)
+            shard, index, _ = in_flight.pop(ref)
             try:
                 marker = ray.get(ref)
             except ActorUnavailableError as exc:
@@ -331,44 +332,64 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
                 _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, False, echo)
                 continue
             except RayActorError as exc:
-                deaths_in_a_row += 1
-                if deaths_in_a_row > pool.size * job.max_attempts:
-                    raise RuntimeError(
-                        f"workers keep dying before finishing any shard ({_short_error(exc)}); "
-                        "check that the model loads on the workers' nodes"
-                    ) from None
-                # charge the attempt to the oldest shard on the dead worker: the one it was running
-                running_first = all(t >= sent for _, i, t in in_flight.values() if i == index)
-                _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, running_first, echo)
-                _drop_worker_refs(in_flight, index, queue, free_requeues)
+                if getattr(exc, "actor_init_failed", False):  # the model did not load: no shard's fault
+                    deaths_in_a_row += 1
+                    if deaths_in_a_row > pool.size * job.max_attempts:
+                        raise RuntimeError(
+                            f"workers keep dying before they can start ({_short_error(exc)}); "
+                            "check that the model loads on the workers' nodes"
+                        ) from None
+                    queue.appendleft(shard)
+                    _drop_worker_refs(in_flight, index, queue, free_requeues)
+                    pool.replace(index)
+                    continue
+                # A worker that ran one shard alone died of it: charge that shard. A worker that ran
+                # two leaves both as suspects, which then run alone until the culprit shows.
+                others = _drop_worker_refs(in_flight, index, queue, free_requeues)
+                alone = not others
+                if not alone:
+                    suspects.update([shard.name, *(o.name for o in others)])
+                _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, index, exc, alone, echo)
                 continue
             except RayTaskError as exc:
                 _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, None, exc, True, echo)
                 continue
             deaths_in_a_row = 0
+            suspects.discard(shard.name)
             if not marker.get("skipped"):
                 progress.shard_done(marker["rows"], marker["error"])
         progress.tick(len(queue), len(in_flight), pool.size)
         metrics.queue_depth(len(queue), len(in_flight))
 
 
-def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[str, int]) -> None:
+def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[str, int], suspects: set[str]) -> None:
+    """Fill each worker up to IN_FLIGHT_PER_WORKER shards; a suspect shard runs alone on a worker."""
     for index, actor in enumerate(pool.actors):
-        busy = sum(1 for _, i, _ in in_flight.values() if i == index)
-        while queue and busy < IN_FLIGHT_PER_WORKER:
-            shard = queue.popleft()
-            attempt = attempts.get(shard.name, 0) + 1
-            ref = actor.run_shard.remote(shard.to_dict(), attempt)
+        mine = [s for s, i, _ in in_flight.values() if i == index]
+        if any(s.name in suspects for s in mine):
+            continue
+        while queue and len(mine) < IN_FLIGHT_PER_WORKER:
+            position = 0 if not mine else next((k for k, s in enumerate(queue) if s.name not in suspects), None)
+            if position is None:
+                break
+            shard = queue[position]
+            del queue[position]
+            ref = actor.run_shard.remote(shard.to_dict(), attempts.get(shard.name, 0) + 1)
             in_flight[ref] = (shard, index, time.time())
-            busy += 1
+            mine.append(shard)
+            if shard.name in suspects:
+                break
 
 
-def _drop_worker_refs(in_flight: dict, index: int, queue: deque, free_requeues: dict[str, int]) -> None:
-    """Shards queued on a worker that died: run them again elsewhere, not charged an attempt."""
+def _drop_worker_refs(in_flight: dict, index: int, queue: deque, free_requeues: dict[str, int]) -> list[Shard]:
+    """Shards in flight on a worker that died: queued again, not charged an attempt."""
+    dropped = []
     for ref in [r for r, (_, i, _) in in_flight.items() if i == index]:
         shard, _, _ = in_flight.pop(ref)
         free_requeues[shard.name] = free_requeues.get(shard.name, 0) + 1
         queue.appendleft(shard)
+        dropped.append(shard)
+    return dropped
 
 
 def _on_failure(job, pool, queue, attempts, free_requeues, summary, shard, dead_index, exc, charged, echo) -> None:
