@@ -9,6 +9,8 @@ botocore's retry configuration. Error messages never contain credentials.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import os
 import random
 import shutil
@@ -473,10 +475,7 @@ class S3Storage(Storage):
             try:
                 return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
             except botocore.exceptions.ClientError as e:
-                if _is_not_found(e):
-                    raise FileNotFoundError(f"no such object: {self.url(key)}") from None
-                self._raise_storage_error(e, "reading", key)
-                raise
+                self._raise_read_error(e, key)
             except cut_off:
                 if attempt + 1 == READ_ATTEMPTS:
                     raise
@@ -492,10 +491,14 @@ class S3Storage(Storage):
             self.client.download_file(self.bucket, self._key(key), os.fspath(local_path),
                                       Config=self._transfer_config())
         except botocore.exceptions.ClientError as e:
-            if _is_not_found(e):
-                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
-            self._raise_storage_error(e, "reading", key)
-            raise
+            self._raise_read_error(e, key)
+
+    def _raise_read_error(self, e: Exception, key: str) -> NoReturn:
+        """Translate a failed read: FileNotFoundError, StorageError (bucket-level), or the error itself."""
+        if _is_not_found(e):
+            raise FileNotFoundError(f"no such object: {self.url(key)}") from None
+        self._raise_storage_error(e, "reading", key)
+        raise e
 
     def head(self, key: str) -> dict:
         """The raw HeadObject response of ``key``; FileNotFoundError if missing."""
@@ -504,10 +507,7 @@ class S3Storage(Storage):
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except botocore.exceptions.ClientError as e:
-            if _is_not_found(e):
-                raise FileNotFoundError(f"no such object: {self.url(key)}") from None
-            self._raise_storage_error(e, "reading", key)
-            raise
+            self._raise_read_error(e, key)
 
     def exists(self, key: str) -> bool:
         try:
