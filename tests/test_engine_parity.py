@@ -140,3 +140,20 @@ def test_rows_differ(setup):
     for a in range(len(keys)):
         for b in range(a + 1, len(keys)):
             assert max_diff(images[keys[a]], images[keys[b]]) > TOLERANCE
+
+
+def test_low_vram_encodes_ahead_then_denoises_from_the_cache(setup, checkpoints):
+    """low_vram: one turn of the text encoder for all prompts, then one of the transformer;
+    the pixels match those with both on the device (within 1/255: prompts are padded in other groups)."""
+    variant, _, pipe, rows, mixed = setup
+    engine = Engine(str(checkpoints[variant]), variant, device="cpu", low_vram=True)
+    engine.encode_ahead(rows)
+    assert engine.swaps == 1  # the text encoder came in
+    images = engine.generate(rows, batch_size=8)
+    assert engine.swaps == 2  # and the transformer went back, once for every batch
+    for image, expected in zip(images, mixed):
+        assert max_diff(image, expected) <= TOLERANCE
+    # A prompt that was not encoded ahead still works (the text encoder takes one more turn).
+    extra = GenerationRequest("not encoded ahead", 99, 64, 64, 9, 0.0)
+    assert max_diff(engine.generate([extra])[0], reference(pipe, extra)) <= TOLERANCE
+    assert engine.swaps == 4

@@ -24,6 +24,8 @@ from .variants import Variant, get_variant
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # the reference pipeline's prompt truncation length
+# Below this much GPU memory the bf16 transformer (12.3 GB) and Qwen3-4B (8 GB) take turns.
+LOW_VRAM_BELOW = 30 * 2**30
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,9 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_pipeline(model_dir: str, variant: Variant, device: str, dtype: torch.dtype):
-    """Load the diffusers reference pipeline of `variant` from a local checkpoint folder."""
+def load_pipeline(model_dir: str, variant: Variant, device: str | None, dtype: torch.dtype):
+    """Load the diffusers reference pipeline of `variant` from a local checkpoint folder
+    (onto `device`, or left on the CPU when `device` is None)."""
     import warnings
 
     import diffusers
@@ -74,7 +77,14 @@ def load_pipeline(model_dir: str, variant: Variant, device: str, dtype: torch.dt
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = pipeline_class.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device) if device else pipe
+
+
+def low_vram_needed(device: str) -> bool:
+    """True when the text encoder and the transformer cannot both stay on the GPU (a 16-24 GB card)."""
+    if not str(device).startswith("cuda"):
+        return False
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory < LOW_VRAM_BELOW
 
 
 def _calculate_shift(image_seq_len: int, config) -> float:
@@ -88,7 +98,12 @@ def _calculate_shift(image_seq_len: int, config) -> float:
 
 
 class Engine:
-    """Holds one loaded variant and turns generation requests into uint8 RGB arrays."""
+    """Holds one loaded variant and turns generation requests into uint8 RGB arrays.
+
+    With `low_vram` the text encoder and the transformer take turns on the device: prompts are
+    encoded ahead in bulk (`encode_ahead`, once per shard) while the transformer waits on the
+    CPU, then the transformer comes back and every batch denoises from the cached embeddings.
+    """
 
     def __init__(
         self,
@@ -99,18 +114,55 @@ class Engine:
         attention_backend: str | None = None,
         compile: bool = False,
         pipe=None,
+        low_vram: bool = False,
     ) -> None:
         """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`."""
         self.variant = get_variant(variant)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.pipe = pipe if pipe is not None else load_pipeline(model_dir, self.variant, self.device, self.dtype)
         self.on_cuda = str(self.device).startswith("cuda")
+        self.low_vram = low_vram
+        if pipe is None:
+            pipe = load_pipeline(model_dir, self.variant, None if low_vram else self.device, self.dtype)
+        self.pipe = pipe
+        # Prompts are padded to the longest in their batch (cheaper) or, like the reference, to 512.
+        self.pad_prompts_to_max = False
+        self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
+        self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self._resident: str | None = None
+        if low_vram:
+            self._place_for_low_vram()
         if self.on_cuda and attention_backend:
             self.pipe.transformer.set_attention_backend(attention_backend)
         if self.on_cuda and compile:
-            self.pipe.transformer.compile(fullgraph=False, dynamic=True)
+            # Regional compilation: the 34 identical blocks compile once, in seconds, not minutes.
+            self.pipe.transformer.compile_repeated_blocks(fullgraph=False)
         self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
+
+    def _place_for_low_vram(self) -> None:
+        """Everything small on the device, the transformer too; the text encoder waits on the CPU.
+        Omni's reference path needs every part at once, so it uses diffusers' model offload."""
+        if self.variant.needs_siglip:
+            if self.on_cuda:
+                self.pipe.enable_model_cpu_offload(device=self.device)
+            return
+        for name, component in self.pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "text_encoder":
+                component.to(self.device)
+        self.pipe.text_encoder.to("cpu")
+        self._resident = "transformer"
+
+    def _bring(self, name: str) -> None:
+        """low_vram: put `name` (text_encoder | transformer) on the device, the other on the CPU."""
+        if self._resident is None or self._resident == name:
+            return
+        other = "transformer" if name == "text_encoder" else "text_encoder"
+        getattr(self.pipe, other).to("cpu")
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        getattr(self.pipe, name).to(self.device)
+        self._resident = name
+        self.swaps += 1
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
@@ -180,20 +232,47 @@ class Engine:
     # ------------------------------------------------------------------ stages
     def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
         """Qwen3 hidden_states[-2] per prompt, padded only to the longest prompt in the batch."""
-        templated = [
-            self.pipe.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}],
-                tokenize=False,
-                add_generation_prompt=True,
-                enable_thinking=True,
-            )
-            for text in texts
-        ]
-        return self.encode_texts(templated)
+        return self.encode_texts([self._template(text) for text in texts], self.pad_prompts_to_max)
+
+    def _template(self, text: str) -> str:
+        return self.pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
 
     def encode_texts(self, texts: list[str], pad_to_max: bool = False) -> list[torch.Tensor]:
         """Qwen3 hidden_states[-2] of already templated texts, padded to the longest one
-        (or to MAX_SEQUENCE_LENGTH, as the reference pipelines do, with `pad_to_max`)."""
+        (or to MAX_SEQUENCE_LENGTH, as the reference pipelines do, with `pad_to_max`).
+        With low_vram, texts encoded ahead come from the cache."""
+        if self._resident is None:
+            return self._run_text_encoder(texts, pad_to_max)
+        missing = list(dict.fromkeys(t for t in texts if (t, pad_to_max) not in self._prompt_cache))
+        if missing:
+            self._cache_embeddings(missing, pad_to_max)
+        return [self._prompt_cache[(t, pad_to_max)].to(self.device) for t in texts]
+
+    def encode_ahead(self, requests: Sequence[GenerationRequest], batch_size: int = 16) -> None:
+        """low_vram: encode the prompts (and negative prompts) of these requests now, in one turn
+        of the text encoder on the device, so that the batches that follow need only the
+        transformer. Replaces the previous cache."""
+        if self._resident is None:
+            return
+        prompts = [r.prompt for r in requests]
+        prompts += [r.negative_prompt or "" for r in requests if r.guidance_scale > 0]
+        self._prompt_cache.clear()
+        texts = list(dict.fromkeys(self._template(p) for p in prompts))
+        for start in range(0, len(texts), batch_size):
+            self._cache_embeddings(texts[start : start + batch_size], self.pad_prompts_to_max)
+
+    @torch.inference_mode()
+    def _cache_embeddings(self, texts: list[str], pad_to_max: bool) -> None:
+        self._bring("text_encoder")
+        for text, embedding in zip(texts, self._run_text_encoder(texts, pad_to_max)):
+            self._prompt_cache[(text, pad_to_max)] = embedding.to("cpu")
+
+    def _run_text_encoder(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
         tokens = self.pipe.tokenizer(
             texts,
             padding="max_length" if pad_to_max else "longest",
@@ -243,6 +322,7 @@ class Engine:
     ) -> torch.Tensor:
         """The reference denoising loop. Edit modes pass their own (scheduler, timesteps), a
         transformer call `forward(latents, timestep, captions)` and a hook run after each step."""
+        self._bring("transformer")
         transformer = self.pipe.transformer
         scheduler, timesteps = schedule or self._timesteps(latents, settings.num_inference_steps)
         forward = forward or self._forward

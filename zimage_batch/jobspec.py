@@ -56,6 +56,7 @@ class JobSpec:
     dtype: str | None = None
     attention_backend: str | None = None
     compile: bool = False
+    low_vram: str = "auto"  # on | off | auto: text encoder and transformer take turns on cards under 30 GB
     max_attempts: int = 3
     grace_period: float = 60.0
     progress_interval: float = 10.0
@@ -118,6 +119,10 @@ class JobSpec:
             raise JobError("guidance_scale must be >= 0")
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
+        switch = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
+        self.low_vram = switch.get(str(self.low_vram).lower(), str(self.low_vram).lower())
+        if self.low_vram not in ("on", "off", "auto"):
+            raise JobError(f"low_vram must be on, off or auto, got {self.low_vram!r}")
 
     # ------------------------------------------------------------------ resolved defaults
     def resolved_variant(self) -> str:

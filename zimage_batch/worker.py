@@ -25,7 +25,7 @@ import torch
 
 from . import images, metrics
 from .edit_engine import EditRequest, infer_mode
-from .engine import Engine, GenerationRequest
+from .engine import Engine, GenerationRequest, default_device, low_vram_needed
 from .keys import safe_key
 from .ledger import Ledger, commit_key
 from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest, rows_of_variant
@@ -95,12 +95,15 @@ class ShardRunner:
         self.defaults = job["defaults"]
         # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
         model_path = resolve_model(self.model, variant).path
+        device = job.get("device") or default_device()
+        low_vram = job.get("low_vram", "auto")
         self.engine = Engine(
             model_path,
             variant,
-            device=job.get("device"),
+            device=device,
             attention_backend=job.get("attention_backend"),
             compile=bool(job.get("compile")),
+            low_vram=low_vram == "on" or (low_vram == "auto" and low_vram_needed(device)),
         )
         self.batch_size = job.get("batch_size") or default_batch_size(self.defaults["width"], self.defaults["height"])
         # Every model call runs on this one thread: shards run on the actor's threads side by
@@ -263,6 +266,8 @@ class ShardRunner:
                 outcomes[i] = self._store(writer, rows[i], requests[i], future, duration_ms, lineage.get(i))
             pending.clear()
 
+        if self.engine.low_vram:
+            self._encode_ahead(requests)
         for batch in self._batches(rows, requests, outcomes, lineage, base):
             started = time.perf_counter()
             images = self._generate([requests[i] for i in batch])
@@ -278,6 +283,14 @@ class ShardRunner:
         for i, extra in lineage.items():
             outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]
+
+    def _encode_ahead(self, requests) -> None:
+        """low_vram: the text encoder's one turn on the device for this shard. If it fails, each
+        batch encodes its own prompts instead (slower, and a bad row still fails alone)."""
+        try:
+            self.model_thread.submit(self.engine.encode_ahead, requests, self.batch_size).result()
+        except ROW_ERRORS as exc:
+            log.warning("encoding the shard's prompts ahead failed (%s); encoding batch by batch", exc)
 
     def _generate(self, batch: list[GenerationRequest]) -> list[np.ndarray | BaseException]:
         """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
