@@ -134,7 +134,8 @@ def _img2img(engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray
 
     # Per row, in the reference's order: the VAE posterior sample, then the noise.
     generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-    moments = vae.encode(images.to(device=device, dtype=dtype)).latent_dist.parameters
+    images = images.to(device=device, dtype=dtype)
+    moments = torch.cat([vae.encode(part).latent_dist.parameters for part in engine.vae_parts(images)])
     image_latents = torch.cat(
         [DiagonalGaussianDistribution(moments[i : i + 1]).sample(g) for i, g in enumerate(generators)]
     )

@@ -127,6 +127,11 @@ class Engine:
         self.pipe = pipe
         # Prompts are padded to the longest in their batch (cheaper) or, like the reference, to 512.
         self.pad_prompts_to_max = False
+        # On CUDA in bf16, kernels picked for a batch round differently from those for one row
+        # (diffusers' own pipeline moves pixels by up to 7/255 when it batches). With
+        # row_invariant, the text encoder and the VAE see one row at a time, as they do when
+        # the reference pipeline draws that row alone; only the transformer runs batched.
+        self.row_invariant = self.on_cuda
         self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
         self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}
         self._resident: str | None = None
@@ -189,11 +194,13 @@ class Engine:
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            if self.on_cuda:
-                torch.cuda.empty_cache()
-            half = len(batch) // 2
-            log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return self._generate_splitting_on_oom(batch[:half]) + self._generate_splitting_on_oom(batch[half:])
+        # Retried outside the except block: the failed attempt's frames (and the activations
+        # they hold) are released with the exception, so the halves get that memory back.
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half, len(batch) - half)
+        return self._generate_splitting_on_oom(batch[:half]) + self._generate_splitting_on_oom(batch[half:])
 
     def _generate_batch(self, batch: list[GenerationRequest]) -> list[np.ndarray]:
         if getattr(batch[0], "mode", None):  # an EditRequest: img2img, inpaint or edit
@@ -273,6 +280,11 @@ class Engine:
             self._prompt_cache[(text, pad_to_max)] = embedding.to("cpu")
 
     def _run_text_encoder(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
+        if self.row_invariant:  # one prompt at a time, padded as the reference pads it
+            return [self._text_encoder_call([text], True)[0] for text in texts]
+        return self._text_encoder_call(texts, pad_to_max)
+
+    def _text_encoder_call(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
         tokens = self.pipe.tokenizer(
             texts,
             padding="max_length" if pad_to_max else "longest",
@@ -364,9 +376,13 @@ class Engine:
                 pred = pred * (max_norm / new_norm)
         return pred
 
+    def vae_parts(self, batch: torch.Tensor) -> Sequence[torch.Tensor]:
+        """What the VAE sees at once: one row with row_invariant or low_vram (less memory), else all."""
+        return batch.split(1) if self.row_invariant or self.low_vram else [batch]
+
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
+        images = torch.cat([vae.decode(part, return_dict=False)[0] for part in self.vae_parts(latents)])
         images = self.pipe.image_processor.postprocess(images, output_type="np")
         return [(image * 255).round().astype(np.uint8) for image in images]
