@@ -5,11 +5,9 @@
 
 Builds the real architecture directly on the device with random weights (6.15B-parameter DiT,
 Qwen3-4B text encoder, Flux VAE; nothing is downloaded), then, in one process:
-  parity     pixels of the engine (batch 4; text encoder and VAE batched or row by row, prompts
-             padded to the longest or to 512) and of ZImagePipeline called with the batch,
-             against ZImagePipeline called per row
-  invariance which part rounds differently when batched (text encoder, transformer, VAE),
-             and what running the text encoder and VAE row by row costs
+  parity     pixels of the engine (batch 4, prompts padded to the longest or to 512; and row
+             by row) and of ZImagePipeline called with the batch, against ZImagePipeline per row
+  invariance which part rounds differently when batched (text encoder, transformer, VAE)
   speed      s/img end to end (prompt encoding, denoising, VAE decode) at 1024x1024, 8 NFE,
              batch 1/2/4, diffusers' ZImagePipeline and the engine, peak memory, transformer MFU
   attention  the engine at the largest batch with other attention backends
@@ -188,33 +186,32 @@ class Bench:
         rows = self.requests(4)
         per_row = self.per_row = [self.reference([r])[0] for r in rows]
         candidates = {"diffusers, batch of 4": self.reference(rows)}
-        engine, saved = self.engine, self.engine.row_invariant
-        for invariant, pad in ((False, False), (False, True), (True, True)):
-            engine.row_invariant, engine.pad_prompts_to_max = invariant, pad
-            name = (f"engine, batch of 4, {'row-invariant' if invariant else 'batched'} text encoder and VAE, "
-                    f"prompts padded to {'512' if pad else 'the longest'}")
-            candidates[name] = engine.generate(rows, batch_size=4)
+        engine = self.engine
+        for pad in (False, True):
+            engine.pad_prompts_to_max = pad
+            candidates[f"engine, batch of 4, prompts padded to {'512' if pad else 'the longest'}"] = engine.generate(
+                rows, batch_size=4)
+        engine.pad_prompts_to_max = False
         candidates["engine, one row at a time"] = [engine.generate([r])[0] for r in rows]
-        engine.row_invariant, engine.pad_prompts_to_max = saved, False
         print("parity against ZImagePipeline one row at a time | max |diff| | mean |diff|")
         table = {}
         for name, images in candidates.items():
             diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(images, per_row)]
             table[name] = {"max": int(max(d.max() for d in diffs)), "mean": float(np.mean([d.mean() for d in diffs]))}
-            print(f"  {name:88s} | {table[name]['max']:3d}/255 | {table[name]['mean']:.3f}")
+            print(f"  {name:58s} | {table[name]['max']:3d}/255 | {table[name]['mean']:.3f}")
         self.results["parity"] = table
 
     def invariance(self) -> None:
         """Which part rounds differently in a batch: row 0 alone against row 0 in a batch of 4,
-        part by part (relative max difference), then the speed of batching each part."""
+        part by part (relative max difference)."""
         e, tr, vae = self.engine, self.pipe.transformer, self.pipe.vae
         rows = self.requests(4)
         texts = [e._template(r.prompt) for r in rows]
         rel = lambda a, b: float((a.float() - b.float()).abs().max() / a.float().abs().max())  # noqa: E731
         with torch.inference_mode():
-            table = {"text encoder (padded to 512)": rel(e._text_encoder_call(texts[:1], True)[0],
-                                                         e._text_encoder_call(texts, True)[0])}
-            captions = [e._text_encoder_call([t], True)[0] for t in texts]
+            table = {"text encoder (padded to 512)": rel(e._run_text_encoder(texts[:1], True)[0],
+                                                         e._run_text_encoder(texts, True)[0])}
+            captions = [e._run_text_encoder([t], True)[0] for t in texts]
             g = torch.Generator("cpu").manual_seed(0)
             side = self.size // 8
             latents = torch.randn(4, 16, 1, side, side, generator=g).to(self.device, self.dtype)
@@ -227,13 +224,6 @@ class Bench:
         for name, value in table.items():
             print(f"  {name:30s} | {value:.2e}", flush=True)
         self.results["invariance"] = table
-        saved, timing = e.row_invariant, {}
-        for invariant in (False, True):
-            e.row_invariant = invariant
-            timing[f"row_invariant={invariant}"] = seconds = self.time_engine(e, 4, repeats=1)
-            print(f"  engine batch 4, row_invariant={invariant}: {seconds:.3f} s/img", flush=True)
-        e.row_invariant = saved
-        self.results["invariance_speed"] = timing
 
     def speed(self) -> None:
         print("batch | diffusers s/img | engine s/img | speed-up | peak GiB | transformer MFU")

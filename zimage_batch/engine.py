@@ -127,11 +127,6 @@ class Engine:
         self.pipe = pipe
         # Prompts are padded to the longest in their batch (cheaper) or, like the reference, to 512.
         self.pad_prompts_to_max = False
-        # On CUDA in bf16, kernels picked for a batch round differently from those for one row
-        # (diffusers' own pipeline moves pixels by up to 7/255 when it batches). With
-        # row_invariant, the text encoder and the VAE see one row at a time, as they do when
-        # the reference pipeline draws that row alone; only the transformer runs batched.
-        self.row_invariant = self.on_cuda
         self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
         self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}
         self._resident: str | None = None
@@ -280,11 +275,6 @@ class Engine:
             self._prompt_cache[(text, pad_to_max)] = embedding.to("cpu")
 
     def _run_text_encoder(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
-        if self.row_invariant:  # one prompt at a time, padded as the reference pads it
-            return [self._text_encoder_call([text], True)[0] for text in texts]
-        return self._text_encoder_call(texts, pad_to_max)
-
-    def _text_encoder_call(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
         tokens = self.pipe.tokenizer(
             texts,
             padding="max_length" if pad_to_max else "longest",
@@ -377,8 +367,9 @@ class Engine:
         return pred
 
     def vae_parts(self, batch: torch.Tensor) -> Sequence[torch.Tensor]:
-        """What the VAE sees at once: one row with row_invariant or low_vram (less memory), else all."""
-        return batch.split(1) if self.row_invariant or self.low_vram else [batch]
+        """What the VAE sees at once: the whole batch, or one row at a time with low_vram
+        (a 1024x1024 decode needs about 2 GiB per row)."""
+        return batch.split(1) if self.low_vram else [batch]
 
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae
