@@ -187,11 +187,12 @@ class Bench:
         per_row = self.per_row = [self.reference([r])[0] for r in rows]
         candidates = {"diffusers, batch of 4": self.reference(rows)}
         engine = self.engine
+        saved = engine.pad_prompts_to_max
         for pad in (False, True):
             engine.pad_prompts_to_max = pad
             candidates[f"engine, batch of 4, prompts padded to {'512' if pad else 'the longest'}"] = engine.generate(
                 rows, batch_size=4)
-        engine.pad_prompts_to_max = False
+        engine.pad_prompts_to_max = saved
         candidates["engine, one row at a time"] = [engine.generate([r])[0] for r in rows]
         print("parity against ZImagePipeline one row at a time | max |diff| | mean |diff|")
         table = {}
