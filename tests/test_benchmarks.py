@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +60,15 @@ def test_out_of_memory_splits_the_batch(monkeypatch):
     expected = engine.generate(requests, batch_size=6)
     real = engine._generate_batch
     sizes: list[int] = []
+    failed_attempts: list[weakref.ref] = []
 
     def tight_memory(batch):
+        # The halves must get the failed attempt's memory back: nothing may keep its frame alive.
+        assert all(ref() is None for ref in failed_attempts), "a failed attempt's activations are still held"
         sizes.append(len(batch))
         if len(batch) > 2:
+            activations = torch.empty(1024)
+            failed_attempts.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(batch)
 
@@ -77,3 +84,12 @@ def test_out_of_memory_splits_the_batch(monkeypatch):
     monkeypatch.setattr(engine, "_generate_batch", never_fits)
     with pytest.raises(torch.OutOfMemoryError):
         engine.generate(requests[:1], batch_size=1)
+
+
+def test_gpu_worker_check_runs_on_cpu():
+    """The worker's device check (shards through ShardRunner without Ray, low_vram off and on)."""
+    out = _run("benchmarks/gpu_worker.py", "--device", "cpu")
+    assert "low_vram=on: 4 shards, 40 rows ok" in out and "swaps=10" in out
+    between = re.search(r"low_vram on vs off, all 40 rows: max \|diff\| (\d+)/255", out)
+    reference = re.search(r"vs ZImagePipeline row by row, 8 rows: max \|diff\| (\d+)/255", out)
+    assert between and int(between.group(1)) <= 1 and reference and int(reference.group(1)) <= 1, out

@@ -182,3 +182,26 @@ def test_quickstart_job_file(tmp_path):
     rows = read_metadata(str(tmp_path / "qs"))
     assert len(rows) == 16 and {r["topic"] for r in rows} >= {"animal", "city"}
     assert open_storage(str(tmp_path / "qs")).exists("job.json")
+
+
+def test_low_vram_profile_through_the_cli(tmp_path):
+    """`--set low_vram=on`: the workers encode each shard's prompts ahead, then denoise from the
+    cache; every row exactly once, pixels as diffusers draws them. A bad value is refused."""
+    from zimage_batch.sources import resolve_model
+
+    manifest = tmp_path / "m.parquet"
+    ids = make_manifest(manifest, 30)
+    out = tmp_path / "out"
+    result = _cli("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
+                  "--shard-size", "10", "--set", "low_vram=on", "--set", "report=false")
+    assert result.returncode == 0, result.stderr
+    assert load_json(str(out), "job.json")["job"]["low_vram"] == "on"
+    by_id = {r["id"]: r for r in check_exactly_once(str(out), ids)}
+    model_path = resolve_model("tiny:turbo").path
+    for row_id, data in read_images(str(out), [by_id[i] for i in ("row-00001", "row-00010", "row-00025")]).items():
+        diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, by_id[row_id]).astype(int)).max()
+        assert diff <= 1, f"{row_id}: max pixel difference {diff}"
+    refused = _cli("run", "--manifest", str(manifest), "--output", str(tmp_path / "bad"), "--model", "tiny:turbo",
+                   "--set", "low_vram=sometimes")
+    assert refused.returncode != 0 and "low_vram must be on, off or auto" in refused.stderr
+    assert not (tmp_path / "bad").exists()
