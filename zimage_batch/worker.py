@@ -76,6 +76,7 @@ PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this man
 
 # Failures that belong to the rows of a batch (bad values, one row too large for the device);
 # a batch that fails with one of these is retried row by row and the failing rows become errors.
+STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bounds memory)
 ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
 
 
@@ -116,6 +117,9 @@ class ShardRunner:
         self.manifest = open_manifest(job["manifest"])
         self.files = {f.name: f for f in self.manifest.files}
         self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        # Images are handed to the writer on one thread, in row order (tar members and
+        # metadata stay deterministic), while the model thread goes on to the next batch.
+        self.storer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.edit = self.manifest.kind == "edit"
         self.sources = ThreadPoolExecutor(max_workers=SOURCE_THREADS, thread_name_prefix="source") if self.edit else None
         self.first_shard_started: float | None = None
@@ -256,30 +260,38 @@ class ShardRunner:
                     requests[i].image = requests[i].mask = None
 
     def _generate_and_store(self, rows, requests, writer, base: str = "") -> list[dict[str, Any]]:
-        """Generate batch by batch; encoding and storing run beside the next batch's generation."""
+        """Generate batch by batch; each image is encoded and stored beside the batches that
+        follow, with at most STORE_BACKLOG_BATCHES batches waiting for storage."""
         outcomes: list[dict[str, Any] | None] = [None] * len(rows)
-        pending: list[tuple[int, Future, float]] = []
+        stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
+        confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
         lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
 
-        def drain() -> None:
-            for i, future, duration_ms in pending:
-                outcomes[i] = self._store(writer, rows[i], requests[i], future, duration_ms, lineage.get(i))
-            pending.clear()
+        def confirm(backlog: int) -> None:
+            """Record finished stores in order (a failed store raises here), waiting while more
+            than `backlog` are outstanding."""
+            nonlocal confirmed
+            while confirmed < len(stored) and (len(stored) - confirmed > backlog or stored[confirmed][1].done()):
+                i, future = stored[confirmed]
+                outcomes[i] = future.result()
+                confirmed += 1
 
         if self.engine.low_vram:
             self._encode_ahead(requests)
         for batch in self._batches(rows, requests, outcomes, lineage, base):
+            confirm(STORE_BACKLOG_BATCHES * self.batch_size)
             started = time.perf_counter()
             images = self._generate([requests[i] for i in batch])
             duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
             metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
-            drain()  # the previous batch's images were encoded while this one generated
             for i, image in zip(batch, images):
                 if isinstance(image, BaseException):
                     outcomes[i] = {"status": "error", "error": f"generation failed: {image}", "image": None, "sha256": None, "duration_ms": duration_ms}
                 else:
-                    pending.append((i, self.encoder.submit(self._encode, image), duration_ms))
-        drain()
+                    encoded = self.encoder.submit(self._encode, image)
+                    task = self.storer.submit(self._store, writer, rows[i], requests[i], encoded, duration_ms, lineage.get(i))
+                    stored.append((i, task))
+        confirm(0)
         for i, extra in lineage.items():
             outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]
