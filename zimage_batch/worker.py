@@ -16,7 +16,7 @@ import platform
 import posixpath
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -279,20 +279,28 @@ class ShardRunner:
 
         if self.engine.low_vram:
             self._encode_ahead(requests)
-        for batch in self._batches(rows, requests, outcomes, lineage, base):
-            confirm(STORE_BACKLOG_BATCHES * self.batch_size)
-            started = time.perf_counter()
-            images = self._generate([requests[i] for i in batch])
-            duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
-            metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
-            for i, image in zip(batch, images):
-                if isinstance(image, BaseException):
-                    outcomes[i] = {"status": "error", "error": f"generation failed: {image}", "image": None, "sha256": None, "duration_ms": duration_ms}
-                else:
-                    encoded = self.encoder.submit(self._encode, image)
-                    task = self.storer.submit(self._store, writer, rows[i], requests[i], encoded, duration_ms, lineage.get(i))
-                    stored.append((i, task))
-        confirm(0)
+        try:
+            for batch in self._batches(rows, requests, outcomes, lineage, base):
+                confirm(STORE_BACKLOG_BATCHES * self.batch_size)
+                started = time.perf_counter()
+                images = self._generate([requests[i] for i in batch])
+                duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
+                metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
+                for i, image in zip(batch, images):
+                    if isinstance(image, BaseException):
+                        outcomes[i] = {"status": "error", "error": f"generation failed: {image}", "image": None, "sha256": None, "duration_ms": duration_ms}
+                    else:
+                        encoded = self.encoder.submit(self._encode, image)
+                        task = self.storer.submit(self._store, writer, rows[i], requests[i], encoded, duration_ms, lineage.get(i))
+                        stored.append((i, task))
+            confirm(0)
+        except BaseException:
+            # The caller aborts the writer next: no store of this attempt may still be writing.
+            outstanding = [task for _, task in stored[confirmed:]]
+            for task in outstanding:
+                task.cancel()
+            wait(outstanding)
+            raise
         for i, extra in lineage.items():
             outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]

@@ -1,0 +1,63 @@
+"""ShardRunner in-process (no Ray): what a failed attempt leaves behind."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from zimage_batch.driver import job_record, prepare
+from zimage_batch.jobspec import load_job
+from zimage_batch.ledger import Ledger
+from zimage_batch.plan import make_plan
+from zimage_batch.storage import open_storage
+from zimage_batch.worker import ShardRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_path):
+    """Generation fails on the third batch while earlier images are still being stored. The
+    attempt must not return (and abort its writer) while one of its stores is running: nothing
+    of a failed attempt may touch storage after it, when a new attempt may be cleaning up."""
+    rows = [{"id": f"row-{i:02d}", "prompt": f"a cat {i}", "seed": i} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                          "model": "tiny:turbo", "shard_size": 12, "batch_size": 4}, ["report=false"])
+    data, _ = prepare(job)
+    Ledger(open_storage(job.output)).claim_output(job_record(job), False)
+    (shard,) = make_plan(data, {}, job.shard_size, job.variant).todo
+    runner = ShardRunner(job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}, job.variant)
+
+    real_store, real_generate = runner._store, runner.engine.generate
+    calls = {"generate": 0}
+
+    finished: list[float] = []
+
+    def slow_store(*args, **kwargs):
+        time.sleep(0.3)
+        try:
+            return real_store(*args, **kwargs)
+        finally:
+            finished.append(time.monotonic())
+
+    def failing_generate(batch, batch_size=8):
+        calls["generate"] += 1
+        if calls["generate"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return real_generate(batch, batch_size)
+
+    runner._store = slow_store
+    runner.engine.generate = failing_generate
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.run_shard(shard.to_dict())
+    returned = time.monotonic()
+    images = tmp_path / "out" / "images"
+    files = lambda: sorted(p.name for p in images.rglob("*") if p.is_file()) if images.exists() else []  # noqa: E731
+    left = files()
+    time.sleep(1.0)  # a store still running would land now
+    assert finished and max(finished) <= returned, "a store of the failed attempt ran on after it returned"
+    assert files() == left, "a store of the failed attempt wrote after it returned"
+    assert not (tmp_path / "out" / "_commits").exists() or not any((tmp_path / "out" / "_commits").iterdir())
