@@ -157,3 +157,23 @@ def test_low_vram_encodes_ahead_then_denoises_from_the_cache(setup, checkpoints)
     extra = GenerationRequest("not encoded ahead", 99, 64, 64, 9, 0.0)
     assert max_diff(engine.generate([extra])[0], reference(pipe, extra)) <= TOLERANCE
     assert engine.swaps == 4
+
+
+def test_low_vram_cache_serves_two_shards_at_once(checkpoints):
+    """A worker runs two shards at once: the second shard's encoding ahead must not evict the
+    first's prompts (that would swap the models for every batch), and releasing one shard
+    keeps the prompts the other still needs."""
+    engine = Engine(str(checkpoints["turbo"]), "turbo", device="cpu", low_vram=True)
+    shard_a, shard_b = NO_CFG_ROWS[:3], NO_CFG_ROWS[4:8]  # one prompt (Chinese) is in both
+    engine.encode_ahead(shard_a)
+    engine.encode_ahead(shard_b)
+    assert engine.swaps == 1
+    engine.generate(shard_a, batch_size=2)
+    engine.generate(shard_b, batch_size=2)
+    assert engine.swaps == 2  # only the transformer's way back
+    cached = len(engine._prompt_cache)
+    engine.release_prompts(shard_a)
+    shared = {engine._template(r.prompt) for r in shard_b}
+    assert {text for text, _ in engine._prompt_cache} == shared and len(engine._prompt_cache) < cached
+    engine.release_prompts(shard_b)
+    assert engine._prompt_cache == {} and engine._prompt_users == {}

@@ -132,7 +132,8 @@ class Engine:
         # at ~10 ms a prompt. On the CPU (fp32, exact either way) only to the longest: cheaper.
         self.pad_prompts_to_max = self.on_cuda
         self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
-        self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}  # low_vram: (text, padded) -> embedding
+        self._prompt_users: dict[tuple[str, bool], int] = {}  # how many shards still need each entry
         self._resident: str | None = None
         if low_vram:
             self._place_for_low_vram()
@@ -237,7 +238,8 @@ class Engine:
 
     # ------------------------------------------------------------------ stages
     def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
-        """Qwen3 hidden_states[-2] per prompt, padded only to the longest prompt in the batch."""
+        """Qwen3 hidden_states[-2] per prompt (padded to 512 with `pad_prompts_to_max`, else to
+        the longest prompt in the batch)."""
         return self.encode_texts([self._template(text) for text in texts], self.pad_prompts_to_max)
 
     def _template(self, text: str) -> str:
@@ -255,28 +257,46 @@ class Engine:
         if self._resident is None:
             return self._run_text_encoder(texts, pad_to_max)
         missing = list(dict.fromkeys(t for t in texts if (t, pad_to_max) not in self._prompt_cache))
-        if missing:
-            self._cache_embeddings(missing, pad_to_max)
-        return [self._prompt_cache[(t, pad_to_max)].to(self.device) for t in texts]
+        # Texts not encoded ahead: the text encoder takes one more turn (and they are not kept).
+        fresh = dict(zip(missing, self._encode_on_device(missing, pad_to_max))) if missing else {}
+        return [fresh[t] if t in fresh else self._prompt_cache[(t, pad_to_max)].to(self.device) for t in texts]
 
     def encode_ahead(self, requests: Sequence[GenerationRequest], batch_size: int = 16) -> None:
         """low_vram: encode the prompts (and negative prompts) of these requests now, in one turn
         of the text encoder on the device, so that the batches that follow need only the
-        transformer. Replaces the previous cache."""
+        transformer. The embeddings stay cached (on the CPU) until `release_prompts` is called
+        with the same requests: a worker runs several shards at once, each holds its own."""
         if self._resident is None:
             return
+        texts = [(t, self.pad_prompts_to_max) for t in self._texts_of(requests)]
+        missing = [key for key in texts if key not in self._prompt_cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = [text for text, _ in missing[start : start + batch_size]]
+            for key, embedding in zip(missing[start : start + batch_size], self._encode_on_device(chunk, self.pad_prompts_to_max)):
+                self._prompt_cache[key] = embedding.to("cpu")
+        for key in texts:
+            self._prompt_users[key] = self._prompt_users.get(key, 0) + 1
+
+    def release_prompts(self, requests: Sequence[GenerationRequest]) -> None:
+        """low_vram: the shard that encoded these requests ahead is done with them."""
+        for key in ((t, self.pad_prompts_to_max) for t in self._texts_of(requests)):
+            users = self._prompt_users.get(key, 0) - 1
+            if users > 0:
+                self._prompt_users[key] = users
+            else:
+                self._prompt_users.pop(key, None)
+                self._prompt_cache.pop(key, None)
+
+    def _texts_of(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """The templated texts these requests encode, each once."""
         prompts = [r.prompt for r in requests]
         prompts += [r.negative_prompt or "" for r in requests if r.guidance_scale > 0]
-        self._prompt_cache.clear()
-        texts = list(dict.fromkeys(self._template(p) for p in prompts))
-        for start in range(0, len(texts), batch_size):
-            self._cache_embeddings(texts[start : start + batch_size], self.pad_prompts_to_max)
+        return list(dict.fromkeys(self._template(p) for p in prompts))
 
     @torch.inference_mode()
-    def _cache_embeddings(self, texts: list[str], pad_to_max: bool) -> None:
+    def _encode_on_device(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
         self._bring("text_encoder")
-        for text, embedding in zip(texts, self._run_text_encoder(texts, pad_to_max)):
-            self._prompt_cache[(text, pad_to_max)] = embedding.to("cpu")
+        return self._run_text_encoder(texts, pad_to_max)
 
     def _run_text_encoder(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
         tokens = self.pipe.tokenizer(

@@ -301,6 +301,9 @@ class ShardRunner:
                 task.cancel()
             wait(outstanding)
             raise
+        finally:
+            if self.engine.low_vram:
+                self.model_thread.submit(self.engine.release_prompts, requests).result()
         for i, extra in lineage.items():
             outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]
