@@ -75,9 +75,9 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
 
 
+STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bounds memory)
 # Failures that belong to the rows of a batch (bad values, one row too large for the device);
 # a batch that fails with one of these is retried row by row and the failing rows become errors.
-STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bounds memory)
 ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
 
 
