@@ -145,7 +145,9 @@ class Bench:
             print(f"built the pipeline on the GPU in {time.perf_counter() - started:.1f}s", flush=True)
         self.engine = Engine(None, "turbo", device=self.device, dtype=self.dtype, pipe=self.pipe)
         self.batches = [int(b) for b in args.batches.split(",")]
-        self.flops = transformer_flops_per_image(self.pipe, self.size, args.steps - 1)
+        # diffusers' ZImagePipeline and the engine run the transformer once per scheduler step
+        # (9 passes for Turbo's 9 steps, which the model card calls 8 NFE).
+        self.flops = transformer_flops_per_image(self.pipe, self.size, args.steps)
         self.peak = matmul_rate() if self.device == "cuda" else None
         self.results: dict = {"device": self.device_name(), "size": self.size, "steps": args.steps,
                               "dtype": str(self.dtype), "matmul_tflops": self.peak and self.peak / 1e12}
@@ -153,11 +155,15 @@ class Bench:
     def device_name(self) -> str:
         return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
-    def requests(self, batch: int, offset: int = 0):
+    def requests(self, batch: int, offset: int = 0, distinct: bool = False):
+        """`batch` rows (seeds offset, offset+1, ...); with `distinct`, no two share a prompt."""
         from zimage_batch.engine import GenerationRequest
 
-        return [GenerationRequest(PROMPTS[(offset + i) % len(PROMPTS)], offset + i, self.size, self.size,
-                                  self.args.steps, 0.0) for i in range(batch)]
+        def prompt(i: int) -> str:
+            return PROMPTS[i % len(PROMPTS)] + (f", take {i}" if distinct else "")
+
+        return [GenerationRequest(prompt(offset + i), offset + i, self.size, self.size, self.args.steps, 0.0)
+                for i in range(batch)]
 
     def reference(self, requests) -> list[np.ndarray]:
         out = self.pipe(prompt=[r.prompt for r in requests], height=self.size, width=self.size,
@@ -270,9 +276,11 @@ class Bench:
         table = []
         try:
             for batch in (int(b) for b in self.args.low_vram_batches.split(",")):
-                rows = self.requests(8, offset=batch)
-                engine.encode_ahead(rows[:batch])  # warm-up at this batch size
-                engine.generate(rows[:batch], batch_size=batch)
+                rows = self.requests(8, offset=100 * batch, distinct=True)
+                warm = self.requests(batch, offset=100 * batch + 50, distinct=True)
+                engine.encode_ahead(warm)  # warm-up at this batch size
+                engine.generate(warm, batch_size=batch)
+                engine.release_prompts(warm)
                 self.reset_peak()
                 marks = [time.perf_counter()]
                 for step in (lambda: engine.encode_ahead(rows, batch_size=8), lambda: engine._bring("transformer"),
@@ -280,6 +288,7 @@ class Bench:
                     step()
                     _sync(self.device)
                     marks.append(time.perf_counter())
+                engine.release_prompts(rows)
                 encode, bring, generate = (b - a for a, b in zip(marks, marks[1:]))
                 row = {"batch": batch, "s_per_img": generate / len(rows), "encode_ahead_s": encode,
                        "transformer_in_s": bring, "peak_gib": self.peak_gib()}
@@ -293,6 +302,7 @@ class Bench:
             if self.device == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0)
             self.pipe.text_encoder.to(self.device)
+            self.pipe.transformer.to(self.device)
         self.results["low_vram"] = table
 
     def compiled(self) -> None:
@@ -327,7 +337,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU at 64x64 (keeps this script tested)")
     parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=9, help="scheduler steps (9 = 8 NFE for Turbo)")
+    parser.add_argument("--steps", type=int, default=9, help="scheduler steps (Turbo: 9, '8 NFE' on the model card)")
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")

@@ -177,3 +177,41 @@ def test_low_vram_cache_serves_two_shards_at_once(checkpoints):
     assert {text for text, _ in engine._prompt_cache} == shared and len(engine._prompt_cache) < cached
     engine.release_prompts(shard_b)
     assert engine._prompt_cache == {} and engine._prompt_users == {}
+
+
+def test_low_vram_failures_leave_a_consistent_state(checkpoints, monkeypatch):
+    """A swap that fails half-way is redone in full next time; encoding ahead that fails
+    half-way leaves no entries or counts behind (and takes none from another shard)."""
+    engine = Engine(str(checkpoints["turbo"]), "turbo", device="cpu", low_vram=True)
+    other_shard = NO_CFG_ROWS[:2]
+    engine.encode_ahead(other_shard)
+    before = (dict(engine._prompt_users), set(engine._prompt_cache))
+
+    real_run = engine._run_text_encoder
+    calls = {"n": 0}
+
+    def fails_on_second_chunk(texts, pad_to_max):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_run(texts, pad_to_max)
+
+    monkeypatch.setattr(engine, "_run_text_encoder", fails_on_second_chunk)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.encode_ahead(NO_CFG_ROWS[1:], batch_size=2)  # shares a prompt with other_shard
+    assert (dict(engine._prompt_users), set(engine._prompt_cache)) == before
+    monkeypatch.undo()
+
+    real_to = engine.pipe.text_encoder.to
+
+    def fails_once(*args, **kwargs):
+        monkeypatch.setattr(engine.pipe.text_encoder, "to", real_to)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    engine._bring("transformer")
+    monkeypatch.setattr(engine.pipe.text_encoder, "to", fails_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine._bring("text_encoder")
+    assert engine._resident == ""  # not "transformer": the next swap must not be skipped
+    engine._bring("transformer")
+    assert engine._resident == "transformer"

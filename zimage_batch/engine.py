@@ -134,7 +134,8 @@ class Engine:
         self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
         self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}  # low_vram: (text, padded) -> embedding
         self._prompt_users: dict[tuple[str, bool], int] = {}  # how many shards still need each entry
-        self._resident: str | None = None
+        self._swapping = False  # low_vram with the text encoder and transformer taking turns
+        self._resident = ""  # which of the two is on the device ("" when unknown)
         if low_vram:
             self._place_for_low_vram()
         if self.on_cuda and attention_backend:
@@ -155,13 +156,14 @@ class Engine:
             if isinstance(component, torch.nn.Module) and name != "text_encoder":
                 component.to(self.device)
         self.pipe.text_encoder.to("cpu")
-        self._resident = "transformer"
+        self._swapping, self._resident = True, "transformer"
 
     def _bring(self, name: str) -> None:
         """low_vram: put `name` (text_encoder | transformer) on the device, the other on the CPU."""
-        if self._resident is None or self._resident == name:
+        if not self._swapping or self._resident == name:
             return
         other = "transformer" if name == "text_encoder" else "text_encoder"
+        self._resident = ""  # unknown until both moves succeed: a failed move is redone in full
         getattr(self.pipe, other).to("cpu")
         if self.on_cuda:
             torch.cuda.empty_cache()
@@ -254,7 +256,7 @@ class Engine:
         """Qwen3 hidden_states[-2] of already templated texts, padded to the longest one
         (or to MAX_SEQUENCE_LENGTH, as the reference pipelines do, with `pad_to_max`).
         With low_vram, texts encoded ahead come from the cache."""
-        if self._resident is None:
+        if not self._swapping:
             return self._run_text_encoder(texts, pad_to_max)
         missing = list(dict.fromkeys(t for t in texts if (t, pad_to_max) not in self._prompt_cache))
         # Texts not encoded ahead: the text encoder takes one more turn (and they are not kept).
@@ -266,19 +268,26 @@ class Engine:
         of the text encoder on the device, so that the batches that follow need only the
         transformer. The embeddings stay cached (on the CPU) until `release_prompts` is called
         with the same requests: a worker runs several shards at once, each holds its own."""
-        if self._resident is None:
+        if not self._swapping:
             return
-        texts = [(t, self.pad_prompts_to_max) for t in self._texts_of(requests)]
-        missing = [key for key in texts if key not in self._prompt_cache]
-        for start in range(0, len(missing), batch_size):
-            chunk = [text for text, _ in missing[start : start + batch_size]]
-            for key, embedding in zip(missing[start : start + batch_size], self._encode_on_device(chunk, self.pad_prompts_to_max)):
-                self._prompt_cache[key] = embedding.to("cpu")
-        for key in texts:
+        keys = [(t, self.pad_prompts_to_max) for t in self._texts_of(requests)]
+        for key in keys:
             self._prompt_users[key] = self._prompt_users.get(key, 0) + 1
+        try:
+            missing = [key for key in keys if key not in self._prompt_cache]
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                embeddings = self._encode_on_device([text for text, _ in chunk], self.pad_prompts_to_max)
+                for key, embedding in zip(chunk, embeddings):
+                    self._prompt_cache[key] = embedding.to("cpu")
+        except BaseException:
+            self.release_prompts(requests)  # all or nothing: no counts or entries of ours stay
+            raise
 
     def release_prompts(self, requests: Sequence[GenerationRequest]) -> None:
         """low_vram: the shard that encoded these requests ahead is done with them."""
+        if not self._swapping:
+            return
         for key in ((t, self.pad_prompts_to_max) for t in self._texts_of(requests)):
             users = self._prompt_users.get(key, 0) - 1
             if users > 0:

@@ -75,6 +75,10 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
 
 
+class RowFailure(Exception):
+    """Why one row could not be generated (the message of the original error)."""
+
+
 STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bounds memory)
 # Failures that belong to the rows of a batch (bad values, one row too large for the device);
 # a batch that fails with one of these is retried row by row and the failing rows become errors.
@@ -277,8 +281,7 @@ class ShardRunner:
                 outcomes[i] = future.result()
                 confirmed += 1
 
-        if self.engine.low_vram:
-            self._encode_ahead(requests)
+        encoded_ahead = self.engine.low_vram and self._encode_ahead(requests)
         try:
             for batch in self._batches(rows, requests, outcomes, lineage, base):
                 confirm(STORE_BACKLOG_BATCHES * self.batch_size)
@@ -302,19 +305,27 @@ class ShardRunner:
             wait(outstanding)
             raise
         finally:
-            if self.engine.low_vram:
-                self.model_thread.submit(self.engine.release_prompts, requests).result()
+            if encoded_ahead:
+                self._release_prompts(requests)
         for i, extra in lineage.items():
             outcomes[i] = {**outcomes[i], **extra}
         return outcomes  # type: ignore[return-value]
 
-    def _encode_ahead(self, requests) -> None:
+    def _encode_ahead(self, requests) -> bool:
         """low_vram: the text encoder's one turn on the device for this shard. If it fails, each
         batch encodes its own prompts instead (slower, and a bad row still fails alone)."""
         try:
             self.model_thread.submit(self.engine.encode_ahead, requests, self.batch_size).result()
+            return True
         except ROW_ERRORS as exc:
             log.warning("encoding the shard's prompts ahead failed (%s); encoding batch by batch", exc)
+            return False
+
+    def _release_prompts(self, requests) -> None:
+        try:
+            self.model_thread.submit(self.engine.release_prompts, requests).result()
+        except Exception:  # noqa: BLE001 - never hide the shard's own outcome or error
+            log.exception("releasing the shard's cached prompts failed")
 
     def _generate(self, batch: list[GenerationRequest]) -> list[np.ndarray | BaseException]:
         """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
@@ -322,7 +333,9 @@ class ShardRunner:
             return self.model_thread.submit(self.engine.generate, batch, len(batch)).result()
         except ROW_ERRORS as exc:
             if len(batch) == 1:
-                return [exc]
+                # Only the message: the exception's traceback holds the failed call's frames,
+                # and with them its device memory, which the rows after it need.
+                return [RowFailure(str(exc))]
             log.warning("batch failed (%s); retrying its rows one by one", exc)
         # Anything else (a CUDA fault, a crashed kernel) is the worker's problem, not the rows':
         # it fails the shard attempt, which the driver retries on a fresh worker.
