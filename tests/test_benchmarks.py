@@ -93,3 +93,18 @@ def test_gpu_worker_check_runs_on_cpu():
     between = re.search(r"low_vram on vs off, all 40 rows: max \|diff\| (\d+)/255", out)
     reference = re.search(r"vs ZImagePipeline row by row, 8 rows: max \|diff\| (\d+)/255", out)
     assert between and int(between.group(1)) <= 1 and reference and int(reference.group(1)) <= 1, out
+
+
+def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
+    from zimage_batch.worker import default_batch_size
+
+    assert default_batch_size(64, 64) == 64 and default_batch_size(1024, 1024) == 1  # CPU
+    free = {"bytes": 40 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    assert default_batch_size(1024, 1024, "cuda") == 12  # (40 - 2) GiB / 3 GiB a row
+    assert default_batch_size(512, 512, "cuda") == 16  # capped
+    assert default_batch_size(1024, 1024, "cpu") == 1  # a CPU job on a GPU machine ignores the GPU
+    free["bytes"] = 4 * 2**30  # a 16 GB card with the transformer loaded
+    assert default_batch_size(1024, 1024, "cuda") == 1
+    assert default_batch_size(1024, 1024, "cuda", low_vram=True) == 6  # (4 - 2.5) GiB / 0.25 GiB a row
