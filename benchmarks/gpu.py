@@ -31,7 +31,6 @@ PROMPTS = [
     "a minimalist poster with the words \"ZIMAGE BATCH\" in bold red letters",
     "a glass terrarium with a tiny city inside, macro photography",
 ]
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 def full_size_pipeline(device: str, dtype: torch.dtype):

@@ -30,7 +30,7 @@ PROMPTS = ["a photo of a cat", "一只可爱的小猫坐在窗台上", "a waterc
 
 def run_job_in_process(model: str, manifest: Path, output: Path, device: str, low_vram: str) -> dict[str, np.ndarray]:
     """What `zimage-batch run` does, with the shards run here instead of on Ray actors."""
-    from zimage_batch.driver import job_record, prepare
+    from zimage_batch.driver import job_record, prepare, worker_settings
     from zimage_batch.jobspec import load_job
     from zimage_batch.ledger import Ledger
     from zimage_batch.plan import make_plan
@@ -43,7 +43,7 @@ def run_job_in_process(model: str, manifest: Path, output: Path, device: str, lo
     ledger = Ledger(open_storage(job.output))
     ledger.claim_output(job_record(job), job.overwrite)
     plan = make_plan(data, ledger.committed(), job.shard_size, job.variant)
-    runner = ShardRunner(job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}, job.variant)
+    runner = ShardRunner(worker_settings(job, job.variant), job.variant)
     for shard in plan.todo:
         runner.run_shard(shard.to_dict())
     metadata = pa.concat_tables(pq.read_table(p) for p in sorted((output / "metadata").glob("*.parquet")))

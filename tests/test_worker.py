@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.driver import job_record, prepare
+from zimage_batch.driver import job_record, prepare, worker_settings
 from zimage_batch.jobspec import load_job
 from zimage_batch.ledger import Ledger
 from zimage_batch.plan import make_plan
@@ -29,7 +29,7 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
     data, _ = prepare(job)
     Ledger(open_storage(job.output)).claim_output(job_record(job), False)
     (shard,) = make_plan(data, {}, job.shard_size, job.variant).todo
-    runner = ShardRunner(job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults()}, job.variant)
+    runner = ShardRunner(worker_settings(job, job.variant), job.variant)
 
     real_store, real_generate = runner._store, runner.engine.generate
     calls = {"generate": 0}

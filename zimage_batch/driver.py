@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import metrics
-from .jobspec import JobError, JobSpec
+from .jobspec import JobError, JobSpec, redact_env_vars
 from .ledger import Ledger
 from .manifest import Limits, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
@@ -64,23 +64,13 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
     job.variant = job.variant or guess_variant(job.model)
     check_defaults(job)
     d = job.defaults()
-    validate_manifest(manifest, Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"]))
-    for variant in _row_variants(manifest, job.variant):
+    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
+    for variant in validate_manifest(manifest, limits):
         source_for_variant(job.model, job.models, variant, job.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
     model = resolve_model(job.model, job.variant)
     return manifest, model
-
-
-def _row_variants(manifest, job_variant: str) -> set[str]:
-    """The variants the manifest's rows run on (rows without one run on the job's)."""
-    if "variant" not in manifest.schema.names:
-        return {job_variant}
-    found: set[str] = set()
-    for f in manifest.files:
-        found |= set(manifest.read_column(f, "variant").fill_null(job_variant).unique().to_pylist())
-    return found
 
 
 def check_defaults(job: JobSpec) -> None:
@@ -111,13 +101,9 @@ def scratch_needed(job: JobSpec) -> int:
 
 def job_record(job: JobSpec) -> dict[str, Any]:
     """What job.json holds: the job as resolved, its defaults and fingerprint."""
-    settings = job.to_dict()
-    env_vars = (settings.get("runtime_env") or {}).get("env_vars")
-    if env_vars:  # names only: values may be credentials
-        settings["runtime_env"] = {**settings["runtime_env"], "env_vars": {k: "<set>" for k in env_vars}}
     return {
         "fingerprint": job.fingerprint(),
-        "job": settings,
+        "job": redact_env_vars(job.to_dict()),
         "defaults": job.defaults(),
         "output_fields": list(JobSpec.OUTPUT_FIELDS),
     }
@@ -215,6 +201,11 @@ def _init_ray(job: JobSpec) -> bool:
     return True
 
 
+def worker_settings(job: JobSpec, variant: str) -> dict[str, Any]:
+    """What a `ShardRunner` for `variant` is given: the job, its fingerprint and the variant's defaults."""
+    return job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults(variant)}
+
+
 class WorkerPool:
     """The Ray actors of one job, replaced when they die."""
 
@@ -230,7 +221,7 @@ class WorkerPool:
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self.actor_class = ray.remote(ShardRunner).options(**options)
-        self.job_dict = job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults(variant)}
+        self.job_dict = worker_settings(job, variant)
         self.args = (variant, threads)
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
@@ -239,34 +230,40 @@ class WorkerPool:
         return self.actor_class.remote(self.job_dict, *self.args)
 
     def replace(self, index: int) -> None:
-        import ray
-
-        try:
-            ray.kill(self.actors[index], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        _kill(self.actors[index])
         self.actors[index] = self._start()
         self.replacements += 1
 
     def shutdown(self) -> None:
-        import ray
-
         for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            _kill(actor)
 
     def stats(self) -> list[dict[str, Any]]:
         import ray
 
-        out = []
+        refs = []
         for actor in self.actors:
             try:
-                out.append(ray.get(actor.stats.remote(), timeout=30))
+                refs.append(actor.stats.remote())
+            except Exception:  # noqa: BLE001 - a dead worker has no figures
+                pass
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)  # one wait for all, not 30 s each
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
             except Exception:  # noqa: BLE001 - a dead or busy worker has no figures
                 pass
         return out
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def _run_plan(job: JobSpec, plan: Plan, summary: RunSummary, echo) -> None:
@@ -309,7 +306,7 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
     queue: deque[Shard] = deque(shards)
     attempts: dict[str, int] = {}
     free_requeues: dict[str, int] = {}
-    in_flight: dict[Any, tuple[Shard, int, float]] = {}  # ref -> (shard, worker index, dispatched at)
+    in_flight: dict[Any, tuple[Shard, int]] = {}  # ref -> (shard, worker index)
     deadline = None
     deaths_in_a_row = 0  # workers that failed to start since the last finished shard
     suspects: set[str] = set()  # shards that were on a worker when it died next to another
@@ -324,7 +321,7 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
             _dispatch(pool, queue, in_flight, attempts, suspects)
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
         for ref in ready:
-            shard, index, _ = in_flight.pop(ref)
+            shard, index = in_flight.pop(ref)
             try:
                 marker = ray.get(ref)
             except ActorUnavailableError as exc:
@@ -365,7 +362,7 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
 def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[str, int], suspects: set[str]) -> None:
     """Fill each worker up to IN_FLIGHT_PER_WORKER shards; a suspect shard runs alone on a worker."""
     for index, actor in enumerate(pool.actors):
-        mine = [s for s, i, _ in in_flight.values() if i == index]
+        mine = [s for s, i in in_flight.values() if i == index]
         if any(s.name in suspects for s in mine):
             continue
         while queue and len(mine) < IN_FLIGHT_PER_WORKER:
@@ -375,7 +372,7 @@ def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[st
             shard = queue[position]
             del queue[position]
             ref = actor.run_shard.remote(shard.to_dict(), attempts.get(shard.name, 0) + 1)
-            in_flight[ref] = (shard, index, time.time())
+            in_flight[ref] = (shard, index)
             mine.append(shard)
             if shard.name in suspects:
                 break
@@ -384,8 +381,8 @@ def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[st
 def _drop_worker_refs(in_flight: dict, index: int, queue: deque, free_requeues: dict[str, int]) -> list[Shard]:
     """Shards in flight on a worker that died: queued again, not charged an attempt."""
     dropped = []
-    for ref in [r for r, (_, i, _) in in_flight.items() if i == index]:
-        shard, _, _ = in_flight.pop(ref)
+    for ref in [r for r, (_, i) in in_flight.items() if i == index]:
+        shard, _ = in_flight.pop(ref)
         free_requeues[shard.name] = free_requeues.get(shard.name, 0) + 1
         queue.appendleft(shard)
         dropped.append(shard)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine import sampler_key
 from .variants import Variant
 
 EDIT_MODES = ("img2img", "inpaint", "edit")
@@ -46,16 +47,7 @@ class EditRequest:
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batch."""
-        return (
-            self.mode,
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.cfg_truncation,
-            self.cfg_normalization,
-            -1.0 if self.mode == "edit" else self.strength,
-        )
+        return (self.mode, *sampler_key(self), -1.0 if self.mode == "edit" else self.strength)
 
 
 def infer_mode(mode: str | None, has_mask: bool, variant: Variant) -> str:

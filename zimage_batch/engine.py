@@ -46,14 +46,14 @@ class GenerationRequest:
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batch."""
-        return (
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.cfg_truncation,
-            self.cfg_normalization,
-        )
+        return sampler_key(self)
+
+
+def sampler_key(request) -> tuple:
+    """The output shape and sampler settings of a generation or edit request: rows that differ
+    here cannot share one denoising loop."""
+    r = request
+    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization)
 
 
 def default_device() -> str:

@@ -40,11 +40,42 @@ PROMPT_COLUMNS = {
 }
 EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER}
 KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
+# metadata columns written for every row, in this order, before the pass-through columns
+METADATA_COLUMNS = {
+    "id": pa.string(),
+    "key": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "image": pa.string(),
+    "sha256": pa.string(),
+    "seed": pa.int64(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "num_inference_steps": pa.int64(),
+    "guidance_scale": pa.float64(),
+    "cfg_truncation": pa.float64(),
+    "cfg_normalization": pa.float64(),
+    "negative_prompt": pa.string(),
+    "variant": pa.string(),
+    "model": pa.string(),
+    "prompt": pa.string(),
+    "duration_ms": pa.float64(),
+    "shard": pa.string(),
+}
+
+
+# lineage columns added for edit manifests (SPEC §3): where each edited image came from
+EDIT_METADATA_COLUMNS = {
+    "source": pa.string(),
+    "source_sha256": pa.string(),
+    "source_width": pa.int64(),
+    "source_height": pa.int64(),
+    "mode": pa.string(),
+    "strength": pa.float64(),
+    "mask": pa.string(),
+}
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
-RESERVED_COLUMNS = frozenset(
-    {"status", "error", "image", "sha256", "model", "duration_ms", "key", "shard",
-     "source_sha256", "source_width", "source_height"}
-)
+RESERVED_COLUMNS = frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys())
 MAX_LISTED = 5  # offending rows named in an error message
 
 
@@ -218,8 +249,9 @@ class Limits:
     default_guidance: float
 
 
-def validate_manifest(manifest: Manifest, limits: Limits) -> None:
-    """Check schema and every value, streaming; raise ManifestError on the first problem."""
+def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
+    """Check schema and every value, streaming; raise ManifestError on the first problem.
+    Returns the variants the rows run on (rows without one run on the default)."""
     required = ("id", "source", "prompt") if manifest.kind == "edit" else ("id", "prompt")
     for f in manifest.files:
         with manifest.fs.open_input_file(f.path) as handle:
@@ -237,6 +269,7 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> None:
             if expected and not _type_ok(expected, field.type):
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
     ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
+    variants = {limits.default_variant} if "variant" not in manifest.schema.names else set()
     for f in manifest.files:
         row_offset = 0
         for batch in _readable_batches(manifest, f):
@@ -245,11 +278,15 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> None:
             except pa.ArrowException as exc:  # e.g. values no check kernel takes: name the file
                 raise ManifestError(f"{manifest.display_name(f)}: unusable values ({_first_line(exc)})") from None
             ids.append(pc.cast(batch.column("id"), pa.large_string()))
+            if "variant" in batch.schema.names:
+                column = pc.cast(batch.column("variant"), pa.string()).fill_null(limits.default_variant)
+                variants |= set(pc.unique(column).to_pylist())
             origins.append((f.name, row_offset))
             row_offset += batch.num_rows
     if manifest.num_rows == 0:
         raise ManifestError(f"{manifest.uri}: manifest has no rows")
     _check_unique_ids(manifest.uri, ids, origins)
+    return variants
 
 
 def _readable_batches(manifest: Manifest, f: ManifestFile) -> Iterator[pa.RecordBatch]:

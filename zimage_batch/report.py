@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from .jobspec import redact_env_vars
 from .status import OutputState, load_output, summarize
 from .storage import Storage
 
@@ -346,10 +347,7 @@ def _workers_section(runs: list[dict[str, Any]]) -> str:
 
 
 def _settings_section(job_record: dict[str, Any]) -> str:
-    job = dict(job_record.get("job", {}))
-    env = (job.get("runtime_env") or {}).get("env_vars")
-    if env:  # names only: values may be secrets
-        job["runtime_env"] = {**job["runtime_env"], "env_vars": {k: "…" for k in env}}
+    job = redact_env_vars(dict(job_record.get("job", {})), "…")
     items = {"fingerprint": job_record.get("fingerprint"), **job, "defaults (resolved)": job_record.get("defaults")}
     body = "".join(
         f"<tr><th>{_e(k)}</th><td><code>{_e(json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v)}"

@@ -9,7 +9,6 @@ botocore's retry configuration. Error messages never contain credentials.
 
 from __future__ import annotations
 
-from typing import NoReturn
 
 import os
 import random
@@ -22,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs

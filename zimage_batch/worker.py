@@ -29,7 +29,15 @@ from .edit_engine import EditRequest, infer_mode
 from .engine import Engine, GenerationRequest, default_device, low_vram_needed
 from .keys import safe_key
 from .ledger import Ledger, commit_key
-from .manifest import KNOWN_COLUMNS, derive_seed, open_manifest, rows_digest, rows_of_variant
+from .manifest import (
+    EDIT_METADATA_COLUMNS,
+    KNOWN_COLUMNS,
+    METADATA_COLUMNS,
+    derive_seed,
+    open_manifest,
+    rows_digest,
+    rows_of_variant,
+)
 from .plan import Shard
 from .sources import resolve_model, source_for_variant
 from .storage import open_storage
@@ -37,40 +45,6 @@ from .writers import encode_image, make_writer
 
 log = logging.getLogger(__name__)
 
-# metadata columns written for every row, in this order, before the pass-through columns
-METADATA_COLUMNS = {
-    "id": pa.string(),
-    "key": pa.string(),
-    "status": pa.string(),
-    "error": pa.string(),
-    "image": pa.string(),
-    "sha256": pa.string(),
-    "seed": pa.int64(),
-    "width": pa.int64(),
-    "height": pa.int64(),
-    "num_inference_steps": pa.int64(),
-    "guidance_scale": pa.float64(),
-    "cfg_truncation": pa.float64(),
-    "cfg_normalization": pa.float64(),
-    "negative_prompt": pa.string(),
-    "variant": pa.string(),
-    "model": pa.string(),
-    "prompt": pa.string(),
-    "duration_ms": pa.float64(),
-    "shard": pa.string(),
-}
-
-
-# lineage columns added for edit manifests (SPEC §3): where each edited image came from
-EDIT_METADATA_COLUMNS = {
-    "source": pa.string(),
-    "source_sha256": pa.string(),
-    "source_width": pa.int64(),
-    "source_height": pa.int64(),
-    "mode": pa.string(),
-    "strength": pa.float64(),
-    "mask": pa.string(),
-}
 SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
 
@@ -83,6 +57,11 @@ STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bou
 # Failures that belong to the rows of a batch (bad values, one row too large for the device);
 # a batch that fails with one of these is retried row by row and the failing rows become errors.
 ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
+
+
+def error_outcome(reason: str, duration_ms: float = 0.0) -> dict[str, Any]:
+    """A row's outcome when it has no image."""
+    return {"status": "error", "error": reason, "image": None, "sha256": None, "duration_ms": duration_ms}
 
 
 def metadata_key(shard: str) -> str:
@@ -255,7 +234,7 @@ class ShardRunner:
             for i, loaded in window:
                 lineage[i] = loaded.lineage
                 if loaded.error:
-                    outcomes[i] = {"status": "error", "error": loaded.error, "image": None, "sha256": None, "duration_ms": 0.0}
+                    outcomes[i] = error_outcome(loaded.error)
                 else:
                     requests[i] = loaded.request
                     ready.append(i)
@@ -293,7 +272,7 @@ class ShardRunner:
                 metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
                 for i, image in zip(batch, images):
                     if isinstance(image, BaseException):
-                        outcomes[i] = {"status": "error", "error": f"generation failed: {image}", "image": None, "sha256": None, "duration_ms": duration_ms}
+                        outcomes[i] = error_outcome(f"generation failed: {image}", duration_ms)
                     else:
                         encoded = self.encoder.submit(self._encode, image)
                         task = self.storer.submit(self._store, writer, rows[i], requests[i], encoded, duration_ms, lineage.get(i))
