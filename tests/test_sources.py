@@ -156,6 +156,16 @@ def test_s3_omni_variant_and_pickle_refused(checkpoints, s3_bucket, cache):
         resolve_model(f"s3://{s3_bucket}/pickled/")
 
 
+def test_variant_guessed_from_an_s3_folder_without_fetching_weights(checkpoints, s3_bucket):
+    """The driver's guess (model_index.json and README.md only) agrees with the local folder's."""
+    from zimage_batch.sources import guess_variant
+
+    for variant, folder in checkpoints.items():
+        _upload(folder, s3_bucket, f"guess-{variant}/")
+        assert guess_variant(f"s3://{s3_bucket}/guess-{variant}/") == variant
+        assert guess_variant(str(folder)) == variant
+
+
 # ------------------------------------------------------------------------------ hub ids
 def test_hub_id_variants_without_download(tmp_path):
     assert variant_for_hub_id("Tongyi-MAI/Z-Image-Turbo") == "turbo"

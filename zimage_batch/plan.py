@@ -90,7 +90,7 @@ def make_plan(
             continue
         variants = manifest.read_column(f, "variant").fill_null(job_variant)
         for variant in sorted(set(variants.unique().to_pylist()), key=lambda v: (v != job_variant, v)):
-            mine = sorted((m for m in markers if m.get("variant", job_variant) == variant), key=lambda m: m["start"])
+            mine = sorted((m for m in markers if (m.get("variant") or job_variant) == variant), key=lambda m: m["start"])
             _verify_committed(manifest, f, mine, lambda t, v=variant: rows_of_variant(t, v, job_variant))
             suffix = None if variant == job_variant else variant
             for shard in _cut_gaps(f, [(m["start"], m["end"]) for m in mine], shard_size, suffix):

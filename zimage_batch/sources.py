@@ -71,21 +71,27 @@ def guess_variant(source: str) -> str:
     if source.startswith("s3://"):
         from .storage import StorageError, open_storage
 
+        storage = open_storage(source)
         try:
-            index = json.loads(open_storage(source).get_bytes("model_index.json"))
+            index = json.loads(storage.get_bytes("model_index.json"))
         except (FileNotFoundError, StorageError):
             return "turbo"  # fetching the model later says what is wrong with it
-        return _variant_from_index(index, None) or "turbo"
+        try:
+            readme = storage.get_bytes("README.md").decode(errors="replace")
+        except (FileNotFoundError, StorageError):
+            readme = None
+        return _variant_from_index(index, readme) or "turbo"
     if os.path.isdir(source):
         return infer_variant(source, Path(source)) if (Path(source) / "model_index.json").is_file() else "turbo"
     return variant_for_hub_id(source) or "turbo"
 
 
-def _variant_from_index(index: dict, readme: Path | None) -> str | None:
+def _variant_from_index(index: dict, readme: str | None) -> str | None:
+    """omni from the pipeline's parts; turbo or base only from a `variant:` line in the README."""
     if index.get("_class_name") == VARIANTS["omni"].pipeline_class or "siglip" in index:
         return "omni"
-    if readme is not None and readme.is_file():
-        for line in readme.read_text(errors="replace").splitlines():
+    if readme is not None:
+        for line in readme.splitlines():
             if line.startswith("variant:") and line.split(":", 1)[1].strip() in VARIANTS:
                 return line.split(":", 1)[1].strip()
     return None
@@ -125,7 +131,8 @@ def infer_variant(source: str, path: Path) -> str:
     if by_hub:
         return by_hub
     index = json.loads((Path(path) / "model_index.json").read_text())
-    return _variant_from_index(index, Path(path) / "README.md") or "turbo"
+    readme = Path(path) / "README.md"
+    return _variant_from_index(index, readme.read_text(errors="replace") if readme.is_file() else None) or "turbo"
 
 
 def _tiny_checkpoint(variant: str) -> Path:
