@@ -23,7 +23,6 @@ from PIL import Image
 from .engine import sampler_key
 from .variants import Variant
 
-EDIT_MODES = ("img2img", "inpaint", "edit")
 OMNI_MAX_AREA = 1024 * 1024  # the omni pipeline shrinks larger reference images to the output area
 
 
