@@ -144,8 +144,7 @@ class Bench:
             print(f"built the pipeline on the GPU in {time.perf_counter() - started:.1f}s", flush=True)
         self.engine = Engine(None, "turbo", device=self.device, dtype=self.dtype, pipe=self.pipe)
         self.batches = [int(b) for b in args.batches.split(",")]
-        # diffusers' ZImagePipeline and the engine run the transformer once per scheduler step
-        # (9 passes for Turbo's 9 steps, which the model card calls 8 NFE).
+        # diffusers' ZImagePipeline (>= 0.39) and the engine run the transformer once per step.
         self.flops = transformer_flops_per_image(self.pipe, self.size, args.steps)
         self.peak = matmul_rate() if self.device == "cuda" else None
         self.results: dict = {"device": self.device_name(), "size": self.size, "steps": args.steps,
@@ -336,7 +335,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU at 64x64 (keeps this script tested)")
     parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=9, help="scheduler steps (Turbo: 9, '8 NFE' on the model card)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="steps = transformer passes (Turbo's default 8 NFE; 9 was the 2026-11-27 H200 run)")
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")

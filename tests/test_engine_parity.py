@@ -6,6 +6,7 @@ For every row: the Engine's pixels, in a mixed batch and alone, are within 1/255
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -140,6 +141,34 @@ def test_rows_differ(setup):
     for a in range(len(keys)):
         for b in range(a + 1, len(keys)):
             assert max_diff(images[keys[a]], images[keys[b]]) > TOLERANCE
+
+
+def test_turbo_default_is_its_distilled_8_nfe_schedule(checkpoints):
+    """SPEC §2: Turbo runs "9 scheduler steps = 8 NFE". That is diffusers' count before 0.39,
+    whose 9th step sat at sigma 0 and changed nothing. The same schedule is 8 steps now, so the
+    default is 8: 8 transformer passes on exactly the old 9-step sigmas, less the wasted one."""
+    from zimage_batch.variants import get_variant
+
+    steps = get_variant("turbo").num_inference_steps
+    assert steps == 8
+    engine = Engine(str(checkpoints["turbo"]), "turbo", device="cpu")
+    latents = torch.zeros(1, 16, 8, 8)
+    scheduler, timesteps = engine._timesteps(latents, steps)
+
+    old = copy.deepcopy(engine.pipe.scheduler)  # what ZImagePipeline did with 9 steps up to 0.38
+    old.sigma_min = 0.0
+    assert not old.config.use_dynamic_shifting  # Turbo's static shift 3: no resolution term
+    old.set_timesteps(9)
+    assert old.sigmas[-2] == old.sigmas[-1] == 0  # its last step moves by 0
+    torch.testing.assert_close(scheduler.sigmas, old.sigmas[:-1], atol=1e-6, rtol=0)
+
+    calls = []
+    hook = engine.pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        engine.generate([GenerationRequest("a cat", 1, 64, 64, steps, 0.0)])
+    finally:
+        hook.remove()
+    assert len(calls) == len(timesteps) == 8
 
 
 def test_low_vram_encodes_ahead_then_denoises_from_the_cache(setup, checkpoints):

@@ -89,16 +89,6 @@ def low_vram_needed(device: str) -> bool:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory < LOW_VRAM_BELOW
 
 
-def _calculate_shift(image_seq_len: int, config) -> float:
-    """The flux-style resolution-dependent shift used by the reference pipeline."""
-    base_len = config.get("base_image_seq_len", 256)
-    max_len = config.get("max_image_seq_len", 4096)
-    base_shift = config.get("base_shift", 0.5)
-    max_shift = config.get("max_shift", 1.15)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + (base_shift - m * base_len)
-
-
 class Engine:
     """Holds one loaded variant and turns generation requests into uint8 RGB arrays.
 
@@ -337,11 +327,20 @@ class Engine:
         return torch.cat(noise).to(self.device)
 
     def _timesteps(self, latents: torch.Tensor, steps: int):
+        """The reference pipelines' schedule: `steps` transformer passes (diffusers >= 0.39)."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
         scheduler = copy.deepcopy(self.pipe.scheduler)
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-        mu = _calculate_shift(image_seq_len, scheduler.config)
-        sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
-        scheduler.set_timesteps(steps, device=self.device, sigmas=sigmas, mu=mu)
+        config = scheduler.config
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(steps, device=self.device, sigmas=get_default_z_image_sigmas(steps), mu=mu)
         scheduler.set_begin_index(0)
         return scheduler, scheduler.timesteps
 
