@@ -80,13 +80,16 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head with the dashboard (Jobs API) on 127.0.0.1, started like an operator would."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # Ray's unix socket paths must stay short: a short temp dir, not pytest's long tmp_path.
     # Token auth off for this loopback-only test cluster (a real cluster's token goes in RAY_AUTH_TOKEN).
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=2",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+             "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+             # Not the default 52365: a local Ray started beside this one would take it, and the Jobs
+             # API would then answer "No available agent" until the submit gives up.
+             f"--dashboard-agent-listen-port={agent}"]
     subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
