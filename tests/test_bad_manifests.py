@@ -144,6 +144,21 @@ def _empty_file(d: Path) -> Path:
     return p
 
 
+def _prompt_and_edit_files(d: Path) -> Path:
+    """One file of prompts, one of edits: the folder is an edit manifest whose first file lacks sources."""
+    folder = d / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a"], "prompt": ["x"]})
+    _write(folder / "part-1.parquet", {"id": ["b"], "prompt": ["x"], "source": [str(d / "b.png")]})
+    return folder
+
+
+def _passthrough_types_clash(d: Path) -> Path:
+    folder = d / "manifest"
+    _write(folder / "part-0.parquet", {"id": ["a"], "prompt": ["x"], "score": [1]})
+    _write(folder / "part-1.parquet", {"id": ["b"], "prompt": ["x"], "score": ["high"]})
+    return folder
+
+
 def _missing_path(d: Path) -> Path:
     return d / "does-not-exist.parquet"
 
@@ -193,6 +208,20 @@ CASES = [
          rows=("row 1", "'r1'")),
     Case("guidance_nan", _single(guidance_scale=[0.0, 0.0, float("nan"), 0.0]), column="guidance_scale",
          rows=("row 2", "'r2'")),
+    Case("guidance_infinite", _single(guidance_scale=[0.0, float("inf"), 0.0, 0.0]), column="guidance_scale",
+         rows=("row 1", "'r1'")),
+    Case("cfg_truncation_nan", _single(cfg_truncation=[1.0, 1.0, 1.0, float("nan")]), column="cfg_truncation",
+         rows=("row 3", "'r3'")),
+    Case("cfg_normalization_negative", _single(cfg_normalization=[0.0, -3.0, 0.0, 0.0]), column="cfg_normalization",
+         rows=("row 1", "'r1'")),
+    Case("width_beyond_int64", _typed("width", [64, 2**64 - 1, 64, 64], pa.uint64()), column="width",
+         rows=("row 1", "'r1'")),
+    Case("steps_beyond_int64", _typed("num_inference_steps", [8, 8, 2**63, 8], pa.uint64()),
+         column="num_inference_steps", rows=("row 2", "'r2'")),
+    Case("edit_column_in_prompt_manifest", _single(mask=["m.png", None, None, None]), column="mask",
+         extra=("'source'",)),
+    Case("prompt_file_in_edit_folder", _prompt_and_edit_files, column="source", files=("part-0.parquet",)),
+    Case("passthrough_types_clash", _passthrough_types_clash, column="score", files=("part-1.parquet",)),
     Case("seed_negative", _single(seed=[1, 2, 3, -4]), column="seed", rows=("row 3", "'r3'")),
     Case("unknown_variant", _single(variant=["turbo", "turbo", "mega", None]), column="variant",
          rows=("row 2", "'r2'")),

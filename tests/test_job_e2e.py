@@ -205,3 +205,40 @@ def test_low_vram_profile_through_the_cli(tmp_path):
                    "--set", "low_vram=sometimes")
     assert refused.returncode != 0 and "low_vram must be on, off or auto" in refused.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_folder_of_files_with_different_types_and_columns(tmp_path):
+    """Files written by different tools: a categorical prompt, an int guidance in one file and a
+    float in the other, a pass-through column that widens (int32, int64), one only the second
+    file has, and a variant column only the second file has. All run, each row on its variant,
+    and the metadata folder reads back as one table."""
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    pq.write_table(pa.table({
+        "id": ["a0", "a1"],
+        "prompt": pa.array(["a cat", "一只猫"]).dictionary_encode(),
+        "guidance_scale": pa.array([0, 0], pa.int64()),
+        "score": pa.array([1, 2], pa.int32()),
+    }), folder / "part-0.parquet")
+    pq.write_table(pa.table({
+        "id": ["b0", "b1"],
+        "prompt": ["a dog", "a fox"],
+        "guidance_scale": [0.0, 3.5],
+        "score": pa.array([2**40, 3], pa.int64()),
+        "tag": ["x", None],
+        "variant": [None, "base"],
+    }), folder / "part-1.parquet")
+    assert _cli("validate", str(folder)).returncode == 0
+    out = tmp_path / "out"
+    run = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+               "--set", "report=false", timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["id"]: r for r in check_exactly_once(str(out), ["a0", "a1", "b0", "b1"])}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert [rows[i]["variant"] for i in ("a0", "a1", "b0", "b1")] == ["turbo", "turbo", "turbo", "base"]
+    assert rows["b1"]["guidance_scale"] == 3.5 and rows["a1"]["prompt"] == "一只猫"
+    table = pq.read_table(out / "metadata")  # one dataset: every shard has the same columns and types
+    assert table.schema.field("score").type == pa.int64() and table.schema.field("tag").type == pa.string()
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert [by_id[i]["score"] for i in ("a0", "a1", "b0", "b1")] == [1, 2, 2**40, 3]
+    assert [by_id[i]["tag"] for i in ("a0", "a1", "b0", "b1")] == [None, None, "x", None]

@@ -49,7 +49,7 @@ def test_missing_output_bucket_fails_before_the_model_and_ray(s3_bucket, manifes
     missing = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
     result = _run_cli(["--manifest", manifest, "--output", f"s3://{missing}/out",
                        "--model", f"s3://{s3_bucket}/no-model/"], ray_tmpdir)
-    _assert_refused_early(result, ray_tmpdir, f"output bucket '{missing}' does not exist")
+    _assert_refused_early(result, ray_tmpdir, f"bucket '{missing}' does not exist (s3://{missing}")
 
 
 def test_prefix_denying_writes_fails_before_the_model_and_ray(s3_bucket, manifest, ray_tmpdir):

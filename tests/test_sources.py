@@ -99,6 +99,44 @@ def test_folder_without_model_index_is_refused(checkpoints, tmp_path):
         resolve_model(str(folder))
 
 
+def test_checkpoint_of_another_variant_is_refused(checkpoints, tmp_path):
+    with pytest.raises(ModelSourceError, match="cannot run variant 'omni'"):
+        resolve_model(str(checkpoints["turbo"]), variant="omni")
+    with pytest.raises(ModelSourceError, match="cannot run variant 'base'"):
+        resolve_model(str(checkpoints["omni"]), variant="base")
+    other = tmp_path / "flux"
+    shutil.copytree(checkpoints["turbo"], other)
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelSourceError, match="not a Z-Image checkpoint"):
+        resolve_model(str(other))
+
+
+def test_cli_refuses_a_mismatched_model_or_a_dead_cluster_before_writing(tmp_path):
+    """Both used to fail late: a variant mismatch once the workers loaded the model (leaving a
+    job.json that then refused the corrected job), a dead --address after minutes of retries."""
+    import socket
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"]}), manifest)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+    for extra, message in ((["--variant", "omni"], "cannot run variant 'omni'"),
+                           (["--address", dead], f"cannot reach the Ray cluster at {dead}")):
+        out = tmp_path / "out" / "deep"
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest),
+                                 "--output", str(out), "--model", "tiny:turbo", *extra],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+        assert time.monotonic() - started < 60
+        assert not (tmp_path / "out").exists(), "nothing may be written, not even the output folder"
+
+
 def test_unknown_source_is_refused(tmp_path):
     with pytest.raises(ModelSourceError):
         resolve_model(str(tmp_path / "does-not-exist"))

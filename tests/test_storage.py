@@ -178,7 +178,7 @@ def test_check_writable_ok(store):
 
 def test_check_writable_missing_bucket(s3_server):
     store = open_storage("s3://no-such-bucket-zimage/out")
-    with pytest.raises(StorageError, match="output bucket 'no-such-bucket-zimage' does not exist"):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-zimage' does not exist"):
         store.check_writable()
     with pytest.raises(StorageError, match="does not exist"):
         store.put_bytes("x", b"1")

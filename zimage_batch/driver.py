@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -101,9 +102,13 @@ def scratch_needed(job: JobSpec) -> int:
 
 def job_record(job: JobSpec) -> dict[str, Any]:
     """What job.json holds: the job as resolved, its defaults and fingerprint."""
+    resolved = redact_env_vars(job.to_dict())
+    for name in ("manifest", "output"):  # local paths as absolute ones, not as typed
+        if "://" not in resolved[name]:
+            resolved[name] = os.path.abspath(os.path.expanduser(resolved[name]))
     return {
         "fingerprint": job.fingerprint(),
-        "job": redact_env_vars(job.to_dict()),
+        "job": resolved,
         "defaults": job.defaults(),
         "output_fields": list(JobSpec.OUTPUT_FIELDS),
     }
@@ -115,6 +120,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     manifest, _ = prepare(job, check_output=storage.check_writable)
     if not job.address:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(job))
+    check_cluster_reachable(_cluster_address(job))
     ledger = Ledger(storage)
     ledger.claim_output(job_record(job), job.overwrite)
     plan = make_plan(manifest, ledger.committed(), job.shard_size, job.variant)
@@ -177,6 +183,26 @@ def forwarded_env() -> dict[str, str]:
             if k.startswith(_FORWARDED_ENV) and not any(w in k.upper() for w in _SECRET_ENV_WORDS)}
 
 
+def _cluster_address(job: JobSpec) -> str | None:
+    """The Ray cluster to join, or None for a new local one."""
+    address = job.address or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
+
+
+def check_cluster_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A host:port (or ray://host:port) that does not answer fails here, in one line and before
+    anything is written: Ray itself would retry it for minutes."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise JobError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
 def _init_ray(job: JobSpec) -> bool:
     """Join the cluster at job.address or start a local one; True if we started it."""
     import ray
@@ -185,8 +211,8 @@ def _init_ray(job: JobSpec) -> bool:
         return False
     runtime_env = dict(job.runtime_env or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **forwarded_env()}
-    address = job.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
+    address = _cluster_address(job)
+    if address:
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
             runtime_env = None  # a Ray Jobs driver: the submitted job's runtime env already applies
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)

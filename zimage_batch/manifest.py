@@ -43,7 +43,6 @@ KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
 # metadata columns written for every row, in this order, before the pass-through columns
 METADATA_COLUMNS = {
     "id": pa.string(),
-    "key": pa.string(),
     "status": pa.string(),
     "error": pa.string(),
     "image": pa.string(),
@@ -60,7 +59,6 @@ METADATA_COLUMNS = {
     "model": pa.string(),
     "prompt": pa.string(),
     "duration_ms": pa.float64(),
-    "shard": pa.string(),
 }
 
 
@@ -75,7 +73,10 @@ EDIT_METADATA_COLUMNS = {
     "mask": pa.string(),
 }
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
-RESERVED_COLUMNS = frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys())
+RESERVED_COLUMNS = {
+    "prompt": frozenset(METADATA_COLUMNS.keys() - KNOWN_COLUMNS.keys()),
+    "edit": frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+}
 MAX_LISTED = 5  # offending rows named in an error message
 
 
@@ -99,8 +100,13 @@ class Manifest:
         self.uri = uri
         self.fs, root = _filesystem(uri)
         self.files = self._list_files(root)
-        self.schema = self._common_schema()
+        self.schema = self._union_schema()
         self.kind = "edit" if "source" in self.schema.names else "prompt"
+
+    @property
+    def passthrough(self) -> pa.Schema:
+        """The columns copied into the metadata unchanged, each with one type across all files."""
+        return pa.schema([f for f in self.schema if f.name not in KNOWN_COLUMNS])
 
     @property
     def num_rows(self) -> int:
@@ -132,22 +138,33 @@ class Manifest:
         except (OSError, pa.ArrowInvalid) as exc:
             raise ManifestError(f"{self._display(path)}: not a readable Parquet file ({_first_line(exc)})") from None
 
-    def _common_schema(self) -> pa.Schema:
-        schemas = []
+    def _union_schema(self) -> pa.Schema:
+        """Every column of every file, in order of first appearance. A known column keeps its first
+        non-null type (each file's values are checked on their own); a pass-through column gets the
+        one type all its files' types widen to, so every shard's metadata agrees."""
+        fields: dict[str, pa.Field] = {}
+        first_seen: dict[str, str] = {}
         for f in self.files:
-            with self.fs.open_input_file(f.path) as handle:
-                schemas.append((f, pq.ParquetFile(handle).schema_arrow))
-        first_file, first = schemas[0]
-        for f, schema in schemas[1:]:
-            for field in first:
-                if field.name in KNOWN_COLUMNS and field.name in schema.names:
-                    families = {_family(schema.field(field.name).type), _family(field.type)}
-                    if len(families) > 1 and "null" not in families:  # all-null: an empty optional column
+            for field in self.file_schema(f):
+                seen = fields.get(field.name)
+                if seen is None or pa.types.is_null(seen.type):
+                    fields[field.name], first_seen[field.name] = field, f.name
+                elif field.name not in KNOWN_COLUMNS and field.type != seen.type:
+                    try:
+                        fields[field.name] = pa.unify_schemas(
+                            [pa.schema([seen]), pa.schema([field])], promote_options="permissive"
+                        ).field(0)
+                    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                         raise ManifestError(
-                            f"{self._display(f.path)}: column '{field.name}' is {schema.field(field.name).type}"
-                            f" but {first_file.name} has {field.type}"
-                        )
-        return first
+                            f"{self._display(f.path)}: column '{field.name}' is {field.type} but "
+                            f"{first_seen[field.name]} has {seen.type}; a column needs one type in every file"
+                        ) from None
+        return pa.schema(list(fields.values()))
+
+    def file_schema(self, f: ManifestFile) -> pa.Schema:
+        """One file's columns, dictionary-encoded strings (pandas categoricals) as plain ones."""
+        with self.fs.open_input_file(f.path) as handle:
+            return _plain_schema(pq.ParquetFile(handle).schema_arrow)
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if is_s3(self.uri) else path
@@ -158,7 +175,8 @@ class Manifest:
     # ------------------------------------------------------------------ reading
     def iter_batches(self, f: ManifestFile, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         with self.fs.open_input_file(f.path) as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size)
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
+                yield _decoded(batch)
 
     def read_column(self, f: ManifestFile, name: str) -> pa.Array:
         """One column of one file (nulls where the file lacks it)."""
@@ -166,7 +184,7 @@ class Manifest:
             parquet = pq.ParquetFile(handle)
             if name not in parquet.schema_arrow.names:
                 return pa.nulls(f.num_rows, pa.string())
-            column = parquet.read(columns=[name]).column(name).combine_chunks()
+            column = _decoded(parquet.read(columns=[name])).column(name).combine_chunks()
             return column.cast(pa.string()) if pa.types.is_null(column.type) else column
 
     def read_rows(self, f: ManifestFile, start: int, end: int) -> pa.Table:
@@ -181,8 +199,8 @@ class Manifest:
                     first_offset = offset if first_offset is None else first_offset
                 offset += n
             if not groups:
-                return parquet.schema_arrow.empty_table()
-            table = parquet.read_row_groups(groups)
+                return _plain_schema(parquet.schema_arrow).empty_table()
+            table = _decoded(parquet.read_row_groups(groups))
         return table.slice(start - first_offset, end - start)
 
 
@@ -210,6 +228,19 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)  # no control characters
+
+
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema(
+        [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema],
+        metadata=schema.metadata,
+    )
+
+
+def _decoded(data: pa.RecordBatch | pa.Table):
+    """Dictionary-encoded columns as plain ones: a categorical of strings is a string column."""
+    plain = _plain_schema(data.schema)
+    return data if plain.equals(data.schema) else data.cast(plain)
 
 
 def _family(t: pa.DataType) -> str:
@@ -254,22 +285,26 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
     Returns the variants the rows run on (rows without one run on the default)."""
     required = ("id", "source", "prompt") if manifest.kind == "edit" else ("id", "prompt")
     for f in manifest.files:
-        with manifest.fs.open_input_file(f.path) as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
+        schema = manifest.file_schema(f)
         where = manifest.display_name(f)
         for column in required:
             if column not in schema.names:
                 raise ManifestError(f"{where}: required column '{column}' is missing (columns: {', '.join(schema.names)})")
         for field in schema:
-            if field.name in RESERVED_COLUMNS:
+            if field.name in RESERVED_COLUMNS[manifest.kind]:
                 raise ManifestError(
                     f"{where}: column '{field.name}' is a name the output metadata uses; rename it to keep it"
+                )
+            if manifest.kind == "prompt" and field.name in EDIT_COLUMNS:
+                raise ManifestError(
+                    f"{where}: column '{field.name}' belongs to edit manifests, and no file of this manifest "
+                    "has a 'source' column (the image to edit); add one, or rename the column to keep it"
                 )
             expected = KNOWN_COLUMNS.get(field.name)
             if expected and not _type_ok(expected, field.type):
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
     ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
-    variants = {limits.default_variant} if "variant" not in manifest.schema.names else set()
+    variants: set[str] = set()
     for f in manifest.files:
         row_offset = 0
         for batch in _readable_batches(manifest, f):
@@ -281,6 +316,8 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
             if "variant" in batch.schema.names:
                 column = pc.cast(batch.column("variant"), pa.string()).fill_null(limits.default_variant)
                 variants |= set(pc.unique(column).to_pylist())
+            else:
+                variants.add(limits.default_variant)
             origins.append((f.name, row_offset))
             row_offset += batch.num_rows
     if manifest.num_rows == 0:
@@ -322,6 +359,14 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         if pc.any(pc.fill_null(bad, False)).as_py():
             raise _offending(where, name, problem, batch, bad, offset)
 
+    for name, expected in KNOWN_COLUMNS.items():
+        values = column(name)
+        if values is None:
+            continue
+        if pa.types.is_uint64(values.type):  # the checks below compare in int64
+            fail_if(name, pc.greater(values, pa.scalar(2**63 - 1, pa.uint64())), "has values of 2**63 or more")
+        if pa.types.is_floating(values.type):
+            fail_if(name, pc.invert(pc.is_finite(values)), "must be a finite number (not NaN or infinity)")
     ids = column("id")
     fail_if("id", pc.is_null(ids), "has null ids")
     fail_if("id", pc.equal(pc.utf8_length(ids), 0), "has empty ids")
@@ -353,15 +398,16 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         fail_if("num_inference_steps", pc.greater(steps, 1000), "must be <= 1000")
     guidance = column("guidance_scale")
     if guidance is not None:
-        fail_if("guidance_scale", pc.or_(pc.less(guidance, 0), pc.is_nan(pc.cast(guidance, pa.float64()))), "must be >= 0")
+        fail_if("guidance_scale", pc.less(guidance, 0), "must be >= 0")
     truncation = column("cfg_truncation")
     if truncation is not None:
         fail_if("cfg_truncation", pc.less(truncation, 0), "must be >= 0")
+    normalization = column("cfg_normalization")
+    if normalization is not None and not pa.types.is_boolean(normalization.type):
+        fail_if("cfg_normalization", pc.less(normalization, 0), "must be >= 0 (0 or false: off)")
     seed = column("seed")
     if seed is not None:
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
-        if pa.types.is_uint64(seed.type):
-            fail_if("seed", pc.greater(seed, pa.scalar(2**63 - 1, pa.uint64())), "must be < 2**63")
 
 
 def _not_in(values: pa.Array, allowed) -> pa.Array:

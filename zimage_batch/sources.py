@@ -46,6 +46,7 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
     if source.startswith("tiny:"):
         tiny_variant = guess_variant(source)
         path = _tiny_checkpoint(tiny_variant)
+        check_pipeline_class(path, variant or tiny_variant)
         return ResolvedModel(source, str(path), variant or tiny_variant)
     if source.startswith("s3://"):
         from .model_cache import fetch_s3_folder
@@ -58,7 +59,9 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
     else:
         raise ModelSourceError(f"model source {source!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
     check_checkpoint(path)
-    return ResolvedModel(source, str(path), variant or infer_variant(source, path))
+    variant = variant or infer_variant(source, path)
+    check_pipeline_class(path, variant)
+    return ResolvedModel(source, str(path), variant)
 
 
 def guess_variant(source: str) -> str:
@@ -125,6 +128,20 @@ def check_checkpoint(path: Path) -> None:
         )
 
 
+def check_pipeline_class(path: Path, variant: str) -> None:
+    """The checkpoint's pipeline must be a Z-Image one that runs `variant` (omni has parts turbo
+    and base lack), or the workers would fail to load it after the job has started."""
+    name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
+    omni_class = VARIANTS["omni"].pipeline_class
+    if not str(name).startswith("ZImage"):
+        raise ModelSourceError(f"{path} is not a Z-Image checkpoint: its model_index.json names {name!r}")
+    if (name == omni_class) != (variant == "omni"):
+        raise ModelSourceError(
+            f"{path} holds a {name} checkpoint, which cannot run variant {variant!r} "
+            f"(it needs a {VARIANTS[variant].pipeline_class} checkpoint); check --model and --variant"
+        )
+
+
 def infer_variant(source: str, path: Path) -> str:
     """Best guess of a checkpoint's variant when the job does not say."""
     by_hub = variant_for_hub_id(source)
@@ -160,4 +177,5 @@ def _hub_checkpoint(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline with an empty cache, unknown repo, no network
-        raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}") from None
+        reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+        raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}: {reason}") from None

@@ -287,15 +287,20 @@ class LocalStorage(Storage):
 
     def check_writable(self) -> None:
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
         try:
             self.put_bytes(key, b"probe")
             self.delete([key])
-            try:
-                (self.root / PROBE_PREFIX).rmdir()
-            except OSError:
-                pass
         except OSError as e:
             raise StorageError(f"cannot write to local folder {self.uri}: {e.strerror or e}") from None
+        finally:  # leave no trace: the probe's folder and the folders it made
+            for folder in (self.root / PROBE_PREFIX, *created):
+                try:
+                    folder.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError:  # not empty: in use
+                    break
 
 
 def _fsync_dir(path: Path) -> None:
@@ -412,7 +417,7 @@ class S3Storage(Storage):
             code = "AccessDenied"
         where = self.url(key) if key else self.uri
         if code == "NoSuchBucket":
-            raise StorageError(f"output bucket '{self.bucket}' does not exist") from None
+            raise StorageError(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
         if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
                     "SignatureDoesNotMatch", "ExpiredToken") or _status(e) == 403:
             raise StorageError(f"access denied {action} {where} ({code or 403})") from None

@@ -345,7 +345,6 @@ class ShardRunner:
         for row, request, outcome in zip(rows, requests, outcomes):
             values = {
                 "id": row["id"],
-                "key": safe_key(row["id"]),
                 "seed": request.seed,
                 "width": request.width,
                 "height": request.height,
@@ -357,15 +356,17 @@ class ShardRunner:
                 "variant": self.variant,
                 "model": self.model,
                 "prompt": request.prompt,
-                "shard": shard.name,
                 **outcome,
             }
             for name in schema:
                 columns[name].append(values.get(name))
         metadata = pa.table({name: pa.array(columns[name], type=t) for name, t in schema.items()})
-        for name in table.column_names:
-            if name not in KNOWN_COLUMNS and name not in schema:
-                metadata = metadata.append_column(table.schema.field(name), table.column(name))
+        for field in self.manifest.passthrough:  # the same columns and types in every shard
+            if field.name in table.column_names:
+                values = table.column(field.name).cast(field.type)
+            else:
+                values = pa.nulls(table.num_rows, field.type)
+            metadata = metadata.append_column(field, values)
         buffer = io.BytesIO()
         pq.write_table(metadata, buffer)
         self.storage.put_bytes(metadata_key(shard.name), buffer.getvalue())
