@@ -40,11 +40,13 @@ def _start_run(manifest: Path, out: Path, *extra: str, env: dict | None = None) 
 
 
 def _worker_processes(driver_pid: int) -> list[psutil.Process]:
-    """The Ray actor processes running ShardRunner (Ray names their process titles after the actor)."""
+    """The Ray actor processes running ShardRunner (Ray names their process titles after the actor)
+    under this driver: its local cluster's processes descend from it. Another job's workers on
+    this machine are not ours to kill."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(driver_pid).children(recursive=True):
         try:
-            if any("ShardRunner" in part for part in p.info["cmdline"] or []):
+            if any("ShardRunner" in part for part in p.cmdline()):
                 found.append(p)
         except psutil.Error:
             pass
