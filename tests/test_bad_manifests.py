@@ -220,6 +220,8 @@ CASES = [
          column="num_inference_steps", rows=("row 2", "'r2'")),
     Case("edit_column_in_prompt_manifest", _single(mask=["m.png", None, None, None]), column="mask",
          extra=("'source'",)),
+    Case("edit_source_of_another_scheme", _single(source=["a.png", "http://host/b.png", "a.png", "S3://b/c.png"]),
+         column="source", rows=("row 1", "'r1'", "row 3")),
     Case("prompt_file_in_edit_folder", _prompt_and_edit_files, column="source", files=("part-0.parquet",)),
     Case("passthrough_types_clash", _passthrough_types_clash, column="score", files=("part-1.parquet",)),
     Case("seed_negative", _single(seed=[1, 2, 3, -4]), column="seed", rows=("row 3", "'r3'")),

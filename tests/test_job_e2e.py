@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -95,6 +96,18 @@ def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     assert by_id["row-00001"]["seed"] == 7
     record = load_json(output, "job.json")
     assert record["fingerprint"] == job.fingerprint() and record["job"]["format"] == fmt
+    if fmt == "webdataset":  # each sample's .json carries what made its image, like the metadata
+        import json
+        import tarfile
+
+        row = by_id["row-00010"]
+        tar_key, member = row["image"].split("#", 1)
+        with tarfile.open(fileobj=io.BytesIO(open_storage(output).get_bytes(tar_key))) as tar:
+            sample = json.loads(tar.extractfile(member.rsplit(".", 1)[0] + ".json").read())
+        for name in ("id", "prompt", "seed", "width", "height", "num_inference_steps", "guidance_scale",
+                     "cfg_truncation", "cfg_normalization", "sha256", "model", "variant", "category"):
+            assert sample[name] == row[name], name
+        assert sample["duration_ms"] > 0
     # pixels equal diffusers' reference pipeline for the same rows
     images = read_images(output, [by_id[i] for i in ("row-00000", "row-00001", "row-00010")])
     model_path = resolve_model("tiny:turbo").path

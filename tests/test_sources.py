@@ -111,6 +111,16 @@ def test_checkpoint_of_another_variant_is_refused(checkpoints, tmp_path):
         resolve_model(str(other))
 
 
+def test_tiny_checkpoints_are_known_to_draw_noise(checkpoints, tmp_path, cache):
+    """The report says so for tiny:<variant> and for folders make-tiny-model wrote (SPEC §2)."""
+    assert resolve_model("tiny:turbo").draws_noise
+    assert resolve_model(str(checkpoints["omni"])).draws_noise
+    real = tmp_path / "real"
+    shutil.copytree(checkpoints["turbo"], real)
+    (real / "README.md").write_text("variant: turbo\n")
+    assert not resolve_model(str(real)).draws_noise
+
+
 def test_cli_refuses_a_mismatched_model_or_a_dead_cluster_before_writing(tmp_path):
     """Both used to fail late: a variant mismatch once the workers loaded the model (leaving a
     job.json that then refused the corrected job), a dead --address after minutes of retries."""

@@ -21,8 +21,13 @@ from .variants import VARIANTS
 USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _fail(exc: BaseException) -> None:
-    click.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+    click.echo(f"error: {_one_line(exc) or type(exc).__name__}", err=True)
     sys.exit(2)
 
 
@@ -50,7 +55,35 @@ def _quiet_libraries(load: bool = False) -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Every failure ends in one `error:` line on stderr (SPEC §4): click's usage errors, which
+    it prints as a usage block, and unexpected exceptions, which would print a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `zimage-batch`: the help
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+            logging.getLogger(__name__).debug("failed", exc_info=True)
+            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Batch inference for the Z-Image family on Ray: Parquet manifests in, images and metadata out."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -82,10 +115,6 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     except KeyboardInterrupt:
         click.echo("error: interrupted; run again to resume", err=True)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line, not a traceback
-        logging.getLogger(__name__).debug("run failed", exc_info=True)
-        click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", err=True)
-        sys.exit(1)
     click.echo(
         f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows; "
         f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
@@ -111,7 +140,7 @@ def _write_report(output: str) -> None:
     try:
         click.echo(f"report: {write_report(output)}")
     except Exception as exc:  # noqa: BLE001 - the job itself is done
-        click.echo(f"warning: could not write the report: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        click.echo(f"warning: could not write the report: {_one_line(exc) or type(exc).__name__}", err=True)
 
 
 @main.command("status")
@@ -172,6 +201,9 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
+    if "://" in directory:
+        _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
+                         "(e.g. aws s3 sync DIR s3://...), and --model takes the s3:// folder"))
     _quiet_libraries(load=True)
     from .tiny import make_tiny_model
 

@@ -100,8 +100,9 @@ def scratch_needed(job: JobSpec) -> int:
     return int(job.shard_size * per_image)
 
 
-def job_record(job: JobSpec) -> dict[str, Any]:
-    """What job.json holds: the job as resolved, its defaults and fingerprint."""
+def job_record(job: JobSpec, model: ResolvedModel | None = None) -> dict[str, Any]:
+    """What job.json holds: the job as resolved, its defaults and fingerprint (and whether the
+    model is a tiny random-init checkpoint, whose images are noise)."""
     resolved = redact_env_vars(job.to_dict())
     for name in ("manifest", "output"):  # local paths as absolute ones, not as typed
         if "://" not in resolved[name]:
@@ -111,18 +112,19 @@ def job_record(job: JobSpec) -> dict[str, Any]:
         "job": resolved,
         "defaults": job.defaults(),
         "output_fields": list(JobSpec.OUTPUT_FIELDS),
+        "model_draws_noise": bool(model and model.draws_noise),
     }
 
 
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     started = time.time()
     storage = open_storage(job.output)
-    manifest, _ = prepare(job, check_output=storage.check_writable)
+    manifest, model = prepare(job, check_output=storage.check_writable)
     if not job.address:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(job))
     check_cluster_reachable(_cluster_address(job))
     ledger = Ledger(storage)
-    ledger.claim_output(job_record(job), job.overwrite)
+    ledger.claim_output(job_record(job, model), job.overwrite)
     plan = make_plan(manifest, ledger.committed(), job.shard_size, job.variant)
     _write_plan_record(storage, job, plan, started)
     summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))

@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .edit_engine import EditRequest, prepare_source
-from .storage import StorageError, is_s3, open_storage
+from .storage import StorageError, is_s3, open_storage, split_s3_uri
 from .variants import Variant
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: the decompression-bomb limit per source image
@@ -42,12 +43,17 @@ class SourceError(Exception):
 
 
 def resolve_uri(uri: str, base: str | None) -> str:
-    """A URI as written in a manifest: absolute paths and s3:// stay; relative paths are
-    relative to `base` (the manifest's folder, local or s3://)."""
-    if is_s3(uri) or uri.startswith("file://") or posixpath.isabs(uri) or not base:
+    """A URI as written in a manifest: absolute paths and s3:// stay, file:// URIs become paths
+    (percent-decoded); relative paths are relative to `base` (the manifest's folder, local or
+    s3://), with `.` and `..` resolved."""
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    if is_s3(uri) or posixpath.isabs(uri) or not base:
         return uri
     if is_s3(base):
-        return base.rstrip("/") + "/" + uri
+        bucket, prefix = split_s3_uri(base)
+        key = posixpath.normpath(posixpath.join("/", prefix, uri)).lstrip("/")  # '..' stops at the bucket
+        return f"s3://{bucket}/{key}"
     return posixpath.normpath(posixpath.join(base, uri))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,12 +116,19 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and value % 16:
                 raise JobError(f"{name} must be a multiple of 16, got {value}")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise JobError("guidance_scale must be >= 0")
+        for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
+                     "progress_interval"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if self.max_source_pixels < 1:
+            raise JobError("max_source_pixels must be >= 1")
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
-        switch = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
-        self.low_vram = switch.get(str(self.low_vram).lower(), str(self.low_vram).lower())
+        low_vram = str(self.low_vram).lower()
+        self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
             raise JobError(f"low_vram must be on, off or auto, got {self.low_vram!r}")
 
@@ -170,16 +178,21 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     try:
         if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
             return int(value)
         if kind.startswith("float"):
             return float(value)
         if kind.startswith("bool"):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            return value if isinstance(value, bool) else _SWITCH[str(value).lower()]
         if kind.startswith("str"):
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         raise JobError(f"{name}: cannot use {value!r} ({kind})") from None
     return value
+
+
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:

@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .storage import Storage
+from .storage import Storage, StorageError
 
 COMMITS = "_commits/"
 JOB_FILE = "job.json"
@@ -42,8 +42,14 @@ class Ledger:
         """Every commit marker, read in parallel."""
         names = self.committed_names()
         with ThreadPoolExecutor(max_workers=32) as pool:
-            markers = pool.map(lambda n: json.loads(self.storage.get_bytes(commit_key(n))), names)
+            markers = pool.map(lambda n: self._read_json(commit_key(n)), names)
             return dict(zip(names, markers))
+
+    def _read_json(self, key: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.storage.get_bytes(key))
+        except ValueError as exc:  # never written by a run (writes are atomic): name it
+            raise StorageError(f"{self.storage.url(key)} is not valid JSON ({exc}); move it away to go on") from None
 
     def is_committed(self, shard: str) -> bool:
         return self.storage.exists(commit_key(shard))
@@ -64,7 +70,7 @@ class Ledger:
     # ------------------------------------------------------------------ job identity
     def read_job(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.storage.get_bytes(JOB_FILE))
+            return self._read_json(JOB_FILE)
         except FileNotFoundError:
             return None
 

@@ -371,9 +371,18 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     fail_if("id", pc.is_null(ids), "has null ids")
     fail_if("id", pc.equal(pc.utf8_length(ids), 0), "has empty ids")
     fail_if("prompt", pc.is_null(column("prompt")), "has null prompts")
+    variant_column = column("variant")
+    if variant_column is not None:
+        fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")
     if kind == "edit":
         fail_if("source", pc.is_null(column("source")), "has null sources")
         fail_if("source", pc.equal(pc.utf8_length(column("source")), 0), "has empty sources")
+        for name in ("source", "mask"):
+            uris = column(name)
+            if uris is not None and not pa.types.is_null(uris.type):
+                fail_if(name, pc.and_(pc.match_substring_regex(uris, r"^[A-Za-z][A-Za-z0-9+.-]*://"),
+                                      pc.invert(pc.match_substring_regex(uris, r"^(s3|file)://"))),
+                        "must be a local path, a file:// URI or an s3:// URI")
         mode = column("mode")
         if mode is not None:
             fail_if("mode", _not_in(mode, EDIT_MODES), f"must be one of {'|'.join(EDIT_MODES)}")
@@ -381,10 +390,6 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         if strength is not None:
             fail_if("strength", pc.or_(pc.less_equal(strength, 0), pc.greater(strength, 1)), "must be in (0, 1]")
         _check_edit_modes(batch, limits, fail_if)
-
-    variant_column = column("variant")
-    if variant_column is not None:
-        fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")
     for name, default in (("width", limits.default_width), ("height", limits.default_height)):
         values = column(name)
         if values is None:
@@ -419,18 +424,23 @@ def _not_in(values: pa.Array, allowed) -> pa.Array:
 
 def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if) -> None:
     """Each row's mode (given, or inferred: a mask means inpaint, an editing variant means edit,
-    else img2img) must be one the job's variant does, and inpaint rows need a mask."""
-    variant = VARIANTS[limits.default_variant]
+    else img2img) must be one the row's variant (or the job's) does, and inpaint rows need a mask."""
     n = batch.num_rows
     mask = batch.column("mask") if "mask" in batch.schema.names else pa.nulls(n, pa.string())
     has_mask = pc.fill_null(pc.greater(pc.utf8_length(pc.cast(mask, pa.string())), 0), False)
-    inferred = pc.if_else(has_mask, "inpaint", "edit" if "edit" in variant.tasks else "img2img")
-    mode = batch.column("mode") if "mode" in batch.schema.names else pa.nulls(n, pa.string())
-    mode = pc.coalesce(pc.cast(mode, pa.string()), inferred)
-    supported = [m for m in EDIT_MODES if m in variant.tasks]
-    fail_if("mode", pc.invert(pc.is_in(mode, pa.array(supported))),
-            f"asks for modes the {variant.name} variant does not do (it does {'|'.join(supported)})")
-    fail_if("mask", pc.and_(pc.equal(mode, "inpaint"), pc.invert(has_mask)), "is missing for inpaint rows")
+    given = batch.column("mode") if "mode" in batch.schema.names else pa.nulls(n, pa.string())
+    given = pc.cast(given, pa.string())
+    variants = batch.column("variant") if "variant" in batch.schema.names else pa.nulls(n, pa.string())
+    variants = pc.fill_null(pc.cast(variants, pa.string()), limits.default_variant)
+    for name in pc.unique(variants).to_pylist():
+        variant = VARIANTS[name]
+        mine = pc.equal(variants, name)
+        mode = pc.coalesce(given, pc.if_else(has_mask, "inpaint", "edit" if "edit" in variant.tasks else "img2img"))
+        supported = [m for m in EDIT_MODES if m in variant.tasks]
+        fail_if("mode", pc.and_(mine, pc.invert(pc.is_in(mode, pa.array(supported)))),
+                f"asks for modes the {variant.name} variant does not do (it does {'|'.join(supported)})")
+        fail_if("mask", pc.and_(mine, pc.and_(pc.equal(mode, "inpaint"), pc.invert(has_mask))),
+                "is missing for inpaint rows")
 
 
 def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:

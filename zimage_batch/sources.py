@@ -32,6 +32,14 @@ class ResolvedModel:
     path: str  # local checkpoint folder
     variant: str
 
+    @property
+    def draws_noise(self) -> bool:
+        """A tiny random-init checkpoint (tiny:<variant>, or a folder `make-tiny-model` wrote)."""
+        from .tiny import TINY_README
+
+        readme = Path(self.path) / "README.md"
+        return readme.is_file() and readme.read_text(errors="replace").startswith(TINY_README)
+
 
 def cache_root() -> Path:
     """Where zimage-batch keeps tiny checkpoints and S3 model copies."""
@@ -46,7 +54,7 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
     if source.startswith("tiny:"):
         tiny_variant = guess_variant(source)
         path = _tiny_checkpoint(tiny_variant)
-        check_pipeline_class(path, variant or tiny_variant)
+        check_pipeline_class(path, variant or tiny_variant, source)
         return ResolvedModel(source, str(path), variant or tiny_variant)
     if source.startswith("s3://"):
         from .model_cache import fetch_s3_folder
@@ -60,7 +68,7 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
         raise ModelSourceError(f"model source {source!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
     check_checkpoint(path)
     variant = variant or infer_variant(source, path)
-    check_pipeline_class(path, variant)
+    check_pipeline_class(path, variant, source)
     return ResolvedModel(source, str(path), variant)
 
 
@@ -128,16 +136,16 @@ def check_checkpoint(path: Path) -> None:
         )
 
 
-def check_pipeline_class(path: Path, variant: str) -> None:
+def check_pipeline_class(path: Path, variant: str, source: str) -> None:
     """The checkpoint's pipeline must be a Z-Image one that runs `variant` (omni has parts turbo
     and base lack), or the workers would fail to load it after the job has started."""
     name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
     omni_class = VARIANTS["omni"].pipeline_class
     if not str(name).startswith("ZImage"):
-        raise ModelSourceError(f"{path} is not a Z-Image checkpoint: its model_index.json names {name!r}")
+        raise ModelSourceError(f"{source} is not a Z-Image checkpoint: its model_index.json names {name!r}")
     if (name == omni_class) != (variant == "omni"):
         raise ModelSourceError(
-            f"{path} holds a {name} checkpoint, which cannot run variant {variant!r} "
+            f"{source} holds a {name} checkpoint, which cannot run variant {variant!r} "
             f"(it needs a {VARIANTS[variant].pipeline_class} checkpoint); check --model and --variant"
         )
 

@@ -16,7 +16,9 @@ import platform
 import posixpath
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -221,9 +223,7 @@ class ShardRunner:
         a window at a time while the previous window generates; rows whose source cannot be
         used get their error outcome here, and their pixels are dropped once generated."""
         if not self.edit:
-            order = sorted(range(len(requests)), key=lambda i: requests[i].batch_key())
-            for b in range(0, len(order), self.batch_size):
-                yield order[b : b + self.batch_size]
+            yield from self._cut(range(len(requests)), requests)
             return
         load = lambda i: self._load_edit(rows[i], requests[i], base)  # noqa: E731
         windows = images.prefetch(
@@ -238,12 +238,19 @@ class ShardRunner:
                 else:
                     requests[i] = loaded.request
                     ready.append(i)
-            ready.sort(key=lambda i: requests[i].batch_key())
-            for b in range(0, len(ready), self.batch_size):
-                batch = ready[b : b + self.batch_size]
+            for batch in self._cut(ready, requests):
                 yield batch
                 for i in batch:
                     requests[i].image = requests[i].mask = None
+
+    def _cut(self, indices, requests) -> Iterator[list[int]]:
+        """Batches of at most batch_size rows, each of one batch key (so a batch runs as one, and
+        its per-row duration is that of its own rows)."""
+        order = sorted(indices, key=lambda i: requests[i].batch_key())
+        for _, same in groupby(order, key=lambda i: requests[i].batch_key()):
+            same = list(same)
+            for b in range(0, len(same), self.batch_size):
+                yield same[b : b + self.batch_size]
 
     def _generate_and_store(self, rows, requests, writer, base: str = "") -> list[dict[str, Any]]:
         """Generate batch by batch; each image is encoded and stored beside the batches that
@@ -332,8 +339,11 @@ class ShardRunner:
     def _store(self, writer, row, request, future: Future, duration_ms: float, lineage: dict | None = None) -> dict[str, Any]:
         data, digest = future.result()
         key = safe_key(row["id"])
-        meta = {"id": row["id"], "prompt": request.prompt, "seed": request.seed, "width": request.width,
-                "height": request.height, "sha256": digest, "model": self.model, "variant": self.variant}
+        meta = {"id": row["id"], "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+                "seed": request.seed, "width": request.width, "height": request.height,
+                "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+                "cfg_truncation": request.cfg_truncation, "cfg_normalization": request.cfg_normalization,
+                "sha256": digest, "model": self.model, "variant": self.variant, "duration_ms": duration_ms}
         meta |= lineage or {}
         meta |= {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
         location = writer.add(key, data, meta)
