@@ -197,6 +197,7 @@ def check_cluster_reachable(address: str | None, timeout: float = 10.0) -> None:
     if address is None or address == "auto":
         return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
     if not host or not port.isdigit():
         return  # a form Ray resolves itself
     try:

@@ -339,35 +339,34 @@ class ShardRunner:
     def _store(self, writer, row, request, future: Future, duration_ms: float, lineage: dict | None = None) -> dict[str, Any]:
         data, digest = future.result()
         key = safe_key(row["id"])
-        meta = {"id": row["id"], "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                "seed": request.seed, "width": request.width, "height": request.height,
-                "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
-                "cfg_truncation": request.cfg_truncation, "cfg_normalization": request.cfg_normalization,
-                "sha256": digest, "model": self.model, "variant": self.variant, "duration_ms": duration_ms}
+        meta = self._row_record(row, request) | {"sha256": digest, "duration_ms": duration_ms}
         meta |= lineage or {}
         meta |= {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
         location = writer.add(key, data, meta)
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
 
+    def _row_record(self, row: dict[str, Any], request) -> dict[str, Any]:
+        """What made a row's image: the metadata's settings columns, and each sample's JSON."""
+        return {
+            "id": row["id"],
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "width": request.width,
+            "height": request.height,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "cfg_truncation": request.cfg_truncation,
+            "cfg_normalization": request.cfg_normalization,
+            "variant": self.variant,
+            "model": self.model,
+        }
+
     def _write_metadata(self, shard: Shard, table: pa.Table, rows, requests, outcomes) -> None:
         schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if self.edit else {})
         columns: dict[str, list[Any]] = {name: [] for name in schema}
         for row, request, outcome in zip(rows, requests, outcomes):
-            values = {
-                "id": row["id"],
-                "seed": request.seed,
-                "width": request.width,
-                "height": request.height,
-                "num_inference_steps": request.num_inference_steps,
-                "guidance_scale": request.guidance_scale,
-                "cfg_truncation": request.cfg_truncation,
-                "cfg_normalization": request.cfg_normalization,
-                "negative_prompt": request.negative_prompt,
-                "variant": self.variant,
-                "model": self.model,
-                "prompt": request.prompt,
-                **outcome,
-            }
+            values = self._row_record(row, request) | outcome
             for name in schema:
                 columns[name].append(values.get(name))
         metadata = pa.table({name: pa.array(columns[name], type=t) for name, t in schema.items()})
