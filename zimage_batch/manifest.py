@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Iterator
 
 import numpy as np
@@ -91,6 +92,7 @@ class ManifestFile:
     path: str  # path within the filesystem (bucket/key for S3)
     name: str  # path relative to the manifest root, stable across runs
     num_rows: int
+    schema: pa.Schema = dataclass_field(compare=False)  # dictionary-encoded strings as plain ones
 
 
 class Manifest:
@@ -129,7 +131,11 @@ class Manifest:
             )
             if not paths:
                 raise ManifestError(f"{self.uri}: folder holds no .parquet files")
-        return [ManifestFile(path, name, self._footer(path).num_rows) for path, name in paths]
+        files = []
+        for path, name in paths:
+            footer = self._footer(path)
+            files.append(ManifestFile(path, name, footer.num_rows, _plain_schema(footer.schema.to_arrow_schema())))
+        return files
 
     def _footer(self, path: str) -> pq.FileMetaData:
         try:
@@ -145,26 +151,21 @@ class Manifest:
         fields: dict[str, pa.Field] = {}
         first_seen: dict[str, str] = {}
         for f in self.files:
-            for field in self.file_schema(f):
-                seen = fields.get(field.name)
+            for column in f.schema:
+                seen = fields.get(column.name)
                 if seen is None or pa.types.is_null(seen.type):
-                    fields[field.name], first_seen[field.name] = field, f.name
-                elif field.name not in KNOWN_COLUMNS and field.type != seen.type:
+                    fields[column.name], first_seen[column.name] = column, f.name
+                elif column.name not in KNOWN_COLUMNS and column.type != seen.type:
                     try:
-                        fields[field.name] = pa.unify_schemas(
-                            [pa.schema([seen]), pa.schema([field])], promote_options="permissive"
+                        fields[column.name] = pa.unify_schemas(
+                            [pa.schema([seen]), pa.schema([column])], promote_options="permissive"
                         ).field(0)
                     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                         raise ManifestError(
-                            f"{self._display(f.path)}: column '{field.name}' is {field.type} but "
-                            f"{first_seen[field.name]} has {seen.type}; a column needs one type in every file"
+                            f"{self._display(f.path)}: column '{column.name}' is {column.type} but "
+                            f"{first_seen[column.name]} has {seen.type}; a column needs one type in every file"
                         ) from None
         return pa.schema(list(fields.values()))
-
-    def file_schema(self, f: ManifestFile) -> pa.Schema:
-        """One file's columns, dictionary-encoded strings (pandas categoricals) as plain ones."""
-        with self.fs.open_input_file(f.path) as handle:
-            return _plain_schema(pq.ParquetFile(handle).schema_arrow)
 
     def _display(self, path: str) -> str:
         return f"s3://{path}" if is_s3(self.uri) else path
@@ -182,7 +183,7 @@ class Manifest:
         """One column of one file (nulls where the file lacks it)."""
         with self.fs.open_input_file(f.path) as handle:
             parquet = pq.ParquetFile(handle)
-            if name not in parquet.schema_arrow.names:
+            if name not in f.schema.names:
                 return pa.nulls(f.num_rows, pa.string())
             column = _decoded(parquet.read(columns=[name])).column(name).combine_chunks()
             return column.cast(pa.string()) if pa.types.is_null(column.type) else column
@@ -199,7 +200,7 @@ class Manifest:
                     first_offset = offset if first_offset is None else first_offset
                 offset += n
             if not groups:
-                return _plain_schema(parquet.schema_arrow).empty_table()
+                return f.schema.empty_table()
             table = _decoded(parquet.read_row_groups(groups))
         return table.slice(start - first_offset, end - start)
 
@@ -285,7 +286,7 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
     Returns the variants the rows run on (rows without one run on the default)."""
     required = ("id", "source", "prompt") if manifest.kind == "edit" else ("id", "prompt")
     for f in manifest.files:
-        schema = manifest.file_schema(f)
+        schema = f.schema
         where = manifest.display_name(f)
         for column in required:
             if column not in schema.names:
