@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import posixpath
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -43,6 +42,7 @@ from .manifest import (
 from .plan import Shard
 from .sources import resolve_model, source_for_variant
 from .storage import open_storage
+from .threads import background_pool
 from .writers import encode_image, make_writer
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,12 @@ class ShardRunner:
         self.ledger = Ledger(self.storage)
         self.manifest = open_manifest(job["manifest"])
         self.files = {f.name: f for f in self.manifest.files}
-        self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode", initializer=_lower_priority)
+        self.encoder = background_pool(2, "encode")
         # Images are handed to the writer on one thread, in row order (tar members and
         # metadata stay deterministic), while the model thread goes on to the next batch.
-        self.storer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store", initializer=_lower_priority)
+        self.storer = background_pool(1, "store")
         self.edit = self.manifest.kind == "edit"
-        self.sources = ThreadPoolExecutor(max_workers=SOURCE_THREADS, thread_name_prefix="source") if self.edit else None
+        self.sources = background_pool(SOURCE_THREADS, "source") if self.edit else None
         self.first_shard_started: float | None = None
         self.worker_id = f"{platform.node()}:{os.getpid()}"
 
@@ -399,14 +399,6 @@ def _inject_crash(shard: str) -> None:
     if any(p in shard for p in patterns):
         log.error("fault injection: crashing worker on shard %s", shard)
         os._exit(86)
-
-
-def _lower_priority() -> None:
-    """Helper threads yield the CPU to the model's threads (Linux: a thread's own nice value)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
-        pass
 
 
 def default_batch_size(width: int, height: int, device: str = "cpu", low_vram: bool = False) -> int:

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .keys import KEY_RE
+from .threads import background_pool
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -284,7 +285,7 @@ class FilesWriter(ShardWriter):
         if upload_threads < 1 or max_pending < 1:
             raise ValueError("upload_threads and max_pending must be >= 1")
         self.prefix = f"images/{self.shard}/"
-        self._pool = ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix=f"upload-{self.shard}")
+        self._pool = background_pool(upload_threads, f"upload-{self.shard}")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._futures: list[Future] = []
         self._error: BaseException | None = None
