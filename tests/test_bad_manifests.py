@@ -159,6 +159,18 @@ def _passthrough_types_clash(d: Path) -> Path:
     return folder
 
 
+def _not_utf8(name: str) -> Callable[[Path], Path]:
+    """Raw bytes in a string column (other writers than pyarrow do not always check them)."""
+
+    def build(d: Path) -> Path:
+        cols = _good_columns()
+        cols[name] = pa.array([c.encode() for c in cols.get(name, ["x"] * 4)[:2]] + [b"\xff\xfe bad", b"ok"],
+                              pa.binary()).view(pa.string())
+        return _write(d / "m.parquet", cols)
+
+    return build
+
+
 def _missing_path(d: Path) -> Path:
     return d / "does-not-exist.parquet"
 
@@ -184,7 +196,12 @@ CASES = [
     Case("missing_id", _missing_id, column="id"),
     Case("missing_prompt", _missing_prompt, column="prompt"),
     Case("width_as_string", _typed("width", ["64", "64", "128", "64"], pa.string()), column="width"),
-    Case("seed_as_float", _typed("seed", [1.0, 2.5, 3.0, 4.0], pa.float64()), column="seed"),
+    Case("seed_as_float", _typed("seed", [1.0, 2.5, 3.0, 4.0], pa.float64()), column="seed", rows=("row 1", "'r1'")),
+    Case("width_as_huge_float", _typed("width", [64.0, 64.0, 2.0**60, 64.0], pa.float64()), column="width",
+         rows=("row 2", "'r2'")),
+    Case("prompt_not_utf8", _not_utf8("prompt"), column="prompt", rows=("row 2", "'r2'")),
+    Case("id_not_utf8", _not_utf8("id"), column="id", rows=("row 2",)),
+    Case("passthrough_not_utf8", _not_utf8("caption"), column="caption", rows=("row 2", "'r2'")),
     Case("prompt_as_int", _typed("prompt", [1, 2, 3, 4], pa.int64()), column="prompt"),
     Case("id_as_int", _typed("id", [1, 2, 3, 4], pa.int64()), column="id"),
     Case("steps_as_string", _typed("num_inference_steps", ["8"] * 4, pa.string()), column="num_inference_steps"),
@@ -359,6 +376,26 @@ def test_validate_and_run_agree(outcomes, case):
     """The same manifest gets the same reason from `validate` and from `run`."""
     outcome = outcomes[case.name]
     assert outcome.validate.stderr.strip() == outcome.run.stderr.strip()
+
+
+@pytest.mark.parametrize("manifest_kind, setting", [
+    ("prompt", "width=16"),
+    ("prompt", "height=4096"),
+    ("edit", "strength=2"),
+])
+def test_validate_checks_job_defaults_as_run_does(tmp_path, manifest_kind, setting):
+    """`validate --set` refuses exactly the job defaults `run --set` refuses, with the same line."""
+    columns = _good_columns()
+    if manifest_kind == "edit":
+        columns["source"] = ["a.png"] * 4
+    manifest = _write(tmp_path / "m.parquet", columns)
+    validate = _cli_in_process("validate", "--set", setting, str(manifest))
+    run = _cli("run", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--model", "tiny:turbo",
+               "--set", setting)
+    assert validate.returncode != 0 and run.returncode != 0, (validate, run)
+    assert validate.stderr.strip() == run.stderr.strip(), (validate.stderr, run.stderr)
+    assert setting.split("=")[0] in validate.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_good_manifest_validates(tmp_path):

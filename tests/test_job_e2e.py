@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from output_check import check_exactly_once, load_json, pixels, read_images, read_metadata
 from zimage_batch.jobspec import JobSpec
@@ -223,7 +224,8 @@ def test_low_vram_profile_through_the_cli(tmp_path):
 def test_folder_of_files_with_different_types_and_columns(tmp_path):
     """Files written by different tools: a categorical prompt, an int guidance in one file and a
     float in the other, a pass-through column that widens (int32, int64), one only the second
-    file has, and a variant column only the second file has. All run, each row on its variant,
+    file has, a variant column only the second file has, and width and seed as whole floats with
+    a null (pandas' int column with a gap). All run, each row on its variant,
     and the metadata folder reads back as one table."""
     folder = tmp_path / "manifest"
     folder.mkdir()
@@ -240,6 +242,9 @@ def test_folder_of_files_with_different_types_and_columns(tmp_path):
         "score": pa.array([2**40, 3], pa.int64()),
         "tag": ["x", None],
         "variant": [None, "base"],
+        # pandas writes an int column with a null as float64
+        "width": [128.0, None],
+        "seed": [7.0, None],
     }), folder / "part-1.parquet")
     assert _cli("validate", str(folder)).returncode == 0
     out = tmp_path / "out"
@@ -250,6 +255,8 @@ def test_folder_of_files_with_different_types_and_columns(tmp_path):
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert [rows[i]["variant"] for i in ("a0", "a1", "b0", "b1")] == ["turbo", "turbo", "turbo", "base"]
     assert rows["b1"]["guidance_scale"] == 3.5 and rows["a1"]["prompt"] == "一只猫"
+    assert (rows["b0"]["width"], rows["b0"]["seed"], rows["b1"]["width"]) == (128, 7, 64)
+    assert Image.open(out / rows["b0"]["image"]).size == (128, 64)
     table = pq.read_table(out / "metadata")  # one dataset: every shard has the same columns and types
     assert table.schema.field("score").type == pa.int64() and table.schema.field("tag").type == pa.string()
     by_id = {r["id"]: r for r in table.to_pylist()}

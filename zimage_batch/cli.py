@@ -183,13 +183,11 @@ def report_command(output: str) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
 def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     """Check MANIFEST (schema and every value) without a model or a GPU."""
-    from .manifest import Limits, open_manifest, validate_manifest
+    from .driver import check_manifest
 
     try:
         job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
-        m = open_manifest(manifest)
-        d = job.defaults()
-        validate_manifest(m, Limits(variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"]))
+        m, _ = check_manifest(job)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from . import metrics
 from .jobspec import JobError, JobSpec, redact_env_vars
 from .ledger import Ledger
-from .manifest import Limits, open_manifest, validate_manifest
+from .manifest import Limits, Manifest, open_manifest, validate_manifest
 from .plan import Plan, Shard, make_plan
 from .progress import Progress
 from .sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
@@ -61,17 +61,24 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
     Order: manifest and job defaults (no model, no network beyond the manifest), then
     `check_output` (an unusable OUTPUT fails before any download), then the model source.
     """
-    manifest = open_manifest(job.manifest)
-    job.variant = job.variant or guess_variant(job.model)
-    check_defaults(job)
-    d = job.defaults()
-    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
-    for variant in validate_manifest(manifest, limits):
+    manifest, variants = check_manifest(job)
+    for variant in variants:
         source_for_variant(job.model, job.models, variant, job.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
     model = resolve_model(job.model, job.variant)
     return manifest, model
+
+
+def check_manifest(job: JobSpec) -> tuple[Manifest, set[str]]:
+    """The job's defaults and every manifest row, checked without a model (what `validate`
+    runs); returns the manifest and the variants its rows run on."""
+    manifest = open_manifest(job.manifest)
+    job.variant = job.variant or guess_variant(job.model)
+    check_defaults(job)
+    d = job.defaults()
+    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
+    return manifest, validate_manifest(manifest, limits)
 
 
 def check_defaults(job: JobSpec) -> None:

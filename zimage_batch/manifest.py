@@ -239,9 +239,24 @@ def _plain_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _decoded(data: pa.RecordBatch | pa.Table):
-    """Dictionary-encoded columns as plain ones: a categorical of strings is a string column."""
+    """Columns as the pipeline reads them: a categorical of strings is a string column, and an
+    integer column stored as floats (pandas writes an int column with nulls as float64) is int64
+    when every value is a whole number (validation refuses the rest)."""
     plain = _plain_schema(data.schema)
+    for i, f in enumerate(plain):
+        if KNOWN_COLUMNS.get(f.name) == INTEGER and pa.types.is_floating(f.type) and _whole(data.column(f.name)):
+            plain = plain.set(i, f.with_type(pa.int64()))
     return data if plain.equals(data.schema) else data.cast(plain)
+
+
+def _whole(values) -> bool:
+    """True if every value is a whole number that a float holds exactly (|v| < 2**53)."""
+    return not pc.any(pc.fill_null(_not_whole(values), False)).as_py()
+
+
+def _not_whole(values) -> pa.Array:
+    values = values.cast(pa.float64())
+    return pc.or_(pc.not_equal(pc.floor(values), values), pc.greater_equal(pc.abs(values), float(2**53)))
 
 
 def _family(t: pa.DataType) -> str:
@@ -264,6 +279,8 @@ def _type_ok(expected: str, actual: pa.DataType) -> bool:
         return True  # an all-null optional column
     if expected == NUMBER:
         return family in (NUMBER, INTEGER)
+    if expected == INTEGER and pa.types.is_floating(actual):
+        return True  # whole numbers only: checked value by value
     if expected == BOOL_OR_NUMBER:
         return family in (NUMBER, INTEGER, "boolean")
     return family == expected
@@ -346,7 +363,11 @@ def _offending(where: str, column: str, problem: str, batch: pa.RecordBatch, bad
     """A one-line error naming the first offending rows by number and id."""
     rows = np.flatnonzero(np.asarray(pc.fill_null(bad, False)))[:MAX_LISTED]
     ids = batch.column("id")
-    named = ", ".join(f"row {offset + int(r)} (id={ids[int(r)].as_py()!r:.60})" for r in rows)
+    if _family(ids.type) == STRING:  # as bytes: an id may be the text that is not UTF-8
+        ids = pa.array([None if b is None else b.decode("utf-8", "replace") for b in ids.cast(pa.binary()).take(rows).to_pylist()])
+    else:
+        ids = ids.take(rows)
+    named = ", ".join(f"row {offset + int(r)} (id={ids[i].as_py()!r:.60})" for i, r in enumerate(rows))
     count = pc.sum(pc.cast(pc.fill_null(bad, False), pa.int64())).as_py()
     more = f" and {count - len(rows)} more" if count > len(rows) else ""
     return ManifestError(f"{where}: column '{column}' {problem}: {named}{more}")
@@ -360,6 +381,7 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         if pc.any(pc.fill_null(bad, False)).as_py():
             raise _offending(where, name, problem, batch, bad, offset)
 
+    _check_utf8(where, batch, offset)
     for name, expected in KNOWN_COLUMNS.items():
         values = column(name)
         if values is None:
@@ -368,6 +390,8 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
             fail_if(name, pc.greater(values, pa.scalar(2**63 - 1, pa.uint64())), "has values of 2**63 or more")
         if pa.types.is_floating(values.type):
             fail_if(name, pc.invert(pc.is_finite(values)), "must be a finite number (not NaN or infinity)")
+            if expected == INTEGER:  # floats left by _decoded: some are not whole
+                fail_if(name, _not_whole(values), "must hold whole numbers (below 2**53 when stored as floats)")
     ids = column("id")
     fail_if("id", pc.is_null(ids), "has null ids")
     fail_if("id", pc.equal(pc.utf8_length(ids), 0), "has empty ids")
@@ -397,7 +421,8 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
             continue
         fail_if(name, pc.not_equal(pc.bit_wise_and(values, 15), 0), "has sizes that are not multiples of 16")
         lowest, highest = _side_limits(variant_column, limits, batch.num_rows)
-        fail_if(name, pc.or_(pc.less(values, lowest), pc.greater(values, highest)), "has sizes beyond the model's limits")
+        fail_if(name, pc.or_(pc.less(values, lowest), pc.greater(values, highest)),
+                f"has sizes beyond the model's limits ({_limits_text(variant_column, limits)})")
     steps = column("num_inference_steps")
     if steps is not None:
         fail_if("num_inference_steps", pc.less_equal(steps, 0), "must be > 0")
@@ -414,6 +439,35 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     seed = column("seed")
     if seed is not None:
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
+
+
+def _check_utf8(where: str, batch: pa.RecordBatch, offset: int) -> None:
+    """Text must be valid UTF-8 (files written by other tools may hold raw bytes in string columns)."""
+    try:
+        batch.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for name, values in zip(batch.schema.names, batch.columns):
+        try:
+            values.validate(full=True)
+            continue
+        except pa.ArrowInvalid as exc:
+            problem = f"holds invalid data ({_first_line(exc)})"
+        if _family(values.type) == STRING:
+            raw = values.cast(pa.binary()).to_pylist()
+            bad = pa.array([_not_utf8(b) for b in raw])
+            if pc.any(bad).as_py():
+                raise _offending(where, name, "has text that is not valid UTF-8", batch, bad, offset)
+        raise ManifestError(f"{where}: column '{name}' {problem}")
+
+
+def _not_utf8(data: bytes | None) -> bool:
+    try:
+        data is None or data.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
 
 
 def _not_in(values: pa.Array, allowed) -> pa.Array:
@@ -455,6 +509,16 @@ def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.A
     mins = pc.take(pa.array([VARIANTS[v].min_side for v in names]), index)
     maxs = pc.take(pa.array([VARIANTS[v].max_side for v in names]), index)
     return mins, maxs
+
+
+def _limits_text(variant_column, limits: Limits) -> str:
+    """The side limits of the variants rows may run on, e.g. '64..2048'."""
+    names = set(VARIANTS) if variant_column is not None else {limits.default_variant}
+    ranges = {(VARIANTS[n].min_side, VARIANTS[n].max_side) for n in names}
+    if len(ranges) == 1:
+        (low, high), = ranges
+        return f"{low}..{high}"
+    return ", ".join(f"{n}: {VARIANTS[n].min_side}..{VARIANTS[n].max_side}" for n in sorted(names))
 
 
 def _check_unique_ids(uri: str, ids: list[pa.Array], origins: list[tuple[str, int]]) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import tarfile
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -206,7 +207,10 @@ def error_rows(state: OutputState) -> tuple[list[dict[str, Any]], int]:
 
 # ---------------------------------------------------------------------- sections
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    """Text from the job as HTML: escaped, control characters shown as escapes (\\x00)."""
+    text = "" if value is None else str(value)
+    text = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" and c not in "\t\n" else c for c in text)
+    return html.escape(text, quote=True)
 
 
 def _num(value: Any, fmt: str = "{}") -> str:
