@@ -90,6 +90,7 @@ def test_every_storage_operation_survives_each_fault(flaky_s3, s3_bucket, tmp_pa
         "commit": lambda: Ledger(store).commit(f"shard-{kind}", {"shard": kind}),
         "delete": lambda: store.delete(["f"]) or not store.exists("f"),
         "arrow_read": lambda: _arrow_read(store, "x") == b"hello",
+        "open_read": lambda: _ranged_read(store, "x", 1, 3) == b"ell",
     }
     for name, operation in operations.items():
         before = flaky_s3.counts[kind]
@@ -102,6 +103,12 @@ def _arrow_read(store: S3Storage, key: str) -> bytes:
     fs, root = store.arrow_fs()
     with fs.open_input_file(f"{root}/{key}") as f:
         return f.read()
+
+
+def _ranged_read(store: S3Storage, key: str, offset: int, n: int) -> bytes:
+    with store.open_read(key) as f:
+        f.seek(offset)
+        return f.read(n)
 
 
 def test_commit_whose_answer_was_lost_is_still_ours(flaky_s3, s3_bucket):
@@ -177,7 +184,7 @@ def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert f"done: {ROWS} ok, 0 error of {ROWS} rows; 6 shards committed" in result.stdout
 
-    assert requests > 200 and sum(counts.values()) >= 0.1 * requests, (requests, counts)
+    assert requests > 100 and sum(counts.values()) >= 0.1 * requests, (requests, counts)
     assert all(counts.get(kind, 0) > 0 for kind in KINDS), counts
     print(f"{fmt}: {requests} requests, faults {counts}, {elapsed:.1f}s")
 
@@ -186,3 +193,8 @@ def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path
         markers = Ledger(open_storage(output)).committed()
     assert all(r["status"] == "ok" for r in rows) and {r["topic"] for r in rows} == {"t0", "t1", "t2"}
     assert len(markers) == 6 and all(m["ok"] == 25 for m in markers.values())
+    # The report read every image back through the faults (for webdataset: members of the tars).
+    assert "could not write the report" not in result.stdout + result.stderr
+    with endpoint_env(flaky_s3.upstream):
+        page = open_storage(output).get_bytes("report.html").decode()
+    assert page.count('src="data:image/jpeg;base64,') == ROWS

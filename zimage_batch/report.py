@@ -154,7 +154,11 @@ def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes
     def read_container(item: tuple[str, dict[str, str]]) -> None:
         obj, members = item
         reader = _tar_members if obj.endswith(".tar") else _parquet_members
-        for member, data in reader(storage, obj, set(members)).items():
+        try:
+            read = reader(storage, obj, set(members))
+        except FileNotFoundError:
+            return
+        for member, data in read.items():
             found[members[member]] = data
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -163,14 +167,9 @@ def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes
     return found
 
 
-def _open(storage: Storage, obj: str):
-    fs, root = storage.arrow_fs()
-    return fs.open_input_file(f"{root.rstrip('/')}/{obj}")
-
-
 def _tar_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    with _open(storage, obj) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with storage.open_read(obj) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if member.name in wanted:
                 out[member.name] = tar.extractfile(member).read()
@@ -181,7 +180,7 @@ def _tar_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, byte
 
 def _parquet_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    with _open(storage, obj) as f:
+    with storage.open_read(obj) as f:
         pf = pq.ParquetFile(f)
         for group in range(pf.num_row_groups):
             keys = pf.read_row_group(group, columns=["key"]).column("key").to_pylist()

@@ -10,6 +10,7 @@ botocore's retry configuration. Error messages never contain credentials.
 from __future__ import annotations
 
 
+import io
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import BinaryIO, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -36,6 +37,7 @@ MULTIPART_CHUNKSIZE = 64 * MiB
 UPLOAD_ATTEMPTS = 3
 #: Reads of an object whose body was cut off midway (botocore retries only until the headers).
 READ_ATTEMPTS = 5
+READ_BLOCK = 256 * 1024  # bytes fetched at a time by open_read on S3
 #: Request attempts of pyarrow's S3 filesystem (manifests), as for botocore.
 ARROW_S3_ATTEMPTS = 10
 #: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
@@ -130,6 +132,11 @@ class Storage(ABC):
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Contents of ``key``; FileNotFoundError if missing."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """A seekable, buffered reader of ``key`` that fetches the parts read (a member of a tar,
+        a row group of a Parquet file), not the whole object; FileNotFoundError if missing."""
 
     @abstractmethod
     def download(self, key: str, local_path: str | os.PathLike) -> None:
@@ -236,6 +243,12 @@ class LocalStorage(Storage):
         if not path.is_file():
             raise FileNotFoundError(f"no such object: {path}")
         return path.read_bytes()
+
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such object: {path}")
+        return open(path, "rb")
 
     def download(self, key: str, local_path: str | os.PathLike) -> None:
         src = self._path(key)
@@ -470,14 +483,19 @@ class S3Storage(Storage):
         raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
 
     def get_bytes(self, key: str) -> bytes:
-        """botocore retries the request; a body cut off midway (outside its retries) is read again."""
+        return self.get_range(key)
+
+    def get_range(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of ``key`` (to its end when ``end`` is None). botocore retries the
+        request (5xx, throttling); a body cut off midway (outside its retries) is read again."""
         import botocore.exceptions
 
         cut_off = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
                    botocore.exceptions.ReadTimeoutError)
+        ranged = {} if (start, end) == (0, None) else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"].read()
             except botocore.exceptions.ClientError as e:
                 self._raise_read_error(e, key)
             except cut_off:
@@ -485,6 +503,10 @@ class S3Storage(Storage):
                     raise
                 time.sleep(min(4.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    def open_read(self, key: str) -> BinaryIO:
+        size = int(self.head(key)["ContentLength"])
+        return io.BufferedReader(_RangeReader(self, key, size), buffer_size=READ_BLOCK)
 
     def download(self, key: str, local_path: str | os.PathLike) -> None:
         import botocore.exceptions
@@ -601,3 +623,33 @@ class S3Storage(Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+class _RangeReader(io.RawIOBase):
+    """An S3 object as a seekable raw stream: each read is one ranged GET, retried like get_bytes."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
+        self.storage, self.key, self.size, self.position = storage, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self.position + len(buffer))
+        if end <= self.position:
+            return 0
+        data = self.storage.get_range(self.key, self.position, end)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
