@@ -151,6 +151,23 @@ def test_status_finished(watched_run):
     assert s["eta_s"] is None and s["last_errors"] == []
 
 
+def test_status_of_a_run_whose_driver_died(tmp_path):
+    """A plan and some commits, then nothing for an hour: `status` says the run looks stalled
+    and gives no ETA; the same output a minute after its last commit is simply running."""
+    from zimage_batch.status import OutputState, format_status
+
+    plan = {"started": 1_000.0, "total_rows": 100, "total_shards": 4}
+    markers = [{"shard": f"s{i}", "rows": 25, "ok": 25, "started": 1_000.0 + 10 * i, "finished": 1_010.0 + 10 * i}
+               for i in range(2)]
+    state = OutputState(open_storage(str(tmp_path)), {"job": {}}, markers, plans=[plan])
+    alive = summarize(state, now=1_080.0)
+    assert alive["state"] == "running" and not alive["stalled"] and alive["eta_s"] is not None
+    dead = summarize(state, now=1_020.0 + 3600)
+    assert dead["stalled"] and dead["eta_s"] is None and dead["quiet_s"] == 3600
+    line = format_status(dead)[1]
+    assert "stalled? no shard committed for 1h00m00s" in line and "ETA" not in "".join(format_status(dead))
+
+
 def test_status_without_a_job(tmp_path):
     result = cli("status", str(tmp_path / "nothing"))
     assert result.returncode != 0 and result.stdout == ""

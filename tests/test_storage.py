@@ -58,6 +58,23 @@ def test_put_get_exists(store):
     assert store.get_bytes("unicode/中文 id.txt") == "图".encode()
 
 
+def test_open_read_seeks_and_reads_ranges(store, monkeypatch):
+    data = os.urandom(700_000)
+    store.put_bytes("big.bin", data)
+    if isinstance(store, S3Storage):  # small blocks, so reads cross block edges
+        monkeypatch.setattr("zimage_batch.storage.READ_BLOCK", 4096)
+    with store.open_read("big.bin") as f:
+        assert f.read(10) == data[:10]
+        f.seek(300_000)
+        assert f.read(5000) == data[300_000:305_000]
+        f.seek(-7, os.SEEK_END)
+        assert f.read() == data[-7:] and f.read(3) == b""
+        f.seek(123)
+        assert f.tell() == 123 and f.read() == data[123:]
+    with pytest.raises(FileNotFoundError):
+        store.open_read("missing.bin")
+
+
 def test_list_delete_and_delete_prefix(store):
     keys = ["b/2.txt", "a/1.txt", "a/sub/3.txt", "ab.txt", "c.txt"]
     for i, key in enumerate(keys):
@@ -205,3 +222,43 @@ def test_s3_client_is_shared(s3_server):
     assert config.retries["mode"] in ("adaptive", "standard")
     assert config.retries["total_max_attempts"] == 11  # max_attempts=10 retries + the first try
     assert s3_client().meta.endpoint_url == s3_server
+
+
+def _record(fingerprint: str) -> dict:
+    return {"fingerprint": fingerprint, "job": {"model": fingerprint}, "output_fields": ["model"]}
+
+
+def test_claim_output_loses_a_race_to_another_job(store, monkeypatch):
+    """Two jobs start on an empty OUTPUT at once: both see no job.json, one creates it, and the
+    other is refused (not silently sharing the OUTPUT)."""
+    from zimage_batch.ledger import JobMismatch, Ledger
+
+    winner, loser = Ledger(store), Ledger(store)
+    looks = []
+
+    def looked_before_the_winner_wrote():
+        looks.append(1)
+        return None if len(looks) == 1 else Ledger.read_job(loser)
+
+    monkeypatch.setattr(loser, "read_job", looked_before_the_winner_wrote)
+    winner.claim_output(_record("job-a"), overwrite=False)
+    with pytest.raises(JobMismatch, match="different job"):
+        loser.claim_output(_record("job-b"), overwrite=False)
+    assert winner.read_job()["fingerprint"] == "job-a"
+    Ledger(store).claim_output(_record("job-a"), overwrite=False)  # the same job resumes
+
+
+def test_overwrite_removes_job_json_last(store):
+    """A clear cut short must leave job.json, so a plain rerun of another job is still refused."""
+    from zimage_batch.ledger import OUTPUT_PREFIXES, Ledger
+
+    ledger = Ledger(store)
+    ledger.claim_output(_record("job-a"), overwrite=False)
+    for key in ("_commits/s.json", "metadata/s.parquet", "images/s/k.png", "report.html"):
+        store.put_bytes(key, b"x")
+    deleted = []
+    real_delete_prefix = store.delete_prefix
+    store.delete_prefix = lambda prefix: (deleted.append(prefix), real_delete_prefix(prefix))
+    ledger.claim_output(_record("job-b"), overwrite=True)
+    assert deleted == list(OUTPUT_PREFIXES) and deleted[0] == "_commits/" and deleted[-1] == "job.json"
+    assert {i.key for i in store.list()} == {"job.json"} and ledger.read_job()["fingerprint"] == "job-b"

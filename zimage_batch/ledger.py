@@ -16,7 +16,9 @@ from .storage import Storage, StorageError
 
 COMMITS = "_commits/"
 JOB_FILE = "job.json"
-OUTPUT_PREFIXES = ("_commits/", "job.json", "metadata/", "images/", "shards/", "data/", "_runs/", "report.html")
+# What a job writes, in the order --overwrite removes it: markers first (no half state looks
+# done), job.json last (a clear cut short still refuses a plain rerun of another job).
+OUTPUT_PREFIXES = ("_commits/", "metadata/", "images/", "shards/", "data/", "_runs/", "report.html", JOB_FILE)
 
 
 class JobMismatch(RuntimeError):
@@ -80,18 +82,28 @@ class Ledger:
         `record` is what job.json holds: {"fingerprint": ..., "job": {...}, "output_fields": [...]}.
         """
         previous = self.read_job()
-        if previous is not None and previous.get("fingerprint") != record["fingerprint"] and not overwrite:
-            before, now = previous.get("job", {}), record["job"]
-            changed = sorted(k for k in record["output_fields"] if before.get(k) != now.get(k))
-            raise JobMismatch(
-                f"{self.storage.uri} holds a different job (differs in: {', '.join(changed) or 'settings'}); "
-                "use another output, or --overwrite to replace it"
-            )
+        if previous is not None and not overwrite:
+            self._refuse_other_job(previous, record)
         if overwrite and (previous is not None or self.committed_names()):
             self.clear()
-        self.storage.put_bytes(JOB_FILE, json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False).encode())
+            previous = None
+        data = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False).encode()
+        if previous is not None:
+            self.storage.put_bytes(JOB_FILE, data)
+        elif not self.storage.put_if_absent(JOB_FILE, data):  # another run claimed it since we looked
+            self._refuse_other_job(self.read_job() or {}, record)
+
+    def _refuse_other_job(self, previous: dict[str, Any], record: dict[str, Any]) -> None:
+        if previous.get("fingerprint") == record["fingerprint"]:
+            return
+        before, now = previous.get("job", {}), record["job"]
+        changed = sorted(k for k in record["output_fields"] if before.get(k) != now.get(k))
+        raise JobMismatch(
+            f"{self.storage.uri} holds a different job (differs in: {', '.join(changed) or 'settings'}); "
+            "use another output, or --overwrite to replace it"
+        )
 
     def clear(self) -> None:
-        """Remove everything a previous job left (markers first, so no half state looks done)."""
+        """Remove everything a previous job left, in the order of OUTPUT_PREFIXES."""
         for prefix in OUTPUT_PREFIXES:
             self.storage.delete_prefix(prefix)

@@ -78,7 +78,8 @@ def make_plan(
     names = {f.name for f in manifest.files}
     gone = sorted(set(by_file) - names)
     if gone:
-        raise JobMismatch(f"manifest file(s) {', '.join(gone)} held committed rows and are gone from the manifest")
+        raise JobMismatch(f"manifest file(s) {', '.join(gone)} held committed rows and are gone from the manifest; "
+                           "put them back, or use --overwrite to start over")
     mixed = job_variant is not None and "variant" in manifest.schema.names
     todo: list[Shard] = []
     for f in manifest.files:
@@ -118,7 +119,8 @@ def _verify_committed(
     if not markers:
         return
     if markers[-1]["end"] > f.num_rows:
-        raise JobMismatch(f"{f.name}: rows committed by an earlier run are missing (the file now has {f.num_rows} rows)")
+        raise JobMismatch(f"{f.name}: rows committed by an earlier run are missing (the file now has {f.num_rows} rows); "
+                          "put them back, or use --overwrite to start over")
     pending = iter(markers)
     current = next(pending)
     pieces: list[pa.Table] = []

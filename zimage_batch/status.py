@@ -23,6 +23,10 @@ from .storage import Storage, open_storage
 RUNS = "_runs/"
 PLAN_PREFIX = "plan-"
 LAST_ERRORS = 5
+# A running job is reported as stalled when no shard has committed for this long (seconds), or
+# for STALL_SHARDS times its slowest recent shard if that is longer.
+STALL_AFTER_S = 600
+STALL_SHARDS = 4
 
 
 class NoJob(RuntimeError):
@@ -115,6 +119,8 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     else:
         elapsed = None
     rows_left = max(total_rows - rows_done, 0) if total_rows is not None else None
+    quiet = _quiet_for(plan, recent, now) if current == "running" else None
+    stalled = quiet is not None and quiet > max(STALL_AFTER_S, STALL_SHARDS * _slowest_shard(recent))
     errors = [
         {"shard": m["shard"], "error": e, "finished": m.get("finished")}
         for m in sorted(markers, key=lambda m: m.get("finished", 0), reverse=True)
@@ -145,9 +151,22 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
         "rows_left": rows_left,
         "rows_per_s": rate,
         "rate_span_s": span,
-        "eta_s": rows_left / rate if current == "running" and rate > 0 and rows_left is not None else None,
+        "quiet_s": quiet,
+        "stalled": stalled,
+        "eta_s": rows_left / rate if current == "running" and not stalled and rate > 0 and rows_left is not None
+        else None,
         "last_errors": errors[:LAST_ERRORS],
     }
+
+
+def _quiet_for(plan: dict[str, Any], recent: list[dict[str, Any]], now: float) -> float:
+    """Seconds since the running job last showed progress (its plan, or its last commit)."""
+    last = max([plan.get("started", 0)] + [m.get("finished", 0) for m in recent])
+    return max(0.0, now - last)
+
+
+def _slowest_shard(markers: list[dict[str, Any]]) -> float:
+    return max((m["finished"] - m["started"] for m in markers if "started" in m and "finished" in m), default=0.0)
 
 
 def _duration(seconds: float | None) -> str:
@@ -163,13 +182,22 @@ def _of(n: int, total: int | None) -> str:
     return f"{n} of {total}" if total is not None else f"{n} of ?"
 
 
+def _running_note(s: dict[str, Any]) -> str:
+    if s["state"] != "running":
+        return ""
+    if s["stalled"]:
+        return (f" (stalled? no shard committed for {_duration(s['quiet_s'])}: its driver may have died; "
+                "run the job again to resume)")
+    return " (no run record yet: running, or its driver died)"
+
+
 def format_status(s: dict[str, Any]) -> list[str]:
     """Human-readable lines for `status`."""
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["started"])) if s["started"] else "?"
     pct = f" ({s['rows_done'] / s['total_rows']:.0%})" if s["total_rows"] else ""
     lines = [
         f"job: {s['output']} (model {s['model']}, {s['variant']}, format {s['format']}, fingerprint {s['fingerprint']})",
-        f"state: {s['state']}{' (no run record yet: running, or its driver died)' if s['state'] == 'running' else ''}; "
+        f"state: {s['state']}{_running_note(s)}; "
         f"started {started}, elapsed {_duration(s['elapsed_s'])}, {s['runs']} run(s) ended",
         f"shards: {_of(s['shards_done'], s['total_shards'])} done, "
         f"{s['shards_left'] if s['shards_left'] is not None else '?'} left"
