@@ -364,7 +364,8 @@ def _offending(where: str, column: str, problem: str, batch: pa.RecordBatch, bad
     rows = np.flatnonzero(np.asarray(pc.fill_null(bad, False)))[:MAX_LISTED]
     ids = batch.column("id")
     if _family(ids.type) == STRING:  # as bytes: an id may be the text that is not UTF-8
-        ids = pa.array([None if b is None else b.decode("utf-8", "replace") for b in ids.cast(pa.binary()).take(rows).to_pylist()])
+        raw = ids.cast(pa.binary()).take(rows).to_pylist()
+        ids = pa.array([None if b is None else b.decode("utf-8", "replace") for b in raw])
     else:
         ids = ids.take(rows)
     named = ", ".join(f"row {offset + int(r)} (id={ids[i].as_py()!r:.60})" for i, r in enumerate(rows))
