@@ -171,6 +171,12 @@ def _not_utf8(name: str) -> Callable[[Path], Path]:
     return build
 
 
+def _partition_clashes_with_column(d: Path) -> Path:
+    folder = d / "manifest"
+    _write(folder / "date=2026-11-27" / "part-0.parquet", {"id": ["a"], "prompt": ["x"], "date": ["2026-11-26"]})
+    return folder
+
+
 def _missing_path(d: Path) -> Path:
     return d / "does-not-exist.parquet"
 
@@ -253,6 +259,7 @@ CASES = [
     Case("empty_file_named_parquet", _empty_file),
     Case("truncated_parquet", _truncated),
     Case("corrupt_parquet_body", _corrupt_body),
+    Case("partition_clashes_with_column", _partition_clashes_with_column, column="date", files=("part-0.parquet",)),
     Case("missing_path", _missing_path),
     Case("empty_folder", _empty_folder),
 ]

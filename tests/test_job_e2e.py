@@ -221,6 +221,31 @@ def test_low_vram_profile_through_the_cli(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_hive_partitioned_folder(tmp_path):
+    """A folder written by Spark's partitionBy: the key=value folder names are columns of the
+    rows under them (strings, URL-decoded, Hive's null marker as null), passed through into the
+    metadata; a `variant=` folder picks the rows' variant like a column would."""
+    folder = tmp_path / "manifest"
+    for sub, ids in (("date=2026-11-26/variant=turbo", ["a", "b"]), ("date=2026-11-27/variant=base", ["c"]),
+                     ("date=__HIVE_DEFAULT_PARTITION__/variant=turbo", ["d"]), ("date=2026-11-27%2F28/variant=turbo", ["e"])):
+        (folder / sub).mkdir(parents=True)
+        pq.write_table(pa.table({"id": ids, "prompt": [f"a photo {i}" for i in ids]}),
+                       folder / sub / "part-00000-abc.snappy.parquet")
+    (folder / "_SUCCESS").write_text("")
+    assert _cli("validate", str(folder)).returncode == 0
+    out = tmp_path / "out"
+    run = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+               "--set", "report=false", timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["id"]: r for r in check_exactly_once(str(out), ["a", "b", "c", "d", "e"])}
+    assert {i: (r["date"], r["variant"], r["status"]) for i, r in rows.items()} == {
+        "a": ("2026-11-26", "turbo", "ok"), "b": ("2026-11-26", "turbo", "ok"), "c": ("2026-11-27", "base", "ok"),
+        "d": (None, "turbo", "ok"), "e": ("2026-11-27/28", "turbo", "ok")}
+    rerun = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+                 "--set", "report=false", timeout=600)
+    assert rerun.returncode == 0 and "0 to run" in rerun.stdout, rerun.stdout  # the plan's digests agree
+
+
 def test_folder_of_files_with_different_types_and_columns(tmp_path):
     """Files written by different tools: a categorical prompt, an int guidance in one file and a
     float in the other, a pass-through column that widens (int32, int64), one only the second

@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Iterator
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +94,14 @@ class ManifestFile:
     name: str  # path relative to the manifest root, stable across runs
     num_rows: int
     schema: pa.Schema = dataclass_field(compare=False)  # dictionary-encoded strings as plain ones
+    # Hive-style folders on the way to the file (date=2026-11-27/): columns of every row, as strings
+    partition: tuple[tuple[str, str | None], ...] = ()
+
+    def with_partition(self, data):
+        """A table or batch read from this file, with its partition columns appended."""
+        for key, value in self.partition:
+            data = data.append_column(pa.field(key, pa.string()), pa.array([value] * data.num_rows, pa.string()))
+        return data
 
 
 class Manifest:
@@ -134,7 +143,14 @@ class Manifest:
         files = []
         for path, name in paths:
             footer = self._footer(path)
-            files.append(ManifestFile(path, name, footer.num_rows, _plain_schema(footer.schema.to_arrow_schema())))
+            schema = _plain_schema(footer.schema.to_arrow_schema())
+            partition = _hive_partition(posixpath.dirname(name))
+            for key, _ in partition:
+                if key in schema.names:
+                    raise ManifestError(f"{self._display(path)}: column '{key}' is named twice, in the file or its folders "
+                                        f"({key}=...); rename one of them")
+                schema = schema.append(pa.field(key, pa.string()))
+            files.append(ManifestFile(path, name, footer.num_rows, schema, partition))
         return files
 
     def _footer(self, path: str) -> pq.FileMetaData:
@@ -177,14 +193,16 @@ class Manifest:
     def iter_batches(self, f: ManifestFile, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         with self.fs.open_input_file(f.path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
-                yield _decoded(batch)
+                yield _decoded(f.with_partition(batch))
 
     def read_column(self, f: ManifestFile, name: str) -> pa.Array:
         """One column of one file (nulls where the file lacks it)."""
+        if name not in f.schema.names:
+            return pa.nulls(f.num_rows, pa.string())
+        if name in dict(f.partition):
+            return pa.array([dict(f.partition)[name]] * f.num_rows, pa.string())
         with self.fs.open_input_file(f.path) as handle:
             parquet = pq.ParquetFile(handle)
-            if name not in f.schema.names:
-                return pa.nulls(f.num_rows, pa.string())
             column = _decoded(parquet.read(columns=[name])).column(name).combine_chunks()
             return column.cast(pa.string()) if pa.types.is_null(column.type) else column
 
@@ -201,8 +219,22 @@ class Manifest:
                 offset += n
             if not groups:
                 return f.schema.empty_table()
-            table = _decoded(parquet.read_row_groups(groups))
+            table = _decoded(f.with_partition(parquet.read_row_groups(groups)))
         return table.slice(start - first_offset, end - start)
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark and Hive write a null partition value
+
+
+def _hive_partition(folder: str) -> tuple[tuple[str, str | None], ...]:
+    """The key=value parts of a file's folder path, values URL-decoded as Spark writes them."""
+    parts = []
+    for part in folder.split("/") if folder else []:
+        key, sep, value = part.partition("=")
+        if sep and key:
+            value = unquote(value)
+            parts.append((unquote(key), None if value == HIVE_NULL else value))
+    return tuple(parts)
 
 
 def open_manifest(uri: str) -> Manifest:
