@@ -199,8 +199,9 @@ class Manifest:
         """One column of one file (nulls where the file lacks it)."""
         if name not in f.schema.names:
             return pa.nulls(f.num_rows, pa.string())
-        if name in dict(f.partition):
-            return pa.array([dict(f.partition)[name]] * f.num_rows, pa.string())
+        partition = dict(f.partition)
+        if name in partition:
+            return pa.array([partition[name]] * f.num_rows, pa.string())
         with self.fs.open_input_file(f.path) as handle:
             parquet = pq.ParquetFile(handle)
             column = _decoded(parquet.read(columns=[name])).column(name).combine_chunks()
@@ -496,11 +497,13 @@ def _check_utf8(where: str, batch: pa.RecordBatch, offset: int) -> None:
 
 
 def _not_utf8(data: bytes | None) -> bool:
-    try:
-        data is None or data.decode("utf-8")
+    if data is None:
         return False
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError:
         return True
+    return False
 
 
 def _not_in(values: pa.Array, allowed) -> pa.Array:
