@@ -144,14 +144,14 @@ def zimage_batch_run(manifest: Path, output: str, args) -> tuple[float, float]:
 
 
 def make_engine(model_path: str):
-    from zimage_batch.engine import Engine
+    from zimage_batch.generate.engine import Engine
 
     return Engine(model_path, "turbo", device="cpu")
 
 
 def engine_alone(engine, records: list[dict], args) -> float:
     """(e) the engine on in-memory rows, no I/O at all."""
-    from zimage_batch.engine import GenerationRequest
+    from zimage_batch.generate.requests import GenerationRequest
 
     requests = [GenerationRequest(r["prompt"], r["seed"], args.size, args.size, args.steps, 0.0) for r in records]
     engine.generate(requests[: args.batch_size], batch_size=args.batch_size)  # warm-up
@@ -196,7 +196,7 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.model.sources import resolve_model
 
     model_path = resolve_model("tiny:turbo").path
     figures: dict[str, float] = {}
@@ -247,7 +247,8 @@ def main() -> None:
                 boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench",
                              aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket="bench")
                 figures["d"], wall = zimage_batch_run(manifest, "s3://bench/out", args)
-                print(f"(d) zimage-batch run, S3 (moto)         {figures['d']:7.1f} img/s  ({wall:.1f} img/s counting start-up)", flush=True)
+                print(f"(d) zimage-batch run, S3 (moto)         {figures['d']:7.1f} img/s  "
+                      f"({wall:.1f} img/s counting start-up)", flush=True)
             finally:
                 os.environ.clear()
                 os.environ.update(saved)

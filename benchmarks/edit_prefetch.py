@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fault_proxy import FaultProxy, endpoint_env  # noqa: E402
 
-from zimage_batch import images  # noqa: E402
+from zimage_batch.inputs import images  # noqa: E402
+from zimage_batch.inputs.manifest import open_manifest  # noqa: E402
 from zimage_batch.jobspec import JobSpec  # noqa: E402
-from zimage_batch.manifest import open_manifest  # noqa: E402
-from zimage_batch.plan import make_plan  # noqa: E402
-from zimage_batch.sources import resolve_model  # noqa: E402
+from zimage_batch.model.sources import resolve_model  # noqa: E402
+from zimage_batch.run.plan import make_plan  # noqa: E402
+from zimage_batch.run.worker import ShardRunner  # noqa: E402
 from zimage_batch.storage import open_storage  # noqa: E402
-from zimage_batch.worker import ShardRunner  # noqa: E402
 
 BUCKET = "bench"
 

@@ -35,13 +35,13 @@ PROMPTS = [
 
 def full_size_pipeline(device: str, dtype: torch.dtype):
     """ZImagePipeline with the released architecture and random weights, built on `device`."""
+    import tempfile
+    from pathlib import Path
+
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from zimage_batch.tiny import build_tokenizer
-
-    import tempfile
-    from pathlib import Path
+    from zimage_batch.model.tiny import build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tokenizer(Path(tmp))  # a local tokenizer: token ids stay within Qwen's vocabulary
@@ -75,7 +75,7 @@ def full_size_pipeline(device: str, dtype: torch.dtype):
 def tiny_pipeline():
     from diffusers import ZImagePipeline
 
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.model.sources import resolve_model
 
     pipe = ZImagePipeline.from_pretrained(resolve_model("tiny:turbo").path)
     pipe.set_progress_bar_config(disable=True)
@@ -128,7 +128,7 @@ class Bench:
     """The pipeline, the engine and the settings shared by every section."""
 
     def __init__(self, args) -> None:
-        from zimage_batch.engine import Engine
+        from zimage_batch.generate.engine import Engine
 
         self.args = args
         if args.tiny:
@@ -155,7 +155,7 @@ class Bench:
 
     def requests(self, batch: int, offset: int = 0, distinct: bool = False):
         """`batch` rows (seeds offset, offset+1, ...); with `distinct`, no two share a prompt."""
-        from zimage_batch.engine import GenerationRequest
+        from zimage_batch.generate.requests import GenerationRequest
 
         def prompt(i: int) -> str:
             return PROMPTS[i % len(PROMPTS)] + (f", take {i}" if distinct else "")
@@ -262,7 +262,7 @@ class Bench:
 
     def low_vram(self) -> None:
         """A shard of 8 rows as the worker runs it: encode ahead, then denoise batch by batch."""
-        from zimage_batch.engine import Engine
+        from zimage_batch.generate.engine import Engine
 
         cap = self.args.low_vram_gib
         engine = Engine(None, "turbo", device=self.device, dtype=self.dtype, pipe=self.pipe, low_vram=True)

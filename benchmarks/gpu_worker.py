@@ -30,12 +30,12 @@ PROMPTS = ["a photo of a cat", "一只可爱的小猫坐在窗台上", "a waterc
 
 def run_job_in_process(model: str, manifest: Path, output: Path, device: str, low_vram: str) -> dict[str, np.ndarray]:
     """What `zimage-batch run` does, with the shards run here instead of on Ray actors."""
-    from zimage_batch.driver import job_record, prepare, worker_settings
     from zimage_batch.jobspec import load_job
-    from zimage_batch.ledger import Ledger
-    from zimage_batch.plan import make_plan
+    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.run.driver import job_record, prepare, worker_settings
+    from zimage_batch.run.plan import make_plan
+    from zimage_batch.run.worker import ShardRunner
     from zimage_batch.storage import open_storage
-    from zimage_batch.worker import ShardRunner
 
     job = load_job(None, {"manifest": str(manifest), "output": str(output), "model": model, "shard_size": 10},
                    [f"device={device}", f"low_vram={low_vram}", "width=64", "height=64", "report=false"])
@@ -56,7 +56,7 @@ def run_job_in_process(model: str, manifest: Path, output: Path, device: str, lo
 
 
 def reference_row(pipe, prompt: str, seed: int) -> np.ndarray:
-    from zimage_batch.variants import get_variant
+    from zimage_batch.model.variants import get_variant
 
     steps = get_variant("turbo").num_inference_steps  # the job's default, as the rows have no steps
     image = pipe(prompt=prompt, height=64, width=64, num_inference_steps=steps, guidance_scale=0.0, output_type="np",
@@ -73,9 +73,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from zimage_batch.engine import default_dtype, load_pipeline
-    from zimage_batch.tiny import make_tiny_model
-    from zimage_batch.variants import get_variant
+    from zimage_batch.generate.engine import default_dtype, load_pipeline
+    from zimage_batch.model.tiny import make_tiny_model
+    from zimage_batch.model.variants import get_variant
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 
 
 def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Path]:
-    from zimage_batch.ledger import Ledger
-    from zimage_batch.manifest import open_manifest, rows_digest
-    from zimage_batch.plan import make_plan
+    from zimage_batch.inputs.manifest import open_manifest, rows_digest
+    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.run.plan import make_plan
     from zimage_batch.storage import open_storage
 
     manifest, output = root / "manifest", root / "out"
@@ -55,9 +55,9 @@ def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Pat
 
 def measure(manifest: str, output: str, shard_size: int) -> dict:
     """Runs in a fresh process: the driver's work before dispatch."""
-    from zimage_batch.ledger import Ledger
-    from zimage_batch.manifest import Limits, open_manifest, validate_manifest
-    from zimage_batch.plan import make_plan
+    from zimage_batch.inputs.manifest import Limits, open_manifest, validate_manifest
+    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.run.plan import make_plan
     from zimage_batch.storage import open_storage
 
     figures = {"rss_after_imports_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

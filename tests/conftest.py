@@ -6,7 +6,6 @@ from __future__ import annotations
 # A real S3 endpoint (moto's threaded server on 127.0.0.1) for every test that touches S3.
 # It is configured through os.environ so that subprocesses (the CLI) and Ray workers started
 # by the tests inherit it. No in-process mocking of boto3.
-
 import logging
 import os
 import socket

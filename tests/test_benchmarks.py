@@ -52,8 +52,9 @@ def test_cpu_harness_prints_all_five_figures():
 
 
 def test_out_of_memory_splits_the_batch(monkeypatch):
-    from zimage_batch.engine import Engine, GenerationRequest
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.generate.engine import Engine
+    from zimage_batch.generate.requests import GenerationRequest
+    from zimage_batch.model.sources import resolve_model
 
     engine = Engine(resolve_model("tiny:turbo").path, "turbo", device="cpu")
     requests = [GenerationRequest(f"prompt {i}", i, 64, 64, 4, 0.0) for i in range(6)]
@@ -96,7 +97,7 @@ def test_gpu_worker_check_runs_on_cpu():
 
 
 def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
-    from zimage_batch.worker import default_batch_size
+    from zimage_batch.run.worker import default_batch_size
 
     assert default_batch_size(64, 64) == 64 and default_batch_size(1024, 1024) == 1  # CPU
     free = {"bytes": 40 * 2**30}

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.engine import GenerationRequest
-from zimage_batch.images import resolve_uri
+from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.inputs.images import resolve_uri
 from zimage_batch.jobspec import JobError, load_job
-from zimage_batch.worker import ShardRunner
+from zimage_batch.run.worker import ShardRunner
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

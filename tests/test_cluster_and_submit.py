@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from output_check import check_exactly_once
 from test_job_e2e import make_manifest
 
@@ -94,7 +93,8 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop = [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"]
+        subprocess.run(stop, capture_output=True, env=env, timeout=120)
 
 
 def test_submit_runs_the_job_on_the_cluster(tmp_path, ray_head):

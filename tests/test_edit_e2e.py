@@ -5,8 +5,8 @@ a specific reason, every row exactly once."""
 from __future__ import annotations
 
 import hashlib
-import re
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from output_check import check_exactly_once, pixels, read_images
 from PIL import Image
 
-from output_check import check_exactly_once, pixels, read_images
-from zimage_batch import images
-from zimage_batch.keys import safe_key
+from zimage_batch.inputs import images
+from zimage_batch.model.variants import get_variant
+from zimage_batch.output.keys import safe_key
 from zimage_batch.storage import open_storage
-from zimage_batch.variants import get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def _reference(mode: str, model: str, request, source: Image.Image, mask: Image.
     """The row through diffusers' own reference pipeline."""
     import diffusers
 
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.model.sources import resolve_model
 
     name = {"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline", "edit": "ZImageOmniPipeline"}[mode]
     pipe = getattr(diffusers, name).from_pretrained(resolve_model(model).path)
@@ -291,9 +291,9 @@ def test_catalogue_edit_job_file_with_omni(tmp_path, s3_bucket):
 )
 def test_edit_manifest_refused_before_any_work(tmp_path, model, columns, problem):
     """Rows asking for what the model cannot do fail validation, naming the column, before a model loads."""
-    from zimage_batch.driver import prepare
+    from zimage_batch.inputs.manifest import ManifestError
     from zimage_batch.jobspec import JobSpec
-    from zimage_batch.manifest import ManifestError
+    from zimage_batch.run.driver import prepare
 
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({"id": ["sku-1"], "source": ["a.jpg"], "prompt": ["red"], **columns}), manifest)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_batch.edit_engine import EditRequest, infer_mode, prepare_source
-from zimage_batch.engine import Engine
-from zimage_batch.tiny import make_tiny_model
-from zimage_batch.variants import get_variant
+from zimage_batch.generate.edit import EditEngine as Engine
+from zimage_batch.generate.edit import prepare_source
+from zimage_batch.generate.requests import EditRequest, infer_mode
+from zimage_batch.model.tiny import make_tiny_model
+from zimage_batch.model.variants import get_variant
 
 TOLERANCE = 1  # 1/255
 

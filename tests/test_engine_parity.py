@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_batch.engine import MAX_SEQUENCE_LENGTH, Engine, GenerationRequest
-from zimage_batch.tiny import make_tiny_model
+from zimage_batch.generate.engine import MAX_SEQUENCE_LENGTH, Engine
+from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.model.tiny import make_tiny_model
 
 TOLERANCE = 1  # 1/255
 
@@ -147,13 +148,13 @@ def test_turbo_default_is_its_distilled_8_nfe_schedule(checkpoints):
     """SPEC §2: Turbo runs "9 scheduler steps = 8 NFE". That is diffusers' count before 0.39,
     whose 9th step sat at sigma 0 and changed nothing. The same schedule is 8 steps now, so the
     default is 8: 8 transformer passes on exactly the old 9-step sigmas, less the wasted one."""
-    from zimage_batch.variants import get_variant
+    from zimage_batch.model.variants import get_variant
 
     steps = get_variant("turbo").num_inference_steps
     assert steps == 8
     engine = Engine(str(checkpoints["turbo"]), "turbo", device="cpu")
     latents = torch.zeros(1, 16, 8, 8)
-    scheduler, timesteps = engine._timesteps(latents, steps)
+    scheduler, timesteps = engine.retrieve_timesteps(latents, steps)
 
     old = copy.deepcopy(engine.pipe.scheduler)  # what ZImagePipeline did with 9 steps up to 0.38
     old.sigma_min = 0.0
@@ -200,12 +201,12 @@ def test_low_vram_cache_serves_two_shards_at_once(checkpoints):
     engine.generate(shard_a, batch_size=2)
     engine.generate(shard_b, batch_size=2)
     assert engine.swaps == 2  # only the transformer's way back
-    cached = len(engine._prompt_cache)
+    cached = len(engine.turns._cache)
     engine.release_prompts(shard_a)
     shared = {engine._template(r.prompt) for r in shard_b}
-    assert {text for text, _ in engine._prompt_cache} == shared and len(engine._prompt_cache) < cached
+    assert {text for text, _ in engine.turns._cache} == shared and len(engine.turns._cache) < cached
     engine.release_prompts(shard_b)
-    assert engine._prompt_cache == {} and engine._prompt_users == {}
+    assert engine.turns._cache == {} and engine.turns._users == {}
 
 
 def test_low_vram_failures_leave_a_consistent_state(checkpoints, monkeypatch):
@@ -214,7 +215,7 @@ def test_low_vram_failures_leave_a_consistent_state(checkpoints, monkeypatch):
     engine = Engine(str(checkpoints["turbo"]), "turbo", device="cpu", low_vram=True)
     other_shard = NO_CFG_ROWS[:2]
     engine.encode_ahead(other_shard)
-    before = (dict(engine._prompt_users), set(engine._prompt_cache))
+    before = (dict(engine.turns._users), set(engine.turns._cache))
 
     real_run = engine._run_text_encoder
     calls = {"n": 0}
@@ -228,7 +229,7 @@ def test_low_vram_failures_leave_a_consistent_state(checkpoints, monkeypatch):
     monkeypatch.setattr(engine, "_run_text_encoder", fails_on_second_chunk)
     with pytest.raises(torch.OutOfMemoryError):
         engine.encode_ahead(NO_CFG_ROWS[1:], batch_size=2)  # shares a prompt with other_shard
-    assert (dict(engine._prompt_users), set(engine._prompt_cache)) == before
+    assert (dict(engine.turns._users), set(engine.turns._cache)) == before
     monkeypatch.undo()
 
     real_to = engine.pipe.text_encoder.to
@@ -241,6 +242,6 @@ def test_low_vram_failures_leave_a_consistent_state(checkpoints, monkeypatch):
     monkeypatch.setattr(engine.pipe.text_encoder, "to", fails_once)
     with pytest.raises(torch.OutOfMemoryError):
         engine._bring("text_encoder")
-    assert engine._resident == ""  # not "transformer": the next swap must not be skipped
+    assert engine.turns._resident == ""  # not "transformer": the next swap must not be skipped
     engine._bring("transformer")
-    assert engine._resident == "transformer"
+    assert engine.turns._resident == "transformer"

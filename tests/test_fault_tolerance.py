@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import psutil
-
 from output_check import check_exactly_once
 from test_job_e2e import make_manifest
+
 from zimage_batch.jobspec import JobSpec
-from zimage_batch.worker import CRASH_ENV
+from zimage_batch.run.worker import CRASH_ENV
 
 
 def _commits(out: Path) -> int:
@@ -114,7 +114,7 @@ def test_sigterm_stops_within_grace_period_and_resumes(tmp_path):
 def test_node_loss_on_a_multi_node_cluster(tmp_path):
     from ray.cluster_utils import Cluster
 
-    from zimage_batch.driver import run_job
+    from zimage_batch.run.driver import run_job
 
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = make_manifest(manifest, 240)

@@ -18,10 +18,10 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from fault_proxy import KINDS, endpoint_env
 from output_check import check_exactly_once
-from zimage_batch.ledger import Ledger, commit_key
+
+from zimage_batch.output.ledger import Ledger, commit_key
 from zimage_batch.storage import S3Storage, open_storage
 
 # Any credentials do for the test server, but requests must carry an Authorization header.

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from output_check import check_exactly_once, load_json, pixels, read_images, read_metadata
 from PIL import Image
 
-from output_check import check_exactly_once, load_json, pixels, read_images, read_metadata
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.storage import open_storage
 
@@ -80,8 +80,8 @@ def _pipeline(model_path: str):
 @pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
 def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
-    from zimage_batch.driver import run_job
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.model.sources import resolve_model
+    from zimage_batch.run.driver import run_job
 
     manifest = tmp_path / "manifest.parquet"
     ids = make_manifest(manifest, 210)
@@ -201,7 +201,7 @@ def test_quickstart_job_file(tmp_path):
 def test_low_vram_profile_through_the_cli(tmp_path):
     """`--set low_vram=on`: the workers encode each shard's prompts ahead, then denoise from the
     cache; every row exactly once, pixels as diffusers draws them. A bad value is refused."""
-    from zimage_batch.sources import resolve_model
+    from zimage_batch.model.sources import resolve_model
 
     manifest = tmp_path / "m.parquet"
     ids = make_manifest(manifest, 30)

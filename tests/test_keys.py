@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from zimage_batch.keys import KEY_RE, safe_key
+from zimage_batch.output.keys import KEY_RE, safe_key
 
 HOSTILE_IDS = [
     "plain",

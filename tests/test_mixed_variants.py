@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
 from output_check import check_exactly_once, pixels, read_images
-from zimage_batch.sources import resolve_model
+
+from zimage_batch.model.sources import resolve_model
 
 
 def _manifest(path, start: int, n: int) -> list[str]:
@@ -72,7 +72,7 @@ def test_rows_run_on_their_variant_and_resume(tmp_path):
 
 def test_a_variant_without_a_model_is_refused(tmp_path):
     folder = tmp_path / "model"
-    from zimage_batch.tiny import make_tiny_model
+    from zimage_batch.model.tiny import make_tiny_model
 
     make_tiny_model(folder, "turbo")
     manifest = tmp_path / "m.parquet"

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from zimage_batch import model_cache
-from zimage_batch.model_cache import CACHE_MANIFEST, fetch_s3_folder
+from zimage_batch.model import cache as model_cache
+from zimage_batch.model.cache import CACHE_MANIFEST, fetch_s3_folder
 from zimage_batch.storage import S3Storage, open_storage, s3_client
 
 FILES = {
@@ -188,7 +188,7 @@ def test_concurrent_callers_share_one_download(checkpoint, tmp_path, s3_calls):
 def test_concurrent_processes(checkpoint, tmp_path):
     """Two processes (inheriting the S3 settings from os.environ) fetch at the same time."""
     cache = tmp_path / "cache"
-    code = ("import sys; from zimage_batch.model_cache import fetch_s3_folder; "
+    code = ("import sys; from zimage_batch.model.cache import fetch_s3_folder; "
             "print(fetch_s3_folder(sys.argv[1], sys.argv[2]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, checkpoint, str(cache)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

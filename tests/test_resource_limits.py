@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from zimage_batch import storage as storage_module
 from zimage_batch.cli import main
-from zimage_batch.driver import scratch_needed
 from zimage_batch.jobspec import JobSpec
+from zimage_batch.run.driver import scratch_needed
 from zimage_batch.storage import MiB, StorageError, check_scratch_space, s3_client
 
 

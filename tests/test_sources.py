@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zimage_batch import tiny
-from zimage_batch.engine import Engine, GenerationRequest
-from zimage_batch.sources import ModelSourceError, infer_variant, resolve_model
+from zimage_batch.generate.engine import Engine
+from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.model import tiny
+from zimage_batch.model.sources import ModelSourceError, infer_variant, resolve_model
+from zimage_batch.model.variants import variant_for_hub_id
 from zimage_batch.storage import S3Storage, s3_client
-from zimage_batch.variants import variant_for_hub_id
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -206,7 +206,7 @@ def test_s3_omni_variant_and_pickle_refused(checkpoints, s3_bucket, cache):
 
 def test_variant_guessed_from_an_s3_folder_without_fetching_weights(checkpoints, s3_bucket):
     """The driver's guess (model_index.json and README.md only) agrees with the local folder's."""
-    from zimage_batch.sources import guess_variant
+    from zimage_batch.model.sources import guess_variant
 
     for variant, folder in checkpoints.items():
         _upload(folder, s3_bucket, f"guess-{variant}/")
@@ -236,7 +236,7 @@ def test_offline_unknown_hub_id_fails_fast_without_network(tmp_path):
             raise OSError("network used in offline mode")
         socket.getaddrinfo = socket.create_connection = refuse
         socket.socket.connect = socket.socket.connect_ex = refuse
-        from zimage_batch.sources import ModelSourceError, resolve_model
+        from zimage_batch.model.sources import ModelSourceError, resolve_model
         start = time.perf_counter()
         try:
             resolve_model("zimage-batch-tests/no-such-model")

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.report import MAX_THUMBNAILS, render
-from zimage_batch.status import load_output, summarize
+from zimage_batch.output.report import MAX_THUMBNAILS, render
+from zimage_batch.output.status import load_output, summarize
 from zimage_batch.storage import open_storage
 
 CHINESE = "一只可爱的小猫坐在窗台上"
@@ -154,7 +154,7 @@ def test_status_finished(watched_run):
 def test_status_of_a_run_whose_driver_died(tmp_path):
     """A plan and some commits, then nothing for an hour: `status` says the run looks stalled
     and gives no ETA; the same output a minute after its last commit is simply running."""
-    from zimage_batch.status import OutputState, format_status
+    from zimage_batch.output.status import OutputState, format_status
 
     plan = {"started": 1_000.0, "total_rows": 100, "total_shards": 4}
     markers = [{"shard": f"s{i}", "rows": 25, "ok": 25, "started": 1_000.0 + 10 * i, "finished": 1_010.0 + 10 * i}
@@ -252,7 +252,7 @@ def test_report_command_parquet_and_report_off(tmp_path):
 METRICS_SCRIPT = """
 import socket, sys, time, urllib.request
 import ray
-from zimage_batch import metrics
+from zimage_batch.run import metrics
 
 metrics.batch_done("w", 4, 0.5); metrics.rows_done("w", 3, 1); metrics.queue_depth(2, 1)  # no Ray yet: no-ops
 with socket.socket() as s:

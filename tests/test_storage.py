@@ -231,7 +231,7 @@ def _record(fingerprint: str) -> dict:
 def test_claim_output_loses_a_race_to_another_job(store, monkeypatch):
     """Two jobs start on an empty OUTPUT at once: both see no job.json, one creates it, and the
     other is refused (not silently sharing the OUTPUT)."""
-    from zimage_batch.ledger import JobMismatch, Ledger
+    from zimage_batch.output.ledger import JobMismatch, Ledger
 
     winner, loser = Ledger(store), Ledger(store)
     looks = []
@@ -250,7 +250,7 @@ def test_claim_output_loses_a_race_to_another_job(store, monkeypatch):
 
 def test_overwrite_removes_job_json_last(store):
     """A clear cut short must leave job.json, so a plain rerun of another job is still refused."""
-    from zimage_batch.ledger import OUTPUT_PREFIXES, Ledger
+    from zimage_batch.output.ledger import OUTPUT_PREFIXES, Ledger
 
     ledger = Ledger(store)
     ledger.claim_output(_record("job-a"), overwrite=False)

@@ -18,7 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from zimage_batch.cli import main
-from zimage_batch.engine import Engine, GenerationRequest
+from zimage_batch.generate.engine import Engine
+from zimage_batch.generate.requests import GenerationRequest
 
 VARIANTS = ["turbo", "base", "omni"]
 COMPONENTS = ["transformer", "text_encoder", "tokenizer", "vae", "scheduler"]
@@ -153,7 +154,7 @@ def test_engine_64px_9_steps_under_100ms(built, record_property):
     median, cpu_median, _ = rounds[-1]
     record_property("median_ms", median)
     record_property("cpu_median_ms", cpu_median)
-    summary = "; ".join(f"wall {w:.1f} ms, cpu {c:.1f} ms, load {l:.1f}" for w, c, l in rounds)
+    summary = "; ".join(f"wall {w:.1f} ms, cpu {c:.1f} ms, load {load:.1f}" for w, c, load in rounds)
     print(f"\n64x64 9-step tiny image, median per round: {summary}")
     if median >= 100 and all(w > 1.3 * c or load > cores for w, c, load in rounds):
         pytest.skip(f"machine oversubscribed ({cores} cores), timing not measurable: {summary}")

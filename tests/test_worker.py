@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.driver import job_record, prepare, worker_settings
 from zimage_batch.jobspec import load_job
-from zimage_batch.ledger import Ledger
-from zimage_batch.plan import make_plan
+from zimage_batch.output.ledger import Ledger
+from zimage_batch.run.driver import job_record, prepare, worker_settings
+from zimage_batch.run.plan import make_plan
+from zimage_batch.run.worker import ShardRunner
 from zimage_batch.storage import open_storage
-from zimage_batch.worker import ShardRunner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from zimage_batch.keys import safe_key
-from zimage_batch.storage import LocalStorage, open_storage
-from zimage_batch.writers import (
+from zimage_batch.output.keys import safe_key
+from zimage_batch.output.writers import (
     IMAGE_FORMATS,
     FilesWriter,
     ParquetWriter,
@@ -22,6 +21,7 @@ from zimage_batch.writers import (
     encode_image,
     make_writer,
 )
+from zimage_batch.storage import LocalStorage, open_storage
 
 N = 20
 SHARD = "shard-00003"

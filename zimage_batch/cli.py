@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from .jobspec import FORMATS, JobError, load_job
-from .ledger import JobMismatch
-from .manifest import ManifestError
-from .sources import ModelSourceError
-from .storage import StorageError
-from .variants import VARIANTS
+from zimage_batch.inputs.manifest import ManifestError
+from zimage_batch.jobspec import FORMATS, JobError, load_job
+from zimage_batch.model.checkpoint import ModelSourceError
+from zimage_batch.model.variants import VARIANTS
+from zimage_batch.output.ledger import JobMismatch
+from zimage_batch.storage import StorageError
 
 # Errors with a message meant for the user: printed as one line, no traceback.
 USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
@@ -105,7 +105,7 @@ def main() -> None:
 def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
     """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
     _quiet_libraries()
-    from .driver import run_job
+    from zimage_batch.run.driver import run_job
 
     try:
         job = load_job(job_file, {**flags, "format": format_}, list(settings))
@@ -135,7 +135,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
 
 def _write_report(output: str) -> None:
     """Write OUTPUT/report.html and say where; a failure here is reported, not fatal."""
-    from .report import write_report
+    from zimage_batch.output.report import write_report
 
     try:
         click.echo(f"report: {write_report(output)}")
@@ -150,7 +150,7 @@ def status_command(output: str, as_json: bool) -> None:
     """Shards and rows done / failed / left of the job in OUTPUT, throughput so far, last errors.
 
     Reads OUTPUT only: works while the job runs, from any machine, and after it ended."""
-    from .status import NoJob, format_status, status
+    from zimage_batch.output.status import NoJob, format_status, status
 
     try:
         figures = status(output)
@@ -167,8 +167,8 @@ def status_command(output: str, as_json: bool) -> None:
 @click.argument("output")
 def report_command(output: str) -> None:
     """Write OUTPUT/report.html: gallery (prompt, seed, id), errors, throughput, workers, settings."""
-    from .report import write_report
-    from .status import NoJob
+    from zimage_batch.output.report import write_report
+    from zimage_batch.output.status import NoJob
 
     try:
         location = write_report(output)
@@ -183,7 +183,7 @@ def report_command(output: str) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
 def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     """Check MANIFEST (schema and every value) without a model or a GPU."""
-    from .driver import check_manifest
+    from zimage_batch.run.driver import check_manifest
 
     try:
         job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
@@ -203,7 +203,7 @@ def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
                          "(e.g. aws s3 sync DIR s3://...), and --model takes the s3:// folder"))
     _quiet_libraries(load=True)
-    from .tiny import make_tiny_model
+    from zimage_batch.model.tiny import make_tiny_model
 
     try:
         path = make_tiny_model(directory, variant, seed)
@@ -220,7 +220,7 @@ def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job's logs until it ends")
 def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool) -> None:
     """Run JOB_FILE on a Ray cluster through the Ray Jobs API."""
-    from .submit import submit_job
+    from zimage_batch.submit import submit_job
 
     try:
         code = submit_job(job_file, address, list(settings), wait=wait, pip=list(pip), echo=click.echo)

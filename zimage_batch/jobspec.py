@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .variants import VARIANTS, get_variant
+from zimage_batch.model.variants import VARIANTS, get_variant
 
 FORMATS = ("files", "webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp")

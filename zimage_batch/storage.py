@@ -9,7 +9,6 @@ botocore's retry configuration. Error messages never contain credentials.
 
 from __future__ import annotations
 
-
 import io
 import os
 import random

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .jobspec import _resolve_relative_paths, load_job
+from zimage_batch.jobspec import _resolve_relative_paths, load_job
 
 # Non-secret settings forwarded to the job; credentials come from the cluster's own chain.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")

@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .sources import PICKLE_SUFFIXES, ModelSourceError
-from .storage import ObjectInfo, S3Storage, Storage, _fsync_dir, check_key, open_storage
+from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
+from zimage_batch.storage import ObjectInfo, S3Storage, Storage, _fsync_dir, check_key, open_storage
 
 CACHE_MANIFEST = ".zimage-cache.json"
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -59,11 +59,7 @@ def fetch_s3_folder(uri: str, cache_root: str | os.PathLike) -> Path:
 def _check_listing(uri: str, objects: list[ObjectInfo]) -> None:
     if not objects:
         raise ModelSourceError(f"no objects under {uri}")
-    pickles = [o.key for o in objects if o.key.lower().endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        raise ModelSourceError(
-            f"refusing checkpoint {uri}: pickle weights are not loaded, only safetensors "
-            f"({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''})")
+    refuse_pickles((o.key for o in objects), f"checkpoint {uri}")
     for o in objects:
         check_key(o.key)  # no '..' or absolute keys: nothing may land outside the entry
         if o.key == CACHE_MANIFEST:

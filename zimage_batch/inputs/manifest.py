@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .storage import is_s3, open_storage, split_s3_uri
-from .variants import VARIANTS
+from zimage_batch.model.variants import VARIANTS
+from zimage_batch.storage import is_s3, open_storage, split_s3_uri
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 EDIT_MODES = ("img2img", "inpaint", "edit")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .variants import get_variant
+from zimage_batch.model.variants import get_variant
 
 TINY_README = "Tiny random-init Z-Image checkpoint built by zimage-batch for tests and demos. It draws noise.\n"
 
@@ -158,6 +158,9 @@ def make_tiny_model(out_dir: str | os.PathLike, variant: str = "turbo", seed: in
     if (out / "model_index.json").exists():
         raise FileExistsError(f"{out} already holds a checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" is no news in a run's output
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
         vocab_size = build_tokenizer(tmp / "tokenizer")

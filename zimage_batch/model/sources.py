@@ -15,15 +15,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .variants import VARIANTS, variant_for_hub_id
+from zimage_batch.model.cache import fetch_s3_folder
+from zimage_batch.model.checkpoint import ModelSourceError, check_checkpoint, check_pipeline_class
+from zimage_batch.model.tiny import TINY_README, make_tiny_model
+from zimage_batch.model.variants import VARIANTS, variant_for_hub_id
+from zimage_batch.storage import StorageError, open_storage
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
 TINY_VERSION = "v1"  # bump when the tiny layout changes so stale caches are rebuilt
-
-
-class ModelSourceError(ValueError):
-    """The model source cannot be used (missing, unsafe, unknown)."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,6 @@ class ResolvedModel:
     @property
     def draws_noise(self) -> bool:
         """A tiny random-init checkpoint (tiny:<variant>, or a folder `make-tiny-model` wrote)."""
-        from .tiny import TINY_README
-
         readme = Path(self.path) / "README.md"
         return readme.is_file() and readme.read_text(errors="replace").startswith(TINY_README)
 
@@ -57,8 +54,6 @@ def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
         check_pipeline_class(path, variant or tiny_variant, source)
         return ResolvedModel(source, str(path), variant or tiny_variant)
     if source.startswith("s3://"):
-        from .model_cache import fetch_s3_folder
-
         path = fetch_s3_folder(source, cache_root() / "s3")
     elif os.path.isdir(source):
         path = Path(source)
@@ -80,8 +75,6 @@ def guess_variant(source: str) -> str:
             raise ModelSourceError(f"unknown tiny model {source!r}; use tiny:{'|tiny:'.join(VARIANTS)}")
         return variant
     if source.startswith("s3://"):
-        from .storage import StorageError, open_storage
-
         storage = open_storage(source)
         try:
             index = json.loads(storage.get_bytes("model_index.json"))
@@ -124,32 +117,6 @@ def source_for_variant(model: str, models: dict[str, str], variant: str, job_var
     )
 
 
-def check_checkpoint(path: Path) -> None:
-    """Refuse folders that are not diffusers checkpoints or that carry pickle weights."""
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise ModelSourceError(f"{path} is not a diffusers checkpoint folder (no model_index.json)")
-    pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelSourceError(
-            f"refusing checkpoint {path}: pickle weights are not loaded, only safetensors ({', '.join(pickles[:3])})"
-        )
-
-
-def check_pipeline_class(path: Path, variant: str, source: str) -> None:
-    """The checkpoint's pipeline must be a Z-Image one that runs `variant` (omni has parts turbo
-    and base lack), or the workers would fail to load it after the job has started."""
-    name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
-    omni_class = VARIANTS["omni"].pipeline_class
-    if not str(name).startswith("ZImage"):
-        raise ModelSourceError(f"{source} is not a Z-Image checkpoint: its model_index.json names {name!r}")
-    if (name == omni_class) != (variant == "omni"):
-        raise ModelSourceError(
-            f"{source} holds a {name} checkpoint, which cannot run variant {variant!r} "
-            f"(it needs a {VARIANTS[variant].pipeline_class} checkpoint); check --model and --variant"
-        )
-
-
 def infer_variant(source: str, path: Path) -> str:
     """Best guess of a checkpoint's variant when the job does not say."""
     by_hub = variant_for_hub_id(source)
@@ -161,8 +128,6 @@ def infer_variant(source: str, path: Path) -> str:
 
 
 def _tiny_checkpoint(variant: str) -> Path:
-    from .tiny import make_tiny_model
-
     path = cache_root() / "tiny" / f"{variant}-{TINY_VERSION}"
     if not (path / "model_index.json").is_file():
         try:

@@ -24,9 +24,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from .jobspec import redact_env_vars
-from .status import OutputState, load_output, summarize
-from .storage import Storage
+from zimage_batch.jobspec import redact_env_vars
+from zimage_batch.output.status import OutputState, load_output, summarize
+from zimage_batch.storage import Storage
 
 REPORT_KEY = "report.html"
 MAX_THUMBNAILS = 200

@@ -12,10 +12,10 @@ relative to the manifest file that lists them (`resolve_uri`).
 from __future__ import annotations
 
 import hashlib
-import struct
 import io
 import math
 import posixpath
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
@@ -26,9 +26,10 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from .edit_engine import EditRequest, prepare_source
-from .storage import StorageError, is_s3, open_storage, split_s3_uri
-from .variants import Variant
+from zimage_batch.generate.edit import prepare_source
+from zimage_batch.generate.requests import EditRequest
+from zimage_batch.model.variants import Variant
+from zimage_batch.storage import StorageError, is_s3, open_storage, split_s3_uri
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: the decompression-bomb limit per source image
 SIZE_MULTIPLE = 16

@@ -14,46 +14,21 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .variants import Variant, get_variant
+from zimage_batch.generate.low_vram import TakingTurns
+from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.model.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # the reference pipeline's prompt truncation length
 # Below this much GPU memory the bf16 transformer (12.3 GB) and Qwen3-4B (8 GB) take turns.
 LOW_VRAM_BELOW = 30 * 2**30
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One image to draw."""
-
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
-
-    def batch_key(self) -> tuple:
-        """Rows with equal keys can share one batch."""
-        return sampler_key(self)
-
-
-def sampler_key(request) -> tuple:
-    """The output shape and sampler settings of a generation or edit request: rows that differ
-    here cannot share one denoising loop."""
-    r = request
-    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization)
 
 
 def default_device() -> str:
@@ -89,6 +64,34 @@ def low_vram_needed(device: str) -> bool:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory < LOW_VRAM_BELOW
 
 
+def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, scale: float, settings: GenerationRequest) -> torch.Tensor:
+    """Classifier-free guidance with the reference pipeline's optional norm cap."""
+    pred = pos + scale * (pos - neg)
+    if settings.cfg_normalization and float(settings.cfg_normalization) > 0:
+        max_norm = torch.linalg.vector_norm(pos) * float(settings.cfg_normalization)
+        new_norm = torch.linalg.vector_norm(pred)
+        if new_norm > max_norm:
+            pred = pred * (max_norm / new_norm)
+    return pred
+
+
+def reference_generate(pipe, r: GenerationRequest) -> np.ndarray:
+    """Variants whose text-to-image path needs extra conditioning go through diffusers as is."""
+    out = pipe(
+        prompt=r.prompt,
+        negative_prompt=r.negative_prompt,
+        width=r.width,
+        height=r.height,
+        num_inference_steps=r.num_inference_steps,
+        guidance_scale=r.guidance_scale,
+        cfg_truncation=r.cfg_truncation,
+        cfg_normalization=r.cfg_normalization,
+        generator=torch.Generator("cpu").manual_seed(r.seed),
+        output_type="np",
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
 class Engine:
     """Holds one loaded variant and turns generation requests into uint8 RGB arrays.
 
@@ -121,13 +124,7 @@ class Engine:
         # output then does not depend on the other prompts it runs with (measured on an H200),
         # at ~10 ms a prompt. On the CPU (fp32, exact either way) only to the longest: cheaper.
         self.pad_prompts_to_max = self.on_cuda
-        self.swaps = 0  # low_vram: how often the text encoder and the transformer traded places
-        self._prompt_cache: dict[tuple[str, bool], torch.Tensor] = {}  # low_vram: (text, padded) -> embedding
-        self._prompt_users: dict[tuple[str, bool], int] = {}  # how many shards still need each entry
-        self._swapping = False  # low_vram with the text encoder and transformer taking turns
-        self._resident = ""  # which of the two is on the device ("" when unknown)
-        if low_vram:
-            self._place_for_low_vram()
+        self.turns = TakingTurns(pipe, self.device, offload_all=self.variant.needs_siglip) if low_vram else None
         if self.on_cuda and attention_backend:
             self.pipe.transformer.set_attention_backend(attention_backend)
         if self.on_cuda and compile:
@@ -135,31 +132,14 @@ class Engine:
             self.pipe.transformer.compile_repeated_blocks(fullgraph=False)
         self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
 
-    def _place_for_low_vram(self) -> None:
-        """Everything small on the device, the transformer too; the text encoder waits on the CPU.
-        Omni's reference path needs every part at once, so it uses diffusers' model offload."""
-        if self.variant.needs_siglip:
-            if self.on_cuda:
-                self.pipe.enable_model_cpu_offload(device=self.device)
-            return
-        for name, component in self.pipe.components.items():
-            if isinstance(component, torch.nn.Module) and name != "text_encoder":
-                component.to(self.device)
-        self.pipe.text_encoder.to("cpu")
-        self._swapping, self._resident = True, "transformer"
+    @property
+    def swaps(self) -> int:
+        """low_vram: how often the text encoder and the transformer traded places."""
+        return self.turns.swaps if self.turns else 0
 
     def _bring(self, name: str) -> None:
-        """low_vram: put `name` (text_encoder | transformer) on the device, the other on the CPU."""
-        if not self._swapping or self._resident == name:
-            return
-        other = "transformer" if name == "text_encoder" else "text_encoder"
-        self._resident = ""  # unknown until both moves succeed: a failed move is redone in full
-        getattr(self.pipe, other).to("cpu")
-        if self.on_cuda:
-            torch.cuda.empty_cache()
-        getattr(self.pipe, name).to(self.device)
-        self._resident = name
-        self.swaps += 1
+        if self.turns:
+            self.turns.bring(name)
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
@@ -195,41 +175,22 @@ class Engine:
         return self._generate_splitting_on_oom(batch[:half]) + self._generate_splitting_on_oom(batch[half:])
 
     def _generate_batch(self, batch: list[GenerationRequest]) -> list[np.ndarray]:
-        if getattr(batch[0], "mode", None):  # an EditRequest: img2img, inpaint or edit
-            from .edit_engine import generate_edit_batch
-
-            return generate_edit_batch(self, batch)
+        """One batch of one batch key (`EditEngine` draws edit requests)."""
         if self.variant.needs_siglip:
-            return [self._generate_with_reference_pipeline(r) for r in batch]
+            return [reference_generate(self.pipe, r) for r in batch]
         first = batch[0]
         use_cfg = first.guidance_scale > 0
         texts = [r.prompt for r in batch]
         if use_cfg:
             texts += [r.negative_prompt or "" for r in batch]
-        embeds = self.encode_prompts(texts)
+        embeds = self.encode_prompt(texts)
         positive, negative = embeds[: len(batch)], embeds[len(batch) :]
-        latents = self._initial_latents(batch)
-        latents = self._denoise(latents, positive, negative, first)
-        return self._decode(latents)
-
-    def _generate_with_reference_pipeline(self, r: GenerationRequest) -> np.ndarray:
-        """Variants whose text-to-image path needs extra conditioning go through diffusers as is."""
-        out = self.pipe(
-            prompt=r.prompt,
-            negative_prompt=r.negative_prompt,
-            width=r.width,
-            height=r.height,
-            num_inference_steps=r.num_inference_steps,
-            guidance_scale=r.guidance_scale,
-            cfg_truncation=r.cfg_truncation,
-            cfg_normalization=r.cfg_normalization,
-            generator=torch.Generator("cpu").manual_seed(r.seed),
-            output_type="np",
-        ).images[0]
-        return (out * 255).round().astype(np.uint8)
+        latents = self.prepare_latents(batch)
+        latents = self.denoise(latents, positive, negative, first)
+        return self.decode_latents(latents)
 
     # ------------------------------------------------------------------ stages
-    def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
+    def encode_prompt(self, texts: list[str]) -> list[torch.Tensor]:
         """Qwen3 hidden_states[-2] per prompt (padded to 512 with `pad_prompts_to_max`, else to
         the longest prompt in the batch)."""
         return self.encode_texts([self._template(text) for text in texts], self.pad_prompts_to_max)
@@ -246,51 +207,28 @@ class Engine:
         """Qwen3 hidden_states[-2] of already templated texts, padded to the longest one
         (or to MAX_SEQUENCE_LENGTH, as the reference pipelines do, with `pad_to_max`).
         With low_vram, texts encoded ahead come from the cache."""
-        if not self._swapping:
+        if not (self.turns and self.turns.active):
             return self._run_text_encoder(texts, pad_to_max)
-        missing = list(dict.fromkeys(t for t in texts if (t, pad_to_max) not in self._prompt_cache))
-        # Texts not encoded ahead: the text encoder takes one more turn (and they are not kept).
-        fresh = dict(zip(missing, self._encode_on_device(missing, pad_to_max))) if missing else {}
-        return [fresh[t] if t in fresh else self._prompt_cache[(t, pad_to_max)].to(self.device) for t in texts]
+        return self.turns.lookup([(t, pad_to_max) for t in texts], self._encode_on_device)
 
     def encode_ahead(self, requests: Sequence[GenerationRequest], batch_size: int = 16) -> None:
-        """low_vram: encode the prompts (and negative prompts) of these requests now, in one turn
-        of the text encoder on the device, so that the batches that follow need only the
-        transformer. The embeddings stay cached (on the CPU) until `release_prompts` is called
-        with the same requests: a worker runs several shards at once, each holds its own."""
-        if not self._swapping:
-            return
-        keys = [(t, self.pad_prompts_to_max) for t in self._texts_of(requests)]
-        for key in keys:
-            self._prompt_users[key] = self._prompt_users.get(key, 0) + 1
-        try:
-            missing = [key for key in keys if key not in self._prompt_cache]
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
-                embeddings = self._encode_on_device([text for text, _ in chunk], self.pad_prompts_to_max)
-                for key, embedding in zip(chunk, embeddings):
-                    self._prompt_cache[key] = embedding.to("cpu")
-        except BaseException:
-            self.release_prompts(requests)  # all or nothing: no counts or entries of ours stay
-            raise
+        """low_vram: encode these requests' prompts (and negative prompts) now, in one turn of the
+        text encoder, so the batches that follow need only the transformer. They stay cached (on
+        the CPU) until `release_prompts` is called with the same requests: a worker runs several
+        shards at once, each holds its own."""
+        if self.turns and self.turns.active:
+            self.turns.encode_ahead(self._cache_keys(requests), self._encode_on_device, batch_size)
 
     def release_prompts(self, requests: Sequence[GenerationRequest]) -> None:
         """low_vram: the shard that encoded these requests ahead is done with them."""
-        if not self._swapping:
-            return
-        for key in ((t, self.pad_prompts_to_max) for t in self._texts_of(requests)):
-            users = self._prompt_users.get(key, 0) - 1
-            if users > 0:
-                self._prompt_users[key] = users
-            else:
-                self._prompt_users.pop(key, None)
-                self._prompt_cache.pop(key, None)
+        if self.turns and self.turns.active:
+            self.turns.release(self._cache_keys(requests))
 
-    def _texts_of(self, requests: Sequence[GenerationRequest]) -> list[str]:
+    def _cache_keys(self, requests: Sequence[GenerationRequest]) -> list[tuple[str, bool]]:
         """The templated texts these requests encode, each once."""
         prompts = [r.prompt for r in requests]
         prompts += [r.negative_prompt or "" for r in requests if r.guidance_scale > 0]
-        return list(dict.fromkeys(self._template(p) for p in prompts))
+        return [(t, self.pad_prompts_to_max) for t in dict.fromkeys(self._template(p) for p in prompts)]
 
     @torch.inference_mode()
     def _encode_on_device(self, texts: list[str], pad_to_max: bool) -> list[torch.Tensor]:
@@ -312,7 +250,7 @@ class Engine:
         ).hidden_states[-2]
         return [hidden[i][mask[i]] for i in range(len(texts))]
 
-    def _initial_latents(self, batch: list[GenerationRequest]) -> torch.Tensor:
+    def prepare_latents(self, batch: list[GenerationRequest]) -> torch.Tensor:
         """Noise per row from the row's seed, drawn on the CPU (reproducible across devices of a kind)."""
         scale = self.pipe.vae_scale_factor * 2
         channels = self.pipe.transformer.in_channels
@@ -326,7 +264,7 @@ class Engine:
         ]
         return torch.cat(noise).to(self.device)
 
-    def _timesteps(self, latents: torch.Tensor, steps: int):
+    def retrieve_timesteps(self, latents: torch.Tensor, steps: int):
         """The reference pipelines' schedule: `steps` transformer passes (diffusers >= 0.39)."""
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
@@ -344,7 +282,7 @@ class Engine:
         scheduler.set_begin_index(0)
         return scheduler, scheduler.timesteps
 
-    def _denoise(
+    def denoise(
         self,
         latents: torch.Tensor,
         positive: list[torch.Tensor],
@@ -358,7 +296,7 @@ class Engine:
         transformer call `forward(latents, timestep, captions)` and a hook run after each step."""
         self._bring("transformer")
         transformer = self.pipe.transformer
-        scheduler, timesteps = schedule or self._timesteps(latents, settings.num_inference_steps)
+        scheduler, timesteps = schedule or self.retrieve_timesteps(latents, settings.num_inference_steps)
         forward = forward or self._forward
         n = latents.shape[0]
         guidance = settings.guidance_scale
@@ -375,7 +313,7 @@ class Engine:
                 captions = positive
             out = forward(list(model_latents.unsqueeze(2).unbind(dim=0)), timestep, captions)
             if apply_cfg:
-                preds = [self._guide(out[j].float(), out[n + j].float(), guidance, settings) for j in range(n)]
+                preds = [apply_guidance(out[j].float(), out[n + j].float(), guidance, settings) for j in range(n)]
             else:
                 preds = [o.float() for o in out]
             noise_pred = -torch.stack(preds).squeeze(2)
@@ -387,23 +325,12 @@ class Engine:
     def _forward(self, latents: list[torch.Tensor], timestep: torch.Tensor, captions: list) -> list[torch.Tensor]:
         return self.pipe.transformer(latents, timestep, captions, return_dict=False)[0]
 
-    @staticmethod
-    def _guide(pos: torch.Tensor, neg: torch.Tensor, scale: float, settings: GenerationRequest) -> torch.Tensor:
-        """Classifier-free guidance with the reference pipeline's optional norm cap."""
-        pred = pos + scale * (pos - neg)
-        if settings.cfg_normalization and float(settings.cfg_normalization) > 0:
-            max_norm = torch.linalg.vector_norm(pos) * float(settings.cfg_normalization)
-            new_norm = torch.linalg.vector_norm(pred)
-            if new_norm > max_norm:
-                pred = pred * (max_norm / new_norm)
-        return pred
-
     def vae_parts(self, batch: torch.Tensor) -> Sequence[torch.Tensor]:
         """What the VAE sees at once: the whole batch, or one row at a time with low_vram
         (a 1024x1024 decode needs about 2 GiB per row)."""
         return batch.split(1) if self.low_vram else [batch]
 
-    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+    def decode_latents(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = torch.cat([vae.decode(part, return_dict=False)[0] for part in self.vae_parts(latents)])

@@ -26,12 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import images, metrics
-from .edit_engine import EditRequest, infer_mode
-from .engine import Engine, GenerationRequest, default_device, low_vram_needed
-from .keys import safe_key
-from .ledger import Ledger, commit_key
-from .manifest import (
+from zimage_batch.generate.edit import EditEngine
+from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
+from zimage_batch.generate.requests import EditRequest, GenerationRequest, infer_mode
+from zimage_batch.inputs import images
+from zimage_batch.inputs.manifest import (
     EDIT_METADATA_COLUMNS,
     KNOWN_COLUMNS,
     METADATA_COLUMNS,
@@ -40,11 +39,14 @@ from .manifest import (
     rows_digest,
     rows_of_variant,
 )
-from .plan import Shard
-from .sources import resolve_model, source_for_variant
-from .storage import open_storage
-from .threads import background_pool
-from .writers import encode_image, make_writer
+from zimage_batch.model.sources import resolve_model, source_for_variant
+from zimage_batch.output.keys import safe_key
+from zimage_batch.output.ledger import Ledger, commit_key
+from zimage_batch.output.writers import encode_image, make_writer
+from zimage_batch.run import metrics
+from zimage_batch.run.plan import Shard
+from zimage_batch.run.threads import background_pool
+from zimage_batch.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,9 @@ class ShardRunner:
         model_path = resolve_model(self.model, variant).path
         device = job.get("device") or default_device()
         low_vram = job.get("low_vram", "auto")
-        self.engine = Engine(
+        self.manifest = open_manifest(job["manifest"])
+        self.edit = self.manifest.kind == "edit"  # the edit path draws edit requests too
+        self.engine = (EditEngine if self.edit else Engine)(
             model_path,
             variant,
             device=device,
@@ -108,13 +112,11 @@ class ShardRunner:
         gc.freeze()
         self.storage = open_storage(job["output"])
         self.ledger = Ledger(self.storage)
-        self.manifest = open_manifest(job["manifest"])
         self.files = {f.name: f for f in self.manifest.files}
         self.encoder = background_pool(2, "encode")
         # Images are handed to the writer on one thread, in row order (tar members and
         # metadata stay deterministic), while the model thread goes on to the next batch.
         self.storer = background_pool(1, "store")
-        self.edit = self.manifest.kind == "edit"
         self.sources = background_pool(SOURCE_THREADS, "source") if self.edit else None
         self.first_shard_started: float | None = None
         self.worker_id = f"{platform.node()}:{os.getpid()}"

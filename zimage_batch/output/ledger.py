@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .storage import Storage, StorageError
+from zimage_batch.storage import Storage, StorageError
 
 COMMITS = "_commits/"
 JOB_FILE = "job.json"

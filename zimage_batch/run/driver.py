@@ -18,15 +18,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import metrics
-from .jobspec import JobError, JobSpec, redact_env_vars
-from .ledger import Ledger
-from .manifest import Limits, Manifest, open_manifest, validate_manifest
-from .plan import Plan, Shard, make_plan
-from .progress import Progress
-from .sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
-from .storage import check_scratch_space, open_storage
-from .variants import get_variant
+from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
+from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
+from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
+from zimage_batch.model.variants import get_variant
+from zimage_batch.output.ledger import Ledger
+from zimage_batch.run import metrics
+from zimage_batch.run.plan import Plan, Shard, make_plan
+from zimage_batch.run.progress import Progress
+from zimage_batch.storage import check_scratch_space, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class WorkerPool:
     def __init__(self, job: JobSpec, variant: str) -> None:
         import ray
 
-        from .worker import ShardRunner
+        from zimage_batch.run.worker import ShardRunner
 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0 and job.device != "cpu"

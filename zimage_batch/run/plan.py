@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .ledger import JobMismatch
-from .manifest import Manifest, ManifestFile, rows_digest, rows_of_variant
+from zimage_batch.inputs.manifest import Manifest, ManifestFile, rows_digest, rows_of_variant
+from zimage_batch.output.ledger import JobMismatch
 
 
 @dataclass(frozen=True)

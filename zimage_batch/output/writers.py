@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .keys import KEY_RE
-from .threads import background_pool
+from zimage_batch.output.keys import KEY_RE
+from zimage_batch.run.threads import background_pool
 
 __all__ = [
     "IMAGE_FORMATS",

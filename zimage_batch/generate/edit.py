@@ -14,48 +14,14 @@ pipeline's own area cap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from PIL import Image
 
-from .engine import sampler_key
-from .variants import Variant
+from zimage_batch.generate.engine import Engine
+from zimage_batch.generate.requests import EditRequest
 
 OMNI_MAX_AREA = 1024 * 1024  # the omni pipeline shrinks larger reference images to the output area
-
-
-@dataclass(eq=False)
-class EditRequest:
-    """One edited image to draw: a source image (RGB) and, for inpaint, a mask (L, white repaints)."""
-
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    mode: str  # img2img | inpaint | edit
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
-    strength: float = 0.6  # img2img and inpaint
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
-
-    def batch_key(self) -> tuple:
-        """Rows with equal keys can share one batch."""
-        return (self.mode, *sampler_key(self), -1.0 if self.mode == "edit" else self.strength)
-
-
-def infer_mode(mode: str | None, has_mask: bool, variant: Variant) -> str:
-    """The row's mode, else: a mask means inpaint, an editing variant means edit, else img2img."""
-    if mode:
-        return mode
-    if has_mask:
-        return "inpaint"
-    return "edit" if "edit" in variant.tasks else "img2img"
 
 
 def prepare_source(
@@ -83,7 +49,16 @@ def prepare_source(
     return image, mask
 
 
-def generate_edit_batch(engine, batch: list[EditRequest]) -> list[np.ndarray]:
+class EditEngine(Engine):
+    """An `Engine` that also draws edit requests (the worker uses it for edit manifests)."""
+
+    def _generate_batch(self, batch: list) -> list[np.ndarray]:
+        if not isinstance(batch[0], EditRequest):
+            return super()._generate_batch(batch)
+        return generate_edit_batch(self, batch)
+
+
+def generate_edit_batch(engine: Engine, batch: list[EditRequest]) -> list[np.ndarray]:
     """Draw one batch of edit requests sharing a batch key; HxWx3 uint8 arrays in order."""
     mode = batch[0].mode
     if mode not in engine.variant.tasks:
@@ -94,7 +69,7 @@ def generate_edit_batch(engine, batch: list[EditRequest]) -> list[np.ndarray]:
 
 
 # ---------------------------------------------------------------------- img2img / inpaint
-def _img2img(engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray]:
+def _img2img(engine: Engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray]:
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.utils.torch_utils import randn_tensor
@@ -103,7 +78,7 @@ def _img2img(engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray
     vae = pipe.vae
     use_cfg = first.guidance_scale > 0
     texts = [r.prompt for r in batch] + ([r.negative_prompt or "" for r in batch] if use_cfg else [])
-    embeds = engine.encode_prompts(texts)
+    embeds = engine.encode_prompt(texts)
     positive, negative = embeds[:n], embeds[n:]
     dtype = positive[0].dtype  # the reference prepares image latents and noise in the prompt dtype
 
@@ -115,7 +90,7 @@ def _img2img(engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray
     images = torch.cat([processor.preprocess(r.image) for r in batch]).to(torch.float32)
     shape = (1, pipe.transformer.in_channels, 2 * (first.height // scale), 2 * (first.width // scale))
 
-    scheduler, timesteps = engine._timesteps(torch.empty(shape, device="meta"), first.num_inference_steps)
+    scheduler, timesteps = engine.retrieve_timesteps(torch.empty(shape, device="meta"), first.num_inference_steps)
     steps = len(timesteps)
     t_start = int(max(steps - min(steps * first.strength, steps), 0))
     timesteps = timesteps[t_start * scheduler.order :]
@@ -135,8 +110,8 @@ def _img2img(engine, batch: list[EditRequest], inpaint: bool) -> list[np.ndarray
     latents = scheduler.scale_noise(image_latents, timesteps[:1].repeat(n), noise)
 
     blend = _masked_blend(batch, scale, shape, dtype, scheduler, timesteps, image_latents, noise) if inpaint else None
-    latents = engine._denoise(latents, positive, negative, first, schedule=(scheduler, timesteps), after_step=blend)
-    return engine._decode(latents)
+    latents = engine.denoise(latents, positive, negative, first, schedule=(scheduler, timesteps), after_step=blend)
+    return engine.decode_latents(latents)
 
 
 def _masked_blend(batch: list[EditRequest], scale: int, shape: tuple, dtype, scheduler, timesteps, image_latents, noise):
@@ -167,7 +142,7 @@ def omni_prompt_segments(prompt: str) -> list[str]:
     ]
 
 
-def _omni_edit(engine, r: EditRequest) -> np.ndarray:
+def _omni_edit(engine: Engine, r: EditRequest) -> np.ndarray:
     """One instruction edit: the prompt around one reference image, its VAE latents and SigLIP 2
     features, as ZImageOmniPipeline builds them (prompts padded to 512 tokens, as there)."""
     pipe, device = engine.pipe, engine.device
@@ -204,6 +179,6 @@ def _omni_edit(engine, r: EditRequest) -> np.ndarray:
             return_dict=False,
         )[0]
 
-    latents = engine._initial_latents([r])  # float32 noise from the row's CPU generator
-    latents = engine._denoise(latents, positive, negative, r, forward=forward)
-    return engine._decode(latents)[0]
+    latents = engine.prepare_latents([r])  # float32 noise from the row's CPU generator
+    latents = engine.denoise(latents, positive, negative, r, forward=forward)
+    return engine.decode_latents(latents)[0]

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ledger import JOB_FILE, Ledger
-from .storage import Storage, open_storage
+from zimage_batch.output.ledger import JOB_FILE, Ledger
+from zimage_batch.storage import Storage, open_storage
 
 RUNS = "_runs/"
 PLAN_PREFIX = "plan-"

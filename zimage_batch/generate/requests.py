@@ -1,0 +1,68 @@
+"""What the engine is asked to draw: one request per image, typed, and the key that says
+which requests can share one denoising loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from zimage_batch.model.variants import Variant
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to draw."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
+    cfg_normalization: float = 0.0
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batch."""
+        return sampler_key(self)
+
+
+def sampler_key(request) -> tuple:
+    """The output shape and sampler settings of a generation or edit request: rows that differ
+    here cannot share one denoising loop."""
+    r = request
+    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization)
+
+
+@dataclass(eq=False)
+class EditRequest:
+    """One edited image to draw: a source image (RGB) and, for inpaint, a mask (L, white repaints)."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    mode: str  # img2img | inpaint | edit
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float = 0.6  # img2img and inpaint
+    negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
+    cfg_normalization: float = 0.0
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batch."""
+        return (self.mode, *sampler_key(self), -1.0 if self.mode == "edit" else self.strength)
+
+
+def infer_mode(mode: str | None, has_mask: bool, variant: Variant) -> str:
+    """The row's mode, else: a mask means inpaint, an editing variant means edit, else img2img."""
+    if mode:
+        return mode
+    if has_mask:
+        return "inpaint"
+    return "edit" if "edit" in variant.tasks else "img2img"
