@@ -43,9 +43,9 @@ def run_job_in_process(model: str, manifest: Path, output: Path, device: str, lo
     ledger = Ledger(open_storage(job.output))
     ledger.claim_output(job_record(job), job.overwrite)
     plan = make_plan(data, ledger.committed(), job.shard_size, job.variant)
-    runner = ShardRunner(worker_settings(job, job.variant), job.variant)
+    runner = ShardRunner(worker_settings(job, job.variant))
     for shard in plan.todo:
-        runner.run_shard(shard.to_dict())
+        runner.run_shard(shard)
     metadata = pa.concat_tables(pq.read_table(p) for p in sorted((output / "metadata").glob("*.parquet")))
     rows = metadata.to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(f"row-{i:03d}" for i in range(40)), "not every row exactly once"

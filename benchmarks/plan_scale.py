@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Path]:
     from zimage_batch.inputs.manifest import open_manifest, rows_digest
-    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.output.ledger import CommitMarker, Ledger
     from zimage_batch.run.plan import make_plan
     from zimage_batch.storage import open_storage
 
@@ -48,8 +48,9 @@ def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Pat
     files_by_name = {f.name: f for f in m.files}
     for shard in plan.todo[::2]:
         table = m.read_rows(files_by_name[shard.file], shard.start, shard.end)
-        ledger.commit(shard.name, {"shard": shard.name, "file": shard.file, "start": shard.start, "end": shard.end,
-                                   "rows": shard.num_rows, "ok": shard.num_rows, "error": 0, "digest": rows_digest(table)})
+        ledger.commit(CommitMarker(shard=shard.name, file=shard.file, start=shard.start, end=shard.end,
+                                   rows=shard.num_rows, ok=shard.num_rows, error=0, digest=rows_digest(table),
+                                   fingerprint="", format="files"))
     return manifest, output
 
 

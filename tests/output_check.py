@@ -74,6 +74,7 @@ def check_no_orphans(output: str, rows: list[dict]) -> None:
     referenced = {r["image"].split("#", 1)[0] for r in rows if r["status"] == "ok"}
     for info in storage.list():
         top = info.key.split("/", 1)[0]
+        assert top != "_staging", f"staged file {info.key} left behind by a finished run"
         if top == "images":
             assert info.key in referenced, f"orphan image {info.key}"
         elif top in ("shards", "data", "metadata"):

@@ -21,7 +21,8 @@ import pytest
 from fault_proxy import KINDS, endpoint_env
 from output_check import check_exactly_once
 
-from zimage_batch.output.ledger import Ledger, commit_key
+from zimage_batch.output.layout import commit_key
+from zimage_batch.output.ledger import CommitMarker, Ledger
 from zimage_batch.storage import S3Storage, open_storage
 
 # Any credentials do for the test server, but requests must carry an Authorization header.
@@ -87,7 +88,7 @@ def test_every_storage_operation_survives_each_fault(flaky_s3, s3_bucket, tmp_pa
         "exists": lambda: store.exists("x") and not store.exists("missing"),
         "list": lambda: "k" in {i.key for i in store.list()},
         "put_file": lambda: store.put_file("f", local) or store.get_bytes("f") == local.read_bytes(),
-        "commit": lambda: Ledger(store).commit(f"shard-{kind}", {"shard": kind}),
+        "commit": lambda: Ledger(store).commit(_marker(f"shard-{kind}")),
         "delete": lambda: store.delete(["f"]) or not store.exists("f"),
         "arrow_read": lambda: _arrow_read(store, "x") == b"hello",
         "open_read": lambda: _ranged_read(store, "x", 1, 3) == b"ell",
@@ -97,6 +98,11 @@ def test_every_storage_operation_survives_each_fault(flaky_s3, s3_bucket, tmp_pa
         flaky_s3.force(kind)
         assert operation() in (True, None), f"{name} after a {kind} fault"
         assert flaky_s3.counts[kind] == before + 1, f"{name}: the fault was not injected"
+
+
+def _marker(shard: str, attempt: int = 1) -> CommitMarker:
+    return CommitMarker(shard=shard, file="m.parquet", start=0, end=1, rows=1, ok=1, error=0, digest="d",
+                        fingerprint="f", format="files", attempt=attempt)
 
 
 def _arrow_read(store: S3Storage, key: str) -> bytes:
@@ -120,9 +126,9 @@ def test_commit_whose_answer_was_lost_is_still_ours(flaky_s3, s3_bucket):
 
     ledger = Ledger(store)
     flaky_s3.force("lost", method="PUT", path_contains="_commits/")
-    assert ledger.commit("s1", {"shard": "s1", "attempt": 1}) is True
+    assert ledger.commit(_marker("s1", attempt=1)) is True
     assert flaky_s3.counts["lost"] == 2
-    assert ledger.commit("s1", {"shard": "s1", "attempt": 2}) is False, "a second attempt must lose"
+    assert ledger.commit(_marker("s1", attempt=2)) is False, "a second attempt must lose"
     assert json.loads(store.get_bytes(commit_key("s1")))["attempt"] == 1
 
 
@@ -192,7 +198,7 @@ def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path
         rows = check_exactly_once(output, table.column("id").to_pylist())
         markers = Ledger(open_storage(output)).committed()
     assert all(r["status"] == "ok" for r in rows) and {r["topic"] for r in rows} == {"t0", "t1", "t2"}
-    assert len(markers) == 6 and all(m["ok"] == 25 for m in markers.values())
+    assert len(markers) == 6 and all(m.ok == 25 for m in markers.values())
     # The report read every image back through the faults (for webdataset: members of the tars).
     assert "could not write the report" not in result.stdout + result.stderr
     with endpoint_env(flaky_s3.upstream):

@@ -250,7 +250,8 @@ def test_claim_output_loses_a_race_to_another_job(store, monkeypatch):
 
 def test_overwrite_removes_job_json_last(store):
     """A clear cut short must leave job.json, so a plain rerun of another job is still refused."""
-    from zimage_batch.output.ledger import OUTPUT_PREFIXES, Ledger
+    from zimage_batch.output.layout import OUTPUT_PREFIXES
+    from zimage_batch.output.ledger import Ledger
 
     ledger = Ledger(store)
     ledger.claim_output(_record("job-a"), overwrite=False)
@@ -262,3 +263,73 @@ def test_overwrite_removes_job_json_last(store):
     ledger.claim_output(_record("job-b"), overwrite=True)
     assert deleted == list(OUTPUT_PREFIXES) and deleted[0] == "_commits/" and deleted[-1] == "job.json"
     assert {i.key for i in store.list()} == {"job.json"} and ledger.read_job()["fingerprint"] == "job-b"
+
+
+def test_move_and_child(store):
+    store.put_bytes("_staging/s/t/shards/s.tar", b"tar bytes")
+    staged = store.child("_staging/s/t")
+    assert staged.get_bytes("shards/s.tar") == b"tar bytes"
+    staged.put_bytes("metadata/s.parquet", b"meta")
+    assert store.get_bytes("_staging/s/t/metadata/s.parquet") == b"meta"
+    store.move("_staging/s/t/shards/s.tar", "shards/s.tar")
+    assert store.get_bytes("shards/s.tar") == b"tar bytes" and not store.exists("_staging/s/t/shards/s.tar")
+    store.move("_staging/s/t/shards/s.tar", "shards/s.tar")  # already moved: fine
+    with pytest.raises(FileNotFoundError):
+        store.move("_staging/nothing", "nowhere")
+
+
+def _marker(shard: str, **fields):
+    from zimage_batch.output.ledger import CommitMarker
+
+    return CommitMarker(shard=shard, file="m.parquet", start=0, end=2, rows=2, ok=2, error=0, digest="d",
+                        fingerprint="f", format="webdataset", **fields)
+
+
+def _stage(store, marker, tar: bytes = b"tar") -> None:
+    staged = store.child(marker.staging.prefix)
+    staged.put_bytes(f"shards/{marker.shard}.tar", tar)
+    staged.put_bytes(f"metadata/{marker.shard}.parquet", b"meta-" + tar)
+
+
+def test_a_shard_is_visible_only_once_committed_and_published(store):
+    """Staged files are not under metadata/ or shards/ until the commit, then the winner's
+    files are published and every staging folder of the shard is gone; a loser cannot commit."""
+    from zimage_batch.output.ledger import Ledger
+
+    ledger = Ledger(store)
+    winner, loser = _marker("s1"), _marker("s1")
+    _stage(store, winner, b"winner")
+    _stage(store, loser, b"loser")
+    assert not list(store.list("shards/")) and not list(store.list("metadata/"))
+    assert ledger.commit(winner) and not ledger.commit(loser)
+    assert ledger.published_shards() == set()
+    ledger.publish(winner)
+    assert store.get_bytes("shards/s1.tar") == b"winner"
+    assert store.get_bytes("metadata/s1.parquet") == b"meta-winner"
+    assert list(store.list("_staging/")) == [] and ledger.published_shards() == {"s1"}
+    assert ledger.marker("s1") == winner
+
+
+def test_a_publish_cut_short_is_finished_by_the_next_run(store, monkeypatch):
+    from zimage_batch.output.ledger import Ledger
+
+    ledger = Ledger(store)
+    marker = _marker("s2")
+    _stage(store, marker)
+    assert ledger.commit(marker)
+    real_move, moves = store.move, []
+
+    def dies_after_the_tar(src, dst):
+        if moves:
+            raise ConnectionError("worker died (injected)")
+        moves.append(dst)
+        real_move(src, dst)
+
+    monkeypatch.setattr(store, "move", dies_after_the_tar)
+    with pytest.raises(ConnectionError):
+        ledger.publish(marker)
+    monkeypatch.undo()
+    assert store.exists("shards/s2.tar") and not store.exists("metadata/s2.parquet")
+    assert ledger.published_shards() == set()  # metadata is published last: not yet whole
+    assert Ledger(store).finish_publishing(Ledger(store).committed()) == ["s2"]
+    assert store.exists("metadata/s2.parquet") and list(store.list("_staging/")) == []

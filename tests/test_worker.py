@@ -11,6 +11,7 @@ import pytest
 from zimage_batch.jobspec import load_job
 from zimage_batch.output.ledger import Ledger
 from zimage_batch.run.driver import job_record, prepare, worker_settings
+from zimage_batch.run.generation import ShardGeneration
 from zimage_batch.run.plan import make_plan
 from zimage_batch.run.worker import ShardRunner
 from zimage_batch.storage import open_storage
@@ -18,7 +19,7 @@ from zimage_batch.storage import open_storage
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_path):
+def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_path, monkeypatch):
     """Generation fails on the third batch while earlier images are still being stored. The
     attempt must not return (and abort its writer) while one of its stores is running: nothing
     of a failed attempt may touch storage after it, when a new attempt may be cleaning up."""
@@ -29,9 +30,9 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
     data, _ = prepare(job)
     Ledger(open_storage(job.output)).claim_output(job_record(job), False)
     (shard,) = make_plan(data, {}, job.shard_size, job.variant).todo
-    runner = ShardRunner(worker_settings(job, job.variant), job.variant)
+    runner = ShardRunner(worker_settings(job, job.variant))
 
-    real_store, real_generate = runner._store, runner.engine.generate
+    real_store, real_generate = ShardGeneration._store, runner.engine.generate
     calls = {"generate": 0}
 
     finished: list[float] = []
@@ -49,15 +50,15 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         return real_generate(batch, batch_size)
 
-    runner._store = slow_store
+    monkeypatch.setattr(ShardGeneration, "_store", slow_store)
     runner.engine.generate = failing_generate
     with pytest.raises(RuntimeError, match="injected"):
-        runner.run_shard(shard.to_dict())
+        runner.run_shard(shard)
     returned = time.monotonic()
-    images = tmp_path / "out" / "images"
-    files = lambda: sorted(p.name for p in images.rglob("*") if p.is_file()) if images.exists() else []  # noqa: E731
-    left = files()
+    out = tmp_path / "out"
+    files = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "job.json")  # noqa: E731
+    assert files() == [], "the failed attempt's staged files must be removed"
     time.sleep(1.0)  # a store still running would land now
     assert finished and max(finished) <= returned, "a store of the failed attempt ran on after it returned"
-    assert files() == left, "a store of the failed attempt wrote after it returned"
+    assert files() == [], "a store of the failed attempt wrote after it returned"
     assert not (tmp_path / "out" / "_commits").exists() or not any((tmp_path / "out" / "_commits").iterdir())

@@ -133,24 +133,6 @@ def test_files_roundtrip(storage, image_format, private_tempdir):
     assert list(private_tempdir.iterdir()) == []
 
 
-def test_files_remove_strays(storage):
-    storage.put_bytes(f"images/{SHARD}/old.png", b"stale")
-    storage.put_bytes(f"images/{SHARD}-other/keep.png", b"other shard")  # prefix-sibling shard
-    samples = _samples(5)
-    # an earlier crashed attempt wrote one of this shard's images already: rewritten, kept
-    storage.put_bytes(f"images/{SHARD}/{samples[0][0]}.png", b"partial")
-    w = make_writer("files", storage, SHARD)
-    for k, data, meta in samples:
-        w.add(k, data, meta)
-    w.close()
-    assert w.remove_strays() == [f"images/{SHARD}/old.png"]
-    assert not storage.exists(f"images/{SHARD}/old.png")
-    assert storage.exists(f"images/{SHARD}-other/keep.png")
-    assert {o.key for o in storage.list(f"images/{SHARD}/")} == w.stored_keys()
-    assert storage.get_bytes(f"images/{SHARD}/{samples[0][0]}.png") == samples[0][1]
-    assert w.remove_strays() == []
-
-
 def test_files_upload_error_raised(tmp_path):
     class Flaky(LocalStorage):
         def put_bytes(self, key, data):
@@ -353,7 +335,6 @@ def test_empty_shard_still_written(fmt, tmp_path):
     else:
         with tarfile.open(st.url(key)) as tf:
             assert tf.getmembers() == []
-    assert w.remove_strays() == []
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])

@@ -16,18 +16,14 @@ from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.output.ledger import JobMismatch
 from zimage_batch.storage import StorageError
+from zimage_batch.text import first_line
 
 # Errors with a message meant for the user: printed as one line, no traceback.
 USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def _fail(exc: BaseException) -> None:
-    click.echo(f"error: {_one_line(exc) or type(exc).__name__}", err=True)
+    click.echo(f"error: {first_line(exc)}", err=True)
     sys.exit(2)
 
 
@@ -78,7 +74,7 @@ class OneLineErrors(click.Group):
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - one line, not a traceback
             logging.getLogger(__name__).debug("failed", exc_info=True)
-            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True)
+            click.echo(f"error: {type(exc).__name__}: {first_line(str(exc))}", err=True)
             sys.exit(1)
         sys.exit(code or 0)
 
@@ -140,7 +136,7 @@ def _write_report(output: str) -> None:
     try:
         click.echo(f"report: {write_report(output)}")
     except Exception as exc:  # noqa: BLE001 - the job itself is done
-        click.echo(f"warning: could not write the report: {_one_line(exc) or type(exc).__name__}", err=True)
+        click.echo(f"warning: could not write the report: {first_line(exc)}", err=True)
 
 
 @main.command("status")

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from zimage_batch.model.variants import VARIANTS, get_variant
+from zimage_batch.output.layout import FORMATS
 
-FORMATS = ("files", "webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 
 

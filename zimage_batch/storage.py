@@ -10,6 +10,7 @@ botocore's retry configuration. Error messages never contain credentials.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -142,6 +143,27 @@ class Storage(ABC):
         """Copy ``key`` to ``local_path`` (parents created); FileNotFoundError if missing."""
 
     @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Give object ``src`` the key ``dst`` (replacing it): a rename locally, a server-side
+        copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine."""
+
+    def child(self, prefix: str) -> Storage:
+        """The storage rooted at ``prefix`` under this one (a staging folder, say)."""
+        return open_storage(self.url(prefix.rstrip("/")))
+
+    def get_json(self, key: str) -> Any:
+        """``key`` parsed as JSON; FileNotFoundError if missing, StorageError naming it if not JSON."""
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise self.unreadable(key, exc) from None
+
+    def unreadable(self, key: str, exc: BaseException) -> StorageError:
+        """The error for an object no run wrote (writes are whole): name it, say what to do."""
+        return StorageError(f"{self.url(key)} is not valid JSON ({exc}); move it away to go on")
+
+    @abstractmethod
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
@@ -255,6 +277,17 @@ class LocalStorage(Storage):
             raise FileNotFoundError(f"no such object: {src}")
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, local_path)
+
+    def move(self, src: str, dst: str) -> None:
+        source, target = self._path(src), self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            if not target.is_file():
+                raise
+            return
+        _fsync_dir(target.parent)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -517,6 +550,20 @@ class S3Storage(Storage):
                                       Config=self._transfer_config())
         except botocore.exceptions.ClientError as e:
             self._raise_read_error(e, key)
+
+    def move(self, src: str, dst: str) -> None:
+        import botocore.exceptions
+
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        try:
+            self._upload(lambda: self.client.copy(source, self.bucket, self._key(dst), Config=self._transfer_config()), dst)
+        except botocore.exceptions.ClientError as e:
+            if not _is_not_found(e):
+                raise
+            if self.exists(dst):
+                return  # moved already
+            raise FileNotFoundError(f"no such object: {self.url(src)}") from None
+        self.delete([src])
 
     def _raise_read_error(self, e: Exception, key: str) -> NoReturn:
         """Translate a failed read: FileNotFoundError, StorageError (bucket-level), or the error itself."""

@@ -30,6 +30,7 @@ from zimage_batch.generate.edit import prepare_source
 from zimage_batch.generate.requests import EditRequest
 from zimage_batch.model.variants import Variant
 from zimage_batch.storage import StorageError, is_s3, open_storage, split_s3_uri
+from zimage_batch.text import first_line
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: the decompression-bomb limit per source image
 SIZE_MULTIPLE = 16
@@ -89,7 +90,7 @@ def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
     except Image.DecompressionBombError:
         raise SourceError(f"{what} too large: {uri} (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise SourceError(f"{what} is corrupt or truncated: {uri} ({_first_line(exc)})") from None
+        raise SourceError(f"{what} is corrupt or truncated: {uri} ({first_line(exc, 200)})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise SourceError(
@@ -101,7 +102,7 @@ def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise SourceError(f"{what} is corrupt or truncated: {uri} ({_first_line(exc)})") from None
+        raise SourceError(f"{what} is corrupt or truncated: {uri} ({first_line(exc, 200)})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -170,7 +171,7 @@ def load_edit_row(
     except SourceError as exc:
         return EditRow(None, lineage, str(exc))
     except ValueError as exc:  # the reference pipeline's own checks (size, aspect ratio)
-        return EditRow(None, lineage, f"source unusable for {template.mode}: {source} ({_first_line(exc)})")
+        return EditRow(None, lineage, f"source unusable for {template.mode}: {source} ({first_line(exc, 200)})")
     except (struct.error, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC
         return EditRow(None, lineage, f"source could not be decoded: {source} ({type(exc).__name__})")
     return EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
@@ -238,8 +239,3 @@ def _signature(data: bytes) -> str | None:
         return "WebP"
     return next((kind for magic, kind in _SIGNATURES.items() if data.startswith(magic)), None)
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return "".join(c if c.isprintable() else "?" for c in text)[:200]

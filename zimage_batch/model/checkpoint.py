@@ -34,7 +34,7 @@ def check_checkpoint(path: Path) -> None:
 def check_pipeline_class(path: Path, variant: str, source: str) -> None:
     """The checkpoint's pipeline must be a Z-Image one that runs `variant` (omni has parts turbo
     and base lack), or the workers would fail to load it after the job has started."""
-    name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
+    name = read_model_index(path).get("_class_name", "")
     omni_class = VARIANTS["omni"].pipeline_class
     if not str(name).startswith("ZImage"):
         raise ModelSourceError(f"{source} is not a Z-Image checkpoint: its model_index.json names {name!r}")
@@ -43,3 +43,12 @@ def check_pipeline_class(path: Path, variant: str, source: str) -> None:
             f"{source} holds a {name} checkpoint, which cannot run variant {variant!r} "
             f"(it needs a {VARIANTS[variant].pipeline_class} checkpoint); check --model and --variant"
         )
+
+
+def read_model_index(path: Path | str) -> dict:
+    """A checkpoint folder's model_index.json (which pipeline and parts it holds)."""
+    index_path = Path(path) / "model_index.json"
+    try:
+        return json.loads(index_path.read_text())
+    except ValueError as exc:
+        raise ModelSourceError(f"{index_path} is not valid JSON ({exc})") from None

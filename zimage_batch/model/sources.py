@@ -10,13 +10,12 @@ Only safetensors weights are accepted; no source ever runs remote code.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from zimage_batch.model.cache import fetch_s3_folder
-from zimage_batch.model.checkpoint import ModelSourceError, check_checkpoint, check_pipeline_class
+from zimage_batch.model.checkpoint import ModelSourceError, check_checkpoint, check_pipeline_class, read_model_index
 from zimage_batch.model.tiny import TINY_README, make_tiny_model
 from zimage_batch.model.variants import VARIANTS, variant_for_hub_id
 from zimage_batch.storage import StorageError, open_storage
@@ -77,7 +76,7 @@ def guess_variant(source: str) -> str:
     if source.startswith("s3://"):
         storage = open_storage(source)
         try:
-            index = json.loads(storage.get_bytes("model_index.json"))
+            index = storage.get_json("model_index.json")
         except (FileNotFoundError, StorageError):
             return "turbo"  # fetching the model later says what is wrong with it
         try:
@@ -122,7 +121,7 @@ def infer_variant(source: str, path: Path) -> str:
     by_hub = variant_for_hub_id(source)
     if by_hub:
         return by_hub
-    index = json.loads((Path(path) / "model_index.json").read_text())
+    index = read_model_index(path)
     readme = Path(path) / "README.md"
     return _variant_from_index(index, readme.read_text(errors="replace") if readme.is_file() else None) or "turbo"
 

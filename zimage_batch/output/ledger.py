@@ -1,78 +1,165 @@
 """The ledger: what OUTPUT already holds, and the one atomic step that makes a shard done.
 
-A shard is done when `_commits/<shard>.json` exists. The marker is created only after the
-shard's images and metadata are durable, with a create-only write (S3 `If-None-Match: *`,
-local `link`), so two attempts of one shard can never both commit.
+A shard is done when `_commits/<shard>.json` exists. An attempt writes its files under its own
+staging folder (`output.layout.StagingArea`), then creates the marker with a create-only write
+(S3 `If-None-Match: *`, local `link`), so two attempts of one shard can never both commit; then
+it publishes the staged files under their final names. A committed shard whose publishing was
+cut short (its worker died) is published by the next attempt or run (`finish_publishing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
-from zimage_batch.storage import Storage, StorageError
+from zimage_batch.output import layout
+from zimage_batch.storage import Storage
 
-COMMITS = "_commits/"
-JOB_FILE = "job.json"
-# What a job writes, in the order --overwrite removes it: markers first (no half state looks
-# done), job.json last (a clear cut short still refuses a plain rerun of another job).
-OUTPUT_PREFIXES = ("_commits/", "metadata/", "images/", "shards/", "data/", "_runs/", "report.html", JOB_FILE)
+MAX_MARKER_ERRORS = 5  # a marker keeps the first few row errors; the metadata has them all
 
 
 class JobMismatch(RuntimeError):
     """OUTPUT holds a different job."""
 
 
-def commit_key(shard: str) -> str:
-    return f"{COMMITS}{shard}.json"
+@dataclass(frozen=True)
+class CommitMarker:
+    """`_commits/<shard>.json`: a committed shard, its rows and how they were made."""
+
+    shard: str
+    file: str  # the manifest file (ManifestFile.name) the rows come from
+    start: int
+    end: int
+    rows: int  # manifest rows it covers
+    ok: int
+    error: int
+    digest: str  # of the manifest rows, to tell whether they changed since
+    fingerprint: str  # of the job
+    format: str
+    variant: str | None = None  # only this variant's rows of [start, end) (mixed-variant manifests)
+    errors: tuple[str, ...] = ()  # the first few row errors
+    attempt: int = 1
+    worker: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    busy_s: float = 0.0  # model time
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # the attempt: names its staging folder
+
+    @property
+    def staging(self) -> layout.StagingArea:
+        return layout.StagingArea(self.shard, self.token)
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> CommitMarker:
+        """Read a marker; keys it does not know (a newer version's) are ignored."""
+        values = json.loads(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        values["errors"] = tuple(values.get("errors") or ())
+        return cls(**values)
 
 
 class Ledger:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
+    # ------------------------------------------------------------------ commits
     def committed_names(self) -> list[str]:
-        return [
-            info.key[len(COMMITS) : -len(".json")]
-            for info in self.storage.list(COMMITS)
-            if info.key.endswith(".json")
-        ]
+        names = (layout.shard_of_commit_key(info.key) for info in self.storage.list(layout.COMMITS))
+        return [name for name in names if name is not None]
 
-    def committed(self) -> dict[str, dict[str, Any]]:
+    def committed(self) -> dict[str, CommitMarker]:
         """Every commit marker, read in parallel."""
         names = self.committed_names()
         with ThreadPoolExecutor(max_workers=32) as pool:
-            markers = pool.map(lambda n: self._read_json(commit_key(n)), names)
-            return dict(zip(names, markers))
+            return dict(zip(names, pool.map(self._read_marker, names)))
 
-    def _read_json(self, key: str) -> dict[str, Any]:
+    def marker(self, shard: str, rows: tuple[int, int] | None = None) -> CommitMarker | None:
+        """The shard's commit marker, or None if it is not committed. With `rows` (start, end),
+        a marker of that name for another row range is refused: another run writes OUTPUT."""
         try:
-            return json.loads(self.storage.get_bytes(key))
-        except ValueError as exc:  # never written by a run (writes are atomic): name it
-            raise StorageError(f"{self.storage.url(key)} is not valid JSON ({exc}); move it away to go on") from None
+            marker = self._read_marker(shard)
+        except FileNotFoundError:
+            return None
+        if rows is not None and (marker.start, marker.end) != tuple(rows):
+            raise JobMismatch(
+                f"shard {shard} was committed for rows {marker.start}..{marker.end}, not {rows[0]}..{rows[1]}: "
+                "another run is writing this OUTPUT"
+            )
+        return marker
 
-    def is_committed(self, shard: str) -> bool:
-        return self.storage.exists(commit_key(shard))
+    def ensure_published(self, marker: CommitMarker) -> None:
+        """Publish a committed shard whose publishing was cut short (its metadata is not out)."""
+        if not self.storage.exists(layout.metadata_key(marker.shard)):
+            self.publish(marker)
 
-    def commit(self, shard: str, marker: dict[str, Any]) -> bool:
+    def _read_marker(self, shard: str) -> CommitMarker:
+        key = layout.commit_key(shard)
+        data = self.storage.get_json(key)
+        try:
+            return CommitMarker.from_json(json.dumps(data))
+        except TypeError as exc:  # never written by a run (writes are atomic): name it
+            raise self.storage.unreadable(key, exc) from None
+
+    def commit(self, marker: CommitMarker) -> bool:
         """Create the marker; False when another attempt committed this shard first.
 
-        The marker carries a unique token: when our create landed but its answer was lost, the
-        retried create finds the key taken, and reading it back tells that it is ours."""
-        data = json.dumps(marker | {"token": uuid.uuid4().hex}, sort_keys=True, ensure_ascii=False).encode()
-        if self.storage.put_if_absent(commit_key(shard), data):
+        When our create landed but its answer was lost, the retried create finds the key
+        taken, and reading it back (the token is unique to the attempt) tells that it is ours."""
+        data = marker.to_json()
+        key = layout.commit_key(marker.shard)
+        if self.storage.put_if_absent(key, data):
             return True
         try:
-            return self.storage.get_bytes(commit_key(shard)) == data
+            return self.storage.get_bytes(key) == data
         except FileNotFoundError:
             return False
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self, marker: CommitMarker) -> None:
+        """Move the committed attempt's staged files to their final names (metadata last, so a
+        shard whose metadata is in `metadata/` is published whole), then remove every staging
+        folder of the shard. Idempotent: a cut-short publish is finished by calling it again."""
+        staging = marker.staging
+        staged = [info.key for info in self.storage.list(staging.prefix)]
+        metadata = layout.metadata_key(marker.shard)
+        staged.sort(key=lambda key: staging.final_key(key) == metadata)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda key: self.storage.move(key, staging.final_key(key)), staged[:-1]))
+        if staged:
+            self.storage.move(staged[-1], staging.final_key(staged[-1]))
+        self.storage.delete_prefix(layout.shard_staging_prefix(marker.shard))
+
+    def published_shards(self) -> set[str]:
+        """Shards whose metadata is in `metadata/` (published last, so the shard is whole)."""
+        names = (layout.shard_of_metadata_key(info.key) for info in self.storage.list(layout.METADATA))
+        return {name for name in names if name is not None}
+
+    def finish_publishing(self, markers: dict[str, CommitMarker]) -> list[str]:
+        """Publish committed shards whose publishing was cut short; returns their names."""
+        unpublished = sorted(set(markers) - self.published_shards())
+        for name in unpublished:
+            self.publish(markers[name])
+        return unpublished
+
+    def remove_staging(self, marker_or_shard: CommitMarker | str) -> None:
+        """Give up an attempt (a marker not committed) or every attempt of a shard."""
+        if isinstance(marker_or_shard, CommitMarker):
+            self.storage.delete_prefix(marker_or_shard.staging.prefix)
+        else:
+            self.storage.delete_prefix(layout.shard_staging_prefix(marker_or_shard))
 
     # ------------------------------------------------------------------ job identity
     def read_job(self) -> dict[str, Any] | None:
         try:
-            return self._read_json(JOB_FILE)
+            return self.storage.get_json(layout.JOB_FILE)
         except FileNotFoundError:
             return None
 
@@ -89,8 +176,8 @@ class Ledger:
             previous = None
         data = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False).encode()
         if previous is not None:
-            self.storage.put_bytes(JOB_FILE, data)
-        elif not self.storage.put_if_absent(JOB_FILE, data):  # another run claimed it since we looked
+            self.storage.put_bytes(layout.JOB_FILE, data)
+        elif not self.storage.put_if_absent(layout.JOB_FILE, data):  # another run claimed it since we looked
             self._refuse_other_job(self.read_job() or {}, record)
 
     def _refuse_other_job(self, previous: dict[str, Any], record: dict[str, Any]) -> None:
@@ -104,6 +191,6 @@ class Ledger:
         )
 
     def clear(self) -> None:
-        """Remove everything a previous job left, in the order of OUTPUT_PREFIXES."""
-        for prefix in OUTPUT_PREFIXES:
+        """Remove everything a previous job left, in the order of layout.OUTPUT_PREFIXES."""
+        for prefix in layout.OUTPUT_PREFIXES:
             self.storage.delete_prefix(prefix)

@@ -25,10 +25,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from zimage_batch.jobspec import redact_env_vars
+from zimage_batch.output import layout
+from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.status import OutputState, load_output, summarize
 from zimage_batch.storage import Storage
 
-REPORT_KEY = "report.html"
+REPORT_KEY = layout.REPORT
 MAX_THUMBNAILS = 200
 MAX_SAMPLE_SHARDS = 20
 MAX_ERRORS = 500
@@ -71,7 +73,7 @@ def render(state: OutputState) -> str:
 
 # ---------------------------------------------------------------------- data
 def _read_metadata(storage: Storage, shard: str, columns: list[str]) -> list[dict[str, Any]]:
-    pf = pq.ParquetFile(io.BytesIO(storage.get_bytes(f"metadata/{shard}.parquet")))
+    pf = pq.ParquetFile(io.BytesIO(storage.get_bytes(layout.metadata_key(shard))))
     return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names]).to_pylist()
 
 
@@ -84,15 +86,15 @@ def _spread(items: list, k: int) -> list:
 
 def gallery_sample(state: OutputState) -> tuple[list[dict[str, Any]], str]:
     """The ok rows shown in the gallery, and a sentence saying how they were chosen."""
-    shards = [m for m in state.markers if m.get("ok")]
-    total_ok = sum(m["ok"] for m in shards)
+    shards = [m for m in state.markers if m.ok]
+    total_ok = sum(m.ok for m in shards)
     if total_ok <= MAX_THUMBNAILS:
         chosen, per_shard = shards, MAX_THUMBNAILS
     else:
         chosen = _spread(shards, MAX_SAMPLE_SHARDS)
         per_shard = math.ceil(MAX_THUMBNAILS / len(chosen))
     with ThreadPoolExecutor(max_workers=16) as pool:
-        tables = list(pool.map(lambda m: _read_metadata(state.storage, m["shard"], SAMPLE_COLUMNS), chosen))
+        tables = list(pool.map(lambda m: _read_metadata(state.storage, m.shard, SAMPLE_COLUMNS), chosen))
     sample: list[dict[str, Any]] = []
     for rows in tables:
         sample += _spread([r for r in rows if r["status"] == "ok"], per_shard)
@@ -192,15 +194,15 @@ def _parquet_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, 
 
 def error_rows(state: OutputState) -> tuple[list[dict[str, Any]], int]:
     """Up to MAX_ERRORS error rows (id, shard, error) and how many there are in all."""
-    with_errors = [m for m in state.markers if m.get("error")]
-    total = sum(m["error"] for m in with_errors)
+    with_errors = [m for m in state.markers if m.error]
+    total = sum(m.error for m in with_errors)
     rows: list[dict[str, Any]] = []
     for marker in with_errors:
         if len(rows) >= MAX_ERRORS:
             break
-        for row in _read_metadata(state.storage, marker["shard"], ["id", "status", "error"]):
+        for row in _read_metadata(state.storage, marker.shard, ["id", "status", "error"]):
             if row["status"] != "ok":
-                rows.append({"id": row["id"], "shard": marker["shard"], "error": row["error"]})
+                rows.append({"id": row["id"], "shard": marker.shard, "error": row["error"]})
     return rows[:MAX_ERRORS], total
 
 
@@ -276,28 +278,28 @@ def _errors_section(rows: list[dict[str, Any]], total: int, failed: dict[str, st
     return "".join(parts) + "</section>"
 
 
-def throughput_svg(markers: list[dict[str, Any]], width: int = 760, height: int = 220, buckets: int = 40) -> str:
+def throughput_svg(markers: list[CommitMarker], width: int = 760, height: int = 220, buckets: int = 40) -> str:
     """Rows per second over time (bars: each shard's rows spread over its run time) and rows
     done (line: stepping up at each shard's finish time)."""
     if not markers:
         return "<p>No committed shards yet.</p>"
-    t0 = min(m["started"] for m in markers)
-    t1 = max(m["finished"] for m in markers)
+    t0 = min(m.started for m in markers)
+    t1 = max(m.finished for m in markers)
     span = max(t1 - t0, 1e-3)
     step = span / buckets
     rates = [0.0] * buckets
     for m in markers:  # a shard's rows count evenly over its own [started, finished]
-        a, b = m["started"] - t0, m["finished"] - t0
+        a, b = m.started - t0, m.finished - t0
         if b - a <= 0:
-            rates[min(int(b / step), buckets - 1)] += m["rows"] / step
+            rates[min(int(b / step), buckets - 1)] += m.rows / step
             continue
         for i in range(int(a / step), min(int(b / step), buckets - 1) + 1):
             overlap = min(b, (i + 1) * step) - max(a, i * step)
-            rates[i] += m["rows"] * max(overlap, 0.0) / (b - a) / step
+            rates[i] += m.rows * max(overlap, 0.0) / (b - a) / step
     left, right, top, bottom = 56, 56, 14, 30
     w, h = width - left - right, height - top - bottom
     peak = max(rates) or 1.0
-    total = sum(m["rows"] for m in markers)
+    total = sum(m.rows for m in markers)
     bar_w = w / buckets
     bars = "".join(
         f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + h - r / peak * h:.1f}" width="{max(bar_w - 2, 1):.1f}" '
@@ -305,8 +307,8 @@ def throughput_svg(markers: list[dict[str, Any]], width: int = 760, height: int 
         for i, r in enumerate(rates) if r
     )
     points, done = [f"{left},{top + h}"], 0
-    for m in sorted(markers, key=lambda m: m["finished"]):
-        done += m["rows"]
+    for m in sorted(markers, key=lambda m: m.finished):
+        done += m.rows
         points.append(f"{left + (m['finished'] - t0) / span * w:.1f},{top + h - done / total * h:.1f}")
     labels = (
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak:.1f}</text>'
@@ -326,7 +328,7 @@ def throughput_svg(markers: list[dict[str, Any]], width: int = 760, height: int 
     )
 
 
-def _chart_section(markers: list[dict[str, Any]]) -> str:
+def _chart_section(markers: list[CommitMarker]) -> str:
     return f"<section><h2>Throughput over time</h2>{throughput_svg(markers)}</section>"
 
 

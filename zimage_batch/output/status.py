@@ -7,21 +7,22 @@ storage, never from the driver.
     _runs/plan-*.json     one per run, written when it planned: total rows and shards then
     _runs/<time>.json     one per run that ended: its summary and per-worker figures
     _commits/<shard>.json one per committed shard: rows, ok, error, errors, times, worker
+
+Only shards that are committed and published (their metadata is in `metadata/`) count: what
+`status` reports is what a reader of the output sees.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from zimage_batch.output.ledger import JOB_FILE, Ledger
-from zimage_batch.storage import Storage, open_storage
+from zimage_batch.output import layout
+from zimage_batch.output.ledger import CommitMarker, Ledger
+from zimage_batch.storage import Storage, StorageError, open_storage
 
-RUNS = "_runs/"
-PLAN_PREFIX = "plan-"
 LAST_ERRORS = 5
 # A running job is reported as stalled when no shard has committed for this long (seconds), or
 # for STALL_SHARDS times its slowest recent shard if that is longer.
@@ -39,7 +40,7 @@ class OutputState:
 
     storage: Storage
     job: dict[str, Any]  # job.json
-    markers: list[dict[str, Any]]  # commit markers, by shard name
+    markers: list[CommitMarker]  # commit markers, by shard name
     plans: list[dict[str, Any]] = field(default_factory=list)  # plan records, oldest first
     runs: list[dict[str, Any]] = field(default_factory=list)  # run records, oldest first
 
@@ -57,13 +58,16 @@ def load_output(output: str | Storage) -> OutputState:
     storage = open_storage(output) if isinstance(output, str) else output
     job = Ledger(storage).read_job()
     if job is None:
-        raise NoJob(f"{storage.uri} holds no job (no {JOB_FILE})")
-    markers = sorted(Ledger(storage).committed().values(), key=lambda m: m.get("shard", ""))
-    keys = [info.key for info in storage.list(RUNS) if info.key.endswith(".json")]
+        raise NoJob(f"{storage.uri} holds no job (no {layout.JOB_FILE})")
+    ledger = Ledger(storage)
+    published = ledger.published_shards()
+    markers = sorted((m for m in ledger.committed().values() if m.shard in published), key=lambda m: m.shard)
+    keys = [info.key for info in storage.list(layout.RUNS) if info.key.endswith(".json")]
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = list(pool.map(lambda key: _read_json(storage, key), keys))
-    plans = [r for k, r in zip(keys, records) if r and k[len(RUNS) :].startswith(PLAN_PREFIX)]
-    runs = [r for k, r in zip(keys, records) if r and not k[len(RUNS) :].startswith(PLAN_PREFIX)]
+    is_plan = [k[len(layout.RUNS) :].startswith(layout.PLAN_RECORD_PREFIX) for k in keys]
+    plans = [r for r, plan in zip(records, is_plan) if r and plan]
+    runs = [r for r, plan in zip(records, is_plan) if r and not plan]
     plans.sort(key=lambda r: r.get("started", 0))
     runs.sort(key=lambda r: r.get("finished", 0))
     return OutputState(storage, job, markers, plans, runs)
@@ -71,8 +75,8 @@ def load_output(output: str | Storage) -> OutputState:
 
 def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.get_bytes(key))
-    except (FileNotFoundError, ValueError):  # removed meanwhile, or not ours
+        return storage.get_json(key)
+    except (FileNotFoundError, StorageError):  # removed meanwhile, or not ours
         return None
 
 
@@ -86,12 +90,12 @@ def run_state(state: OutputState) -> str:
     return "running" if plan is not None else "unknown"
 
 
-def throughput(markers: list[dict[str, Any]]) -> tuple[float, float]:
+def throughput(markers: list[CommitMarker]) -> tuple[float, float]:
     """(rows per second, seconds) over the span from the first start to the last finish."""
     if not markers:
         return 0.0, 0.0
-    span = max(m["finished"] for m in markers) - min(m["started"] for m in markers)
-    rows = sum(m["rows"] for m in markers)
+    span = max(m.finished for m in markers) - min(m.started for m in markers)
+    rows = sum(m.rows for m in markers)
     return (rows / span if span > 0 else 0.0), span
 
 
@@ -101,8 +105,8 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     plan, run = state.latest_plan, state.latest_run
     current = run_state(state)
     markers = state.markers
-    rows_done = sum(m["rows"] for m in markers)
-    rows_ok = sum(m["ok"] for m in markers)
+    rows_done = sum(m.rows for m in markers)
+    rows_ok = sum(m.ok for m in markers)
     total_rows = plan.get("total_rows") if plan else (run.get("rows_total") if run else None)
     total_shards = plan.get("total_shards") if plan else None
     if total_shards is None and run is not None:  # outputs written before plan records
@@ -110,7 +114,7 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     started = plan.get("started") if plan else (run["finished"] - run.get("elapsed_s", 0) if run else None)
     # throughput of the latest run: the shards it committed (all shards if it committed none)
     since = plan.get("started", 0) if plan else 0
-    recent = [m for m in markers if m.get("finished", 0) >= since] or markers
+    recent = [m for m in markers if m.finished >= since] or markers
     rate, span = throughput(recent)
     if current == "running":
         elapsed = now - plan["started"]
@@ -122,9 +126,9 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     quiet = _quiet_for(plan, recent, now) if current == "running" else None
     stalled = quiet is not None and quiet > max(STALL_AFTER_S, STALL_SHARDS * _slowest_shard(recent))
     errors = [
-        {"shard": m["shard"], "error": e, "finished": m.get("finished")}
-        for m in sorted(markers, key=lambda m: m.get("finished", 0), reverse=True)
-        for e in m.get("errors", [])
+        {"shard": m.shard, "error": e, "finished": m.finished}
+        for m in sorted(markers, key=lambda m: m.finished, reverse=True)
+        for e in m.errors
     ]
     failed_shards = (run.get("failed") or {}) if run is not None and current != "running" else {}
     errors = [{"shard": s, "error": f"shard failed: {r}", "finished": run.get("finished")}
@@ -159,14 +163,14 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def _quiet_for(plan: dict[str, Any], recent: list[dict[str, Any]], now: float) -> float:
+def _quiet_for(plan: dict[str, Any], recent: list[CommitMarker], now: float) -> float:
     """Seconds since the running job last showed progress (its plan, or its last commit)."""
-    last = max([plan.get("started", 0)] + [m.get("finished", 0) for m in recent])
+    last = max([plan.get("started", 0)] + [m.finished for m in recent])
     return max(0.0, now - last)
 
 
-def _slowest_shard(markers: list[dict[str, Any]]) -> float:
-    return max((m["finished"] - m["started"] for m in markers if "started" in m and "finished" in m), default=0.0)
+def _slowest_shard(markers: list[CommitMarker]) -> float:
+    return max((m.finished - m.started for m in markers), default=0.0)
 
 
 def _duration(seconds: float | None) -> str:

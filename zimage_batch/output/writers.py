@@ -8,10 +8,9 @@ A writer stores the images of one shard under OUTPUT, through a :class:`~zimage_
 
 Usage: ``add()`` each sample (it returns the value of the metadata ``image`` column), then
 ``close()``; only when ``close()`` returns is everything durable. ``abort()`` (or leaving a
-``with`` block on an exception) discards local temporary files. Objects a files writer already
-uploaded stay: the next attempt at the shard deletes them with ``remove_strays()`` unless it
-writes them again. The tar and Parquet writers write their single object in ``close()``, so an
-aborted attempt leaves nothing behind in storage.
+``with`` block on an exception) discards local temporary files. The worker gives each attempt
+a storage rooted at its own staging folder (``output.layout.StagingArea``), so what a writer
+stores is published under the same names only once the shard is committed.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from zimage_batch.output import layout
 from zimage_batch.output.keys import KEY_RE
 from zimage_batch.run.threads import background_pool
 
@@ -68,7 +68,7 @@ IMAGE_FORMATS: dict[str, ImageFormat] = {
 }
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 
-OUTPUT_FORMATS = ("files", "webdataset", "parquet")
+OUTPUT_FORMATS = layout.FORMATS
 
 # Shard names become a path component: no slashes, no leading dot (so never "." or "..").
 _SHARD_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
@@ -209,14 +209,6 @@ class ShardWriter(ABC):
     def stored_keys(self) -> set[str]:
         """Object keys (relative to OUTPUT) that this writer owns in storage."""
 
-    def remove_strays(self) -> list[str]:
-        """Delete objects an earlier attempt at this shard left behind; return their keys.
-
-        Only the files format writes more than one object per shard, so only it has anything
-        to do; the others overwrite their single object on close.
-        """
-        return []
-
     def __enter__(self):
         return self
 
@@ -284,7 +276,7 @@ class FilesWriter(ShardWriter):
         super().__init__(storage, shard, image_format, quality)
         if upload_threads < 1 or max_pending < 1:
             raise ValueError("upload_threads and max_pending must be >= 1")
-        self.prefix = f"images/{self.shard}/"
+        self.prefix = layout.images_prefix(self.shard)
         self._pool = background_pool(upload_threads, f"upload-{self.shard}")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._futures: list[Future] = []
@@ -293,7 +285,7 @@ class FilesWriter(ShardWriter):
         self._object_keys: set[str] = set()
 
     def object_key(self, key: str) -> str:
-        return f"{self.prefix}{key}.{self.ext}"
+        return layout.image_key(self.shard, key, self.ext)
 
     def _add(self, key, data, meta):
         self._raise_error()
@@ -341,18 +333,6 @@ class FilesWriter(ShardWriter):
     def stored_keys(self) -> set[str]:
         """Object keys of the images added so far (all durable once ``close()`` returns)."""
         return set(self._object_keys)
-
-    def remove_strays(self) -> list[str]:
-        """Delete objects under ``images/<shard>/`` that this writer did not write.
-
-        Call it once the writer has added every sample of the shard (before or after close):
-        whatever else lies under the shard's folder is a leftover of a crashed attempt.
-        """
-        mine = self.stored_keys()
-        strays = sorted(info.key for info in self.storage.list(self.prefix) if info.key not in mine)
-        if strays:
-            self.storage.delete(strays)
-        return strays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +393,7 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
 
     def __init__(self, storage, shard, image_format="png", quality=95):
         super().__init__(storage, shard, image_format, quality)
-        self.object = f"shards/{self.shard}.tar"
+        self.object = layout.tar_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-wds-"), f"{self.shard}.tar")
         self._tar: tarfile.TarFile | None = tarfile.open(self._path, "w", format=tarfile.PAX_FORMAT)
 
@@ -460,7 +440,7 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
         import pyarrow as pa
 
         super().__init__(storage, shard, image_format, quality)
-        self.object = f"data/{self.shard}.parquet"
+        self.object = layout.parquet_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-pq-"), f"{self.shard}.parquet")
         self.schema = pa.schema(
             [("key", pa.string()), ("id", pa.string()), ("image", pa.binary()), ("format", pa.string())]

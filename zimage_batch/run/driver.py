@@ -22,10 +22,12 @@ from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, valida
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
+from zimage_batch.output import layout
 from zimage_batch.output.ledger import Ledger
 from zimage_batch.run import metrics
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.progress import Progress
+from zimage_batch.run.settings import WorkerSettings
 from zimage_batch.storage import check_scratch_space, open_storage
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,10 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     check_cluster_reachable(_cluster_address(job))
     ledger = Ledger(storage)
     ledger.claim_output(job_record(job, model), job.overwrite)
-    plan = make_plan(manifest, ledger.committed(), job.shard_size, job.variant)
+    committed = ledger.committed()
+    for shard in ledger.finish_publishing(committed):
+        echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
+    plan = make_plan(manifest, committed, job.shard_size, job.variant)
     _write_plan_record(storage, job, plan, started)
     summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))
     echo(
@@ -149,8 +154,8 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
 
 def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
     markers = ledger.committed()
-    summary.rows_ok = sum(m["ok"] for m in markers.values())
-    summary.rows_error = sum(m["error"] for m in markers.values())
+    summary.rows_ok = sum(m.ok for m in markers.values())
+    summary.rows_error = sum(m.error for m in markers.values())
     summary.shards_committed = len(markers)
 
 
@@ -165,7 +170,7 @@ def _write_plan_record(storage, job: JobSpec, plan: Plan, started: float) -> Non
         "rows_todo": plan.rows_todo,
     }
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"-{os.getpid()}"
-    storage.put_bytes(f"_runs/plan-{name}.json", json.dumps(record, indent=2).encode())
+    storage.put_bytes(layout.plan_record_key(name), json.dumps(record, indent=2).encode())
 
 
 def _write_run_record(storage, job: JobSpec, summary: RunSummary) -> None:
@@ -173,7 +178,7 @@ def _write_run_record(storage, job: JobSpec, summary: RunSummary) -> None:
     record["fingerprint"] = job.fingerprint()
     record["finished"] = time.time()
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    storage.put_bytes(f"_runs/{name}.json", json.dumps(record, indent=2, default=str).encode())
+    storage.put_bytes(layout.run_record_key(name), json.dumps(record, indent=2, default=str).encode())
 
 
 # ---------------------------------------------------------------------- Ray part
@@ -237,9 +242,9 @@ def _init_ray(job: JobSpec) -> bool:
     return True
 
 
-def worker_settings(job: JobSpec, variant: str) -> dict[str, Any]:
+def worker_settings(job: JobSpec, variant: str) -> WorkerSettings:
     """What a `ShardRunner` for `variant` is given: the job, its fingerprint and the variant's defaults."""
-    return job.to_dict() | {"fingerprint": job.fingerprint(), "defaults": job.defaults(variant)}
+    return WorkerSettings.for_variant(job, variant, job.variant, job.fingerprint(), job.defaults(variant))
 
 
 class WorkerPool:
@@ -257,13 +262,13 @@ class WorkerPool:
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self.actor_class = ray.remote(ShardRunner).options(**options)
-        self.job_dict = worker_settings(job, variant)
-        self.args = (variant, threads)
+        self.settings = worker_settings(job, variant)
+        self.threads = threads
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
 
     def _start(self):
-        return self.actor_class.remote(self.job_dict, *self.args)
+        return self.actor_class.remote(self.settings, self.threads)
 
     def replace(self, index: int) -> None:
         _kill(self.actors[index])
@@ -389,8 +394,8 @@ def _run_shards(job: JobSpec, pool: "WorkerPool", shards: list[Shard], summary: 
                 continue
             deaths_in_a_row = 0
             suspects.discard(shard.name)
-            if not marker.get("skipped"):
-                progress.shard_done(marker["rows"], marker["error"])
+            if marker is not None:  # None: another attempt had committed the shard
+                progress.shard_done(marker.rows, marker.error)
         progress.tick(len(queue), len(in_flight), pool.size)
         metrics.queue_depth(len(queue), len(in_flight))
 
@@ -407,7 +412,7 @@ def _dispatch(pool: WorkerPool, queue: deque, in_flight: dict, attempts: dict[st
                 break
             shard = queue[position]
             del queue[position]
-            ref = actor.run_shard.remote(shard.to_dict(), attempts.get(shard.name, 0) + 1)
+            ref = actor.run_shard.remote(shard, attempts.get(shard.name, 0) + 1)
             in_flight[ref] = (shard, index)
             mine.append(shard)
             if shard.name in suspects:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from zimage_batch.inputs.manifest import Manifest, ManifestFile, rows_digest, rows_of_variant
-from zimage_batch.output.ledger import JobMismatch
+from zimage_batch.output.ledger import CommitMarker, JobMismatch
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class Shard:
 @dataclass
 class Plan:
     todo: list[Shard]
-    done: dict[str, dict[str, Any]]  # committed markers by shard name
+    done: dict[str, CommitMarker]  # committed markers by shard name
     total_rows: int
 
     @property
     def rows_done(self) -> int:
-        return sum(m["rows"] for m in self.done.values())
+        return sum(m.rows for m in self.done.values())
 
     @property
     def rows_todo(self) -> int:
@@ -69,12 +69,12 @@ def shard_name(f: ManifestFile | str, start: int, variant: str | None = None) ->
 
 
 def make_plan(
-    manifest: Manifest, committed: dict[str, dict[str, Any]], shard_size: int, job_variant: str | None = None
+    manifest: Manifest, committed: dict[str, CommitMarker], shard_size: int, job_variant: str | None = None
 ) -> Plan:
     """Shards still to run, after checking that committed shards' rows are unchanged."""
-    by_file: dict[str, list[dict[str, Any]]] = {}
+    by_file: dict[str, list[CommitMarker]] = {}
     for marker in committed.values():
-        by_file.setdefault(marker["file"], []).append(marker)
+        by_file.setdefault(marker.file, []).append(marker)
     names = {f.name for f in manifest.files}
     gone = sorted(set(by_file) - names)
     if gone:
@@ -85,16 +85,16 @@ def make_plan(
     for f in manifest.files:
         markers = by_file.get(f.name, [])
         if not mixed:
-            markers.sort(key=lambda m: m["start"])
+            markers.sort(key=lambda m: m.start)
             _verify_committed(manifest, f, markers)
-            todo.extend(_cut_gaps(f, [(m["start"], m["end"]) for m in markers], shard_size))
+            todo.extend(_cut_gaps(f, [(m.start, m.end) for m in markers], shard_size))
             continue
         variants = manifest.read_column(f, "variant").fill_null(job_variant)
         for variant in sorted(set(variants.unique().to_pylist()), key=lambda v: (v != job_variant, v)):
-            mine = sorted((m for m in markers if (m.get("variant") or job_variant) == variant), key=lambda m: m["start"])
+            mine = sorted((m for m in markers if (m.variant or job_variant) == variant), key=lambda m: m.start)
             _verify_committed(manifest, f, mine, lambda t, v=variant: rows_of_variant(t, v, job_variant))
             suffix = None if variant == job_variant else variant
-            for shard in _cut_gaps(f, [(m["start"], m["end"]) for m in mine], shard_size, suffix):
+            for shard in _cut_gaps(f, [(m.start, m.end) for m in mine], shard_size, suffix):
                 count = pc.sum(pc.equal(variants.slice(shard.start, shard.end - shard.start), variant)).as_py() or 0
                 if count:
                     todo.append(Shard(shard.name, f.name, shard.start, shard.end, variant, count))
@@ -112,13 +112,13 @@ def _cut_gaps(f: ManifestFile, covered: list[tuple[int, int]], shard_size: int, 
 def _verify_committed(
     manifest: Manifest,
     f: ManifestFile,
-    markers: list[dict[str, Any]],
+    markers: list[CommitMarker],
     select: Callable[[pa.Table], pa.Table] | None = None,
 ) -> None:
     """Stream the file once and compare each committed range (its `select`ed rows) with its digest."""
     if not markers:
         return
-    if markers[-1]["end"] > f.num_rows:
+    if markers[-1].end > f.num_rows:
         raise JobMismatch(f"{f.name}: rows committed by an earlier run are missing (the file now has {f.num_rows} rows); "
                           "put them back, or use --overwrite to start over")
     pending = iter(markers)
@@ -128,20 +128,20 @@ def _verify_committed(
     for batch in manifest.iter_batches(f):
         batch_start, batch_end = offset, offset + batch.num_rows
         offset = batch_end
-        while current is not None and current["start"] < batch_end:
-            lo, hi = max(current["start"], batch_start), min(current["end"], batch_end)
+        while current is not None and current.start < batch_end:
+            lo, hi = max(current.start, batch_start), min(current.end, batch_end)
             if hi > lo:
                 pieces.append(pa.Table.from_batches([batch.slice(lo - batch_start, hi - lo)]))
-            if current["end"] > batch_end:
+            if current.end > batch_end:
                 break
             table = pa.concat_tables(pieces) if pieces else None
             pieces = []
             if table is not None and select is not None:
                 table = select(table)
-            if table is None or rows_digest(table) != current["digest"]:
+            if table is None or rows_digest(table) != current.digest:
                 raise JobMismatch(
-                    f"{f.name}: rows {current['start']}..{current['end'] - 1} changed since shard "
-                    f"{current['shard']} was committed; this is a different job (use --overwrite to start over)"
+                    f"{f.name}: rows {current.start}..{current.end - 1} changed since shard "
+                    f"{current.shard} was committed; this is a different job (use --overwrite to start over)"
                 )
             current = next(pending, None)
         if current is None:

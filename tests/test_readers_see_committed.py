@@ -1,0 +1,137 @@
+"""What a reader that globs OUTPUT sees (SPEC §5.5): only committed shards, never a partial one.
+
+Training loaders and query engines do not read `_commits/`: they glob `metadata/*.parquet`,
+`shards/*.tar` and `data/*.parquet`. Each scenario stops a run part-way (a shard that fails at
+its last step, the driver and its cluster killed, a worker killed), reads OUTPUT with the real
+clients (DuckDB, webdataset, Hugging Face `datasets`), then reruns and reads again.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import duckdb
+import pytest
+from output_check import check_exactly_once
+from test_fault_tolerance import _start_run, _wait_for_commits, _worker_processes
+from test_job_e2e import make_manifest
+
+from zimage_batch.output.ledger import Ledger
+from zimage_batch.run.worker import FAIL_BEFORE_COMMIT_ENV
+from zimage_batch.storage import open_storage
+
+
+def committed(out: Path) -> dict:
+    return Ledger(open_storage(str(out))).committed()
+
+
+def globbed_metadata(out: Path) -> list[tuple[str, str]]:
+    """(id, status) of every row DuckDB finds under metadata/ (empty when there is none)."""
+    if not glob.glob(f"{out}/metadata/*.parquet"):
+        return []
+    return duckdb.sql(f"SELECT id, status FROM read_parquet('{out}/metadata/*.parquet')").fetchall()
+
+
+def globbed_samples(out: Path) -> list[str]:
+    """Keys of every sample webdataset finds in shards/*.tar; every tar must read whole."""
+    import webdataset as wds
+
+    urls = sorted(glob.glob(f"{out}/shards/*.tar"))
+    for url in urls:
+        with tarfile.open(url) as tar:  # a partial tar raises here
+            for member in tar.getmembers():
+                tar.extractfile(member).read()
+    if not urls:
+        return []
+    return [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+
+
+def globbed_dataset_rows(out: Path, cache: Path) -> int:
+    """Rows Hugging Face `datasets` loads from data/*.parquet."""
+    import datasets
+
+    files = sorted(glob.glob(f"{out}/data/*.parquet"))
+    if not files:
+        return 0
+    return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache)).num_rows
+
+
+def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
+    """Every row a globbing reader sees belongs to a committed shard, once, with all of its
+    shard's rows; returns how many rows it sees."""
+    markers = committed(out)
+    rows = globbed_metadata(out)
+    ids = [row_id for row_id, _ in rows]
+    assert len(ids) == len(set(ids)), "a row appears twice under metadata/"
+    assert len(ids) <= sum(m.rows for m in markers.values())
+    seen_shards = {Path(p).stem for p in glob.glob(f"{out}/metadata/*.parquet")}
+    assert seen_shards <= set(markers), f"metadata of uncommitted shards: {seen_shards - set(markers)}"
+    assert len(ids) == sum(markers[s].rows for s in seen_shards), "a shard's metadata is partial"
+    ok = sum(1 for _, status in rows if status == "ok")
+    if fmt == "webdataset":
+        containers = {Path(p).stem for p in glob.glob(f"{out}/shards/*.tar")}
+        assert containers <= set(markers), f"tars of uncommitted shards: {containers - set(markers)}"
+        samples = globbed_samples(out)
+        assert len(samples) == len(set(samples)) == sum(markers[s].ok for s in containers)
+    if fmt == "parquet":
+        containers = {Path(p).stem for p in glob.glob(f"{out}/data/*.parquet")}
+        assert containers <= set(markers), f"data of uncommitted shards: {containers - set(markers)}"
+        assert globbed_dataset_rows(out, cache) == sum(markers[s].ok for s in containers)
+    return ok
+
+
+def rerun(manifest: Path, out: Path, fmt: str) -> None:
+    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-2000:]
+
+
+def test_a_shard_failing_at_its_last_step_is_never_seen(tmp_path):
+    """Its images and metadata were staged; the commit never came: readers see none of it."""
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 30)
+    proc = _start_run(manifest, out, "--format", "webdataset", "--shard-size", "10", "--set", "max_attempts=1",
+                      "--set", "report=false", env={FAIL_BEFORE_COMMIT_ENV: "-0000000010"})
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode != 0 and "injected failure before the commit" in stdout + stderr
+    assert check_only_committed_rows_are_seen(out, "webdataset", tmp_path / "hf") == 20
+    assert not glob.glob(f"{out}/shards/*-0000000010.tar") and not glob.glob(f"{out}/metadata/*-0000000010.parquet")
+    rerun(manifest, out, "webdataset")
+    check_exactly_once(str(out), ids)
+    assert len(globbed_samples(out)) == len(globbed_metadata(out)) == 30
+
+
+@pytest.mark.parametrize("victim", ["driver", "worker"])
+def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
+    """The driver with its whole local cluster (SIGKILL to its process group), or one worker
+    (SIGKILL, the run goes on): at that moment and after, a reader sees whole committed shards
+    only; a rerun completes the output exactly once."""
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 120)
+    fmt = "parquet" if victim == "driver" else "webdataset"
+    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
+    try:
+        _wait_for_commits(out, 2, proc)
+        if victim == "driver":
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        else:
+            workers = _worker_processes(proc.pid)
+            assert workers, "no worker actor process found"
+            workers[0].send_signal(signal.SIGKILL)
+        seen = check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf")
+        assert seen < 120 and len(committed(out)) >= 2
+        if victim == "worker":
+            proc.communicate(timeout=400)
+            assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if victim == "driver":
+        rerun(manifest, out, fmt)
+    check_exactly_once(str(out), ids)
+    assert check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf") == 120

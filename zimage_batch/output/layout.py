@@ -1,0 +1,109 @@
+"""Every name under OUTPUT, in one place (SPEC §5).
+
+    OUTPUT/
+      job.json                          the job as resolved, with its fingerprint
+      metadata/<shard>.parquet          one row per manifest row of a committed shard
+      images/<shard>/<key>.<ext>        --format files
+      shards/<shard>.tar                --format webdataset
+      data/<shard>.parquet              --format parquet
+      _commits/<shard>.json             the commit marker: the shard is done
+      _staging/<shard>/<token>/...      an attempt's files, under their final names, until published
+      _runs/<time>.json, plan-<time>.json   figures of each run / totals of each run's plan
+      report.html                       the report
+      README.md                         the dataset card
+
+An attempt writes every file of its shard under its own staging folder, commits (creating the
+marker, which names that folder through its token), then publishes: each staged file is moved
+to its final name. So `metadata/`, `images/`, `shards/` and `data/` only ever hold files of
+committed shards, and a reader that globs them never sees an attempt that did not commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOB_FILE = "job.json"
+REPORT = "report.html"
+DATASET_CARD = "README.md"
+COMMITS = "_commits/"
+STAGING = "_staging/"
+RUNS = "_runs/"
+PLAN_RECORD_PREFIX = "plan-"
+METADATA = "metadata/"
+
+#: Where each output format puts a shard's images.
+FORMAT_FOLDERS = {"files": "images/", "webdataset": "shards/", "parquet": "data/"}
+FORMATS = tuple(FORMAT_FOLDERS)
+
+#: What a job writes, in the order --overwrite removes it: markers first (no half state looks
+#: done), job.json last (a clear cut short still refuses a plain rerun of another job).
+OUTPUT_PREFIXES = (COMMITS, METADATA, *FORMAT_FOLDERS.values(), STAGING, RUNS, REPORT, DATASET_CARD, JOB_FILE)
+
+
+def commit_key(shard: str) -> str:
+    return f"{COMMITS}{shard}.json"
+
+
+def shard_of_commit_key(key: str) -> str | None:
+    """The shard a `_commits/` key names, or None for anything else."""
+    if key.startswith(COMMITS) and key.endswith(".json"):
+        return key[len(COMMITS) : -len(".json")]
+    return None
+
+
+def metadata_key(shard: str) -> str:
+    return f"{METADATA}{shard}.parquet"
+
+
+def shard_of_metadata_key(key: str) -> str | None:
+    if key.startswith(METADATA) and key.endswith(".parquet"):
+        return key[len(METADATA) : -len(".parquet")]
+    return None
+
+
+def images_prefix(shard: str) -> str:
+    """--format files: the folder of a shard's images."""
+    return f"{FORMAT_FOLDERS['files']}{shard}/"
+
+
+def image_key(shard: str, key: str, ext: str) -> str:
+    """--format files: one image of a shard."""
+    return f"{images_prefix(shard)}{key}.{ext}"
+
+
+def tar_key(shard: str) -> str:
+    return f"{FORMAT_FOLDERS['webdataset']}{shard}.tar"
+
+
+def parquet_key(shard: str) -> str:
+    return f"{FORMAT_FOLDERS['parquet']}{shard}.parquet"
+
+
+def run_record_key(name: str) -> str:
+    return f"{RUNS}{name}.json"
+
+
+def plan_record_key(name: str) -> str:
+    return f"{RUNS}{PLAN_RECORD_PREFIX}{name}.json"
+
+
+@dataclass(frozen=True)
+class StagingArea:
+    """One attempt's staging folder: `_staging/<shard>/<token>/`, holding the attempt's files
+    under their final names (so `prefix + final_key` is where a file waits to be published)."""
+
+    shard: str
+    token: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{STAGING}{self.shard}/{self.token}/"
+
+    def final_key(self, staged_key: str) -> str:
+        """The final name of a file listed under this staging folder."""
+        return staged_key[len(self.prefix) :]
+
+
+def shard_staging_prefix(shard: str) -> str:
+    """Every attempt's staging folder of `shard`."""
+    return f"{STAGING}{shard}/"

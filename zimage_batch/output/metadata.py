@@ -1,0 +1,33 @@
+"""`metadata/<shard>.parquet`: one row per manifest row of a shard (SPEC §5)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from zimage_batch.inputs.manifest import EDIT_METADATA_COLUMNS, METADATA_COLUMNS
+
+
+def metadata_table(records: Sequence[dict[str, Any]], rows: pa.Table, passthrough: pa.Schema, edit: bool) -> pa.Table:
+    """The metadata of a shard: each row's record (settings and outcome) in the pipeline's
+    columns, then the manifest's pass-through columns, with the same columns and types in
+    every shard of a job (nulls where a row's manifest file lacks one)."""
+    schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if edit else {})
+    table = pa.table({name: pa.array([r.get(name) for r in records], type=t) for name, t in schema.items()})
+    for field in passthrough:
+        if field.name in rows.column_names:
+            values = rows.column(field.name).cast(field.type)
+        else:
+            values = pa.nulls(rows.num_rows, field.type)
+        table = table.append_column(field, values)
+    return table
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()

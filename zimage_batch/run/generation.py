@@ -1,0 +1,206 @@
+"""One shard's rows through the model: batches, generation on the model thread, and each
+image encoded and stored beside the batches that follow.
+
+The model runs one batch at a time on the worker's model thread; encoding (PNG/JPEG/WebP) and
+handing images to the writer run on background threads, so the model does not wait for them,
+with at most STORE_BACKLOG_BATCHES batches waiting (bounded memory). Edit rows load their
+sources on a thread pool a window ahead of the batches that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import torch
+
+from zimage_batch.generate.engine import Engine
+from zimage_batch.inputs import images
+from zimage_batch.output.keys import safe_key
+from zimage_batch.output.writers import ShardWriter, encode_image
+from zimage_batch.run import metrics
+from zimage_batch.run.rows import Request, error_outcome, row_record
+from zimage_batch.run.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+PREFETCH_BATCHES = 4  # edit rows are loaded (and grouped into batches) this many batches at a time
+STORE_BACKLOG_BATCHES = 2  # encoded images waiting for storage, in batches (bounds memory)
+# Failures that belong to the rows of a batch (bad values, one row too large for the device);
+# a batch that fails with one of these is retried row by row and the failing rows become errors.
+ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
+
+
+class RowFailure(Exception):
+    """Why one row could not be generated (the message of the original error)."""
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """A worker's loaded model and the threads around it, shared by the shards it runs."""
+
+    engine: Engine
+    settings: WorkerSettings
+    batch_size: int
+    model_thread: ThreadPoolExecutor  # every model call, one at a time
+    encoder: ThreadPoolExecutor  # image encoding
+    storer: ThreadPoolExecutor  # hands images to the writer, in row order
+    sources: ThreadPoolExecutor | None  # edit manifests: source fetches and decodes
+    passthrough_names: frozenset[str]  # manifest columns copied into each sample's JSON
+    worker_id: str
+
+
+class ShardGeneration:
+    """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
+
+    def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
+                 base: str) -> None:
+        """`base` is the folder that relative source URIs of edit rows start from."""
+        self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
+        self.model_thread, self.encoder, self.storer, self.sources = (
+            model.model_thread, model.encoder, model.storer, model.sources)
+        self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
+        self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
+        self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
+        self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
+        self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
+        self.confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> list[dict[str, Any]]:
+        """Generate batch by batch and store every image; each row's outcome, in row order."""
+        encoded_ahead = self.engine.low_vram and self._encode_ahead()
+        try:
+            for batch in self._batches():
+                self._confirm(STORE_BACKLOG_BATCHES * self.batch_size)
+                started = time.perf_counter()
+                pixels = self._generate([self.requests[i] for i in batch])
+                duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
+                metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
+                for i, image in zip(batch, pixels):
+                    if isinstance(image, BaseException):
+                        self.outcomes[i] = error_outcome(f"generation failed: {image}", duration_ms)
+                    else:
+                        encoded = self.encoder.submit(self._encode, image)
+                        self.stored.append((i, self.storer.submit(self._store, i, encoded, duration_ms)))
+            self._confirm(0)
+        except BaseException:
+            # The caller aborts the writer next: no store of this attempt may still be writing.
+            outstanding = [task for _, task in self.stored[self.confirmed :]]
+            for task in outstanding:
+                task.cancel()
+            wait(outstanding)
+            raise
+        finally:
+            if encoded_ahead:
+                self._release_prompts()
+        for i, extra in self.lineage.items():
+            self.outcomes[i] = {**self.outcomes[i], **extra}
+        return self.outcomes  # type: ignore[return-value]
+
+    def _confirm(self, backlog: int) -> None:
+        """Record finished stores in order (a failed store raises here), waiting while more
+        than `backlog` are outstanding."""
+        while self.confirmed < len(self.stored) and (
+            len(self.stored) - self.confirmed > backlog or self.stored[self.confirmed][1].done()
+        ):
+            i, future = self.stored[self.confirmed]
+            self.outcomes[i] = future.result()
+            self.confirmed += 1
+
+    # ------------------------------------------------------------------ batches
+    def _batches(self) -> Iterator[list[int]]:
+        """Row indices, batch by batch, rows sharing a batch key together. Edit rows are loaded
+        a window at a time while the previous window generates; rows whose source cannot be
+        used get their error outcome here."""
+        if self.sources is None:
+            yield from self._cut(range(len(self.requests)))
+            return
+        windows = images.prefetch(
+            self.sources, range(len(self.rows)), self._load_edit, PREFETCH_BATCHES * self.batch_size, first=self.batch_size
+        )
+        for window in windows:
+            ready = []
+            for i, loaded in window:
+                self.lineage[i] = loaded.lineage
+                if loaded.error:
+                    self.outcomes[i] = error_outcome(loaded.error)
+                else:
+                    self.requests[i] = loaded.request
+                    ready.append(i)
+            for batch in self._cut(ready):
+                yield batch
+                for i in batch:  # the pixels of a drawn batch's sources are no longer needed
+                    self.requests[i].image = self.requests[i].mask = None
+
+    def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
+        """Batches of at most batch_size rows, each of one batch key (so a batch runs as one, and
+        its per-row duration is that of its own rows)."""
+        key = lambda i: self.requests[i].batch_key()  # noqa: E731
+        for _, same in groupby(sorted(indices, key=key), key=key):
+            same = list(same)
+            for b in range(0, len(same), self.batch_size):
+                yield same[b : b + self.batch_size]
+
+    def _load_edit(self, i: int) -> images.EditRow:
+        """A row's source and mask, fetched and decoded (on the source pool, ahead of the GPU)."""
+        row = self.rows[i]
+        source = images.resolve_uri(row["source"], self.base)
+        mask = images.resolve_uri(row["mask"], self.base) if row.get("mask") else None
+        limit = self.settings.max_source_pixels or images.DEFAULT_MAX_PIXELS
+        return images.load_edit_row(self.requests[i], source, mask, self.engine.variant, limit)
+
+    # ------------------------------------------------------------------ the model
+    def _generate(self, batch: list[Request]) -> list[np.ndarray | BaseException]:
+        """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
+        try:
+            return self.model_thread.submit(self.engine.generate, batch, len(batch)).result()
+        except ROW_ERRORS as exc:
+            if len(batch) == 1:
+                # Only the message: the exception's traceback holds the failed call's frames,
+                # and with them its device memory, which the rows after it need.
+                return [RowFailure(str(exc))]
+            log.warning("batch failed (%s); retrying its rows one by one", exc)
+        # Anything else (a CUDA fault, a crashed kernel) is the worker's problem, not the rows':
+        # it fails the shard attempt, which the driver retries on a fresh worker.
+        results: list[np.ndarray | BaseException] = []
+        for request in batch:
+            results.extend(self._generate([request]))
+        return results
+
+    def _encode_ahead(self) -> bool:
+        """low_vram: the text encoder's one turn on the device for this shard. If it fails, each
+        batch encodes its own prompts instead (slower, and a bad row still fails alone)."""
+        try:
+            self.model_thread.submit(self.engine.encode_ahead, self.requests, self.batch_size).result()
+            return True
+        except ROW_ERRORS as exc:
+            log.warning("encoding the shard's prompts ahead failed (%s); encoding batch by batch", exc)
+            return False
+
+    def _release_prompts(self) -> None:
+        try:
+            self.model_thread.submit(self.engine.release_prompts, self.requests).result()
+        except Exception:  # noqa: BLE001 - never hide the shard's own outcome or error
+            log.exception("releasing the shard's cached prompts failed")
+
+    # ------------------------------------------------------------------ encode and store
+    def _encode(self, image: np.ndarray) -> tuple[bytes, str]:
+        data = encode_image(image, self.settings.image_format, self.settings.quality)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _store(self, i: int, encoded: Future, duration_ms: float) -> dict[str, Any]:
+        data, digest = encoded.result()
+        row = self.rows[i]
+        meta = row_record(row, self.requests[i], self.settings) | {"sha256": digest, "duration_ms": duration_ms}
+        meta |= self.lineage.get(i) or {}
+        meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
+        location = self.writer.add(safe_key(row["id"]), data, meta)
+        return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}

@@ -1,0 +1,59 @@
+"""What a worker is given: the settings of one job for one variant, typed, as they cross Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from zimage_batch.jobspec import JobSpec
+from zimage_batch.model.sources import source_for_variant
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a `ShardRunner` needs, resolved by the driver once per variant."""
+
+    manifest: str
+    output: str
+    model: str  # the model source of this variant (the job's, `models.<variant>`, or its family's)
+    variant: str  # the variant this worker runs
+    job_variant: str  # the job's own variant: rows with an empty `variant` belong to it
+    fingerprint: str
+    defaults: dict[str, Any] = field(default_factory=dict)  # this variant's values for empty row fields
+    format: str = "files"
+    image_format: str = "png"
+    quality: int = 95
+    seed: int = 0  # the job seed: rows without a seed derive theirs from it and their id
+    width: int | None = None  # the job's explicit size (edit rows without one follow their source)
+    height: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    low_vram: str = "auto"
+    attention_backend: str | None = None
+    compile: bool = False
+    max_source_pixels: int = 64_000_000
+
+    @classmethod
+    def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,
+                    defaults: dict[str, Any]) -> WorkerSettings:
+        return cls(
+            manifest=job.manifest or "",
+            output=job.output or "",
+            model=source_for_variant(job.model, job.models, variant, job_variant),
+            variant=variant,
+            job_variant=job_variant,
+            fingerprint=fingerprint,
+            defaults=dict(defaults),
+            format=job.format,
+            image_format=job.image_format,
+            quality=job.quality,
+            seed=job.seed,
+            width=job.width,
+            height=job.height,
+            batch_size=job.batch_size,
+            device=job.device,
+            low_vram=job.low_vram,
+            attention_backend=job.attention_backend,
+            compile=job.compile,
+            max_source_pixels=job.max_source_pixels,
+        )
