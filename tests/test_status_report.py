@@ -154,11 +154,13 @@ def test_status_finished(watched_run):
 def test_status_of_a_run_whose_driver_died(tmp_path):
     """A plan and some commits, then nothing for an hour: `status` says the run looks stalled
     and gives no ETA; the same output a minute after its last commit is simply running."""
+    from zimage_batch.output.ledger import CommitMarker
     from zimage_batch.output.status import OutputState, format_status
 
     plan = {"started": 1_000.0, "total_rows": 100, "total_shards": 4}
-    markers = [{"shard": f"s{i}", "rows": 25, "ok": 25, "started": 1_000.0 + 10 * i, "finished": 1_010.0 + 10 * i}
-               for i in range(2)]
+    markers = [CommitMarker(shard=f"s{i}", file="m.parquet", start=25 * i, end=25 * (i + 1), rows=25, ok=25, error=0,
+                            digest="", fingerprint="", format="files", started=1_000.0 + 10 * i,
+                            finished=1_010.0 + 10 * i) for i in range(2)]
     state = OutputState(open_storage(str(tmp_path)), {"job": {}}, markers, plans=[plan])
     alive = summarize(state, now=1_080.0)
     assert alive["state"] == "running" and not alive["stalled"] and alive["eta_s"] is not None

@@ -309,7 +309,7 @@ def throughput_svg(markers: list[CommitMarker], width: int = 760, height: int = 
     points, done = [f"{left},{top + h}"], 0
     for m in sorted(markers, key=lambda m: m.finished):
         done += m.rows
-        points.append(f"{left + (m['finished'] - t0) / span * w:.1f},{top + h - done / total * h:.1f}")
+        points.append(f"{left + (m.finished - t0) / span * w:.1f},{top + h - done / total * h:.1f}")
     labels = (
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak:.1f}</text>'
         f'<text x="{left - 6}" y="{top + h}" text-anchor="end">0</text>'
