@@ -10,7 +10,7 @@ import hashlib
 import posixpath
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -93,11 +93,12 @@ class ManifestFile:
     path: str  # path within the filesystem (bucket/key for S3)
     name: str  # path relative to the manifest root, stable across runs
     num_rows: int
-    schema: pa.Schema = dataclass_field(compare=False)  # dictionary-encoded strings as plain ones
+    schema: pa.Schema = dataclass_field(compare=False)  # as the pipeline reads it: see plain_type()
     # Hive-style folders on the way to the file (date=2026-11-27/): columns of every row, as strings
     partition: tuple[tuple[str, str | None], ...] = ()
+    stored: pa.Schema | None = dataclass_field(default=None, compare=False)  # the types as written
 
-    def with_partition(self, data):
+    def with_partition(self, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
         """A table or batch read from this file, with its partition columns appended."""
         for key, value in self.partition:
             data = data.append_column(pa.field(key, pa.string()), pa.array([value] * data.num_rows, pa.string()))
@@ -143,14 +144,14 @@ class Manifest:
         files = []
         for path, name in paths:
             footer = self._footer(path)
-            schema = _plain_schema(footer.schema.to_arrow_schema())
+            stored = footer.schema.to_arrow_schema()
             partition = _hive_partition(posixpath.dirname(name))
             for key, _ in partition:
-                if key in schema.names:
+                if key in stored.names:
                     raise ManifestError(f"{self._display(path)}: column '{key}' is named twice, in the file or its folders "
                                         f"({key}=...); rename one of them")
-                schema = schema.append(pa.field(key, pa.string()))
-            files.append(ManifestFile(path, name, footer.num_rows, schema, partition))
+                stored = stored.append(pa.field(key, pa.string()))
+            files.append(ManifestFile(path, name, footer.num_rows, _plain_schema(stored), partition, stored))
         return files
 
     def _footer(self, path: str) -> pq.FileMetaData:
@@ -264,17 +265,43 @@ def _first_line(exc: BaseException) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)  # no control characters
 
 
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """The type the pipeline reads a column of type `t` as, whichever tool wrote it: dictionaries
+    (categoricals) as their values, `large_string` and `string_view` (pandas, Polars) as `string`,
+    `large_binary` and `binary_view` as `binary`, inside lists, structs and maps too."""
+    if pa.types.is_dictionary(t):
+        return plain_type(t.value_type)
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_map(t):
+        return pa.map_(plain_type(t.key_type), t.item_field.with_type(plain_type(t.item_type)), t.keys_sorted)
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(plain_type(t.value_type)), t.list_size)
+    if pa.types.is_list(t) or pa.types.is_list_view(t):
+        return pa.list_(t.value_field.with_type(plain_type(t.value_type)))
+    if pa.types.is_large_list(t) or pa.types.is_large_list_view(t):
+        return pa.large_list(t.value_field.with_type(plain_type(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(plain_type(f.type)) for f in t])
+    return t
+
+
+def _plain_field(f: pa.Field) -> pa.Field:
+    """A column as the pipeline reads it; integer ids are their decimal text (SPEC §3)."""
+    t = plain_type(f.type)
+    return f.with_type(pa.string() if f.name == "id" and pa.types.is_integer(t) else t)
+
+
 def _plain_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema(
-        [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema],
-        metadata=schema.metadata,
-    )
+    return pa.schema([_plain_field(f) for f in schema], metadata=schema.metadata)
 
 
 def _decoded(data: pa.RecordBatch | pa.Table):
-    """Columns as the pipeline reads them: a categorical of strings is a string column, and an
-    integer column stored as floats (pandas writes an int column with nulls as float64) is int64
-    when every value is a whole number (validation refuses the rest)."""
+    """Columns as the pipeline reads them (see plain_type; an integer id as its decimal text),
+    and an integer column stored as floats (pandas writes an int column with nulls as float64)
+    as int64 when every value is a whole number (validation refuses the rest)."""
     plain = _plain_schema(data.schema)
     for i, f in enumerate(plain):
         if KNOWN_COLUMNS.get(f.name) == INTEGER and pa.types.is_floating(f.type) and _whole(data.column(f.name)):
@@ -282,12 +309,12 @@ def _decoded(data: pa.RecordBatch | pa.Table):
     return data if plain.equals(data.schema) else data.cast(plain)
 
 
-def _whole(values) -> bool:
+def _whole(values: pa.Array | pa.ChunkedArray) -> bool:
     """True if every value is a whole number that a float holds exactly (|v| < 2**53)."""
     return not pc.any(pc.fill_null(_not_whole(values), False)).as_py()
 
 
-def _not_whole(values) -> pa.Array:
+def _not_whole(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     values = values.cast(pa.float64())
     return pc.or_(pc.not_equal(pc.floor(values), values), pc.greater_equal(pc.abs(values), float(2**53)))
 
@@ -353,7 +380,9 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
                 )
             expected = KNOWN_COLUMNS.get(field.name)
             if expected and not _type_ok(expected, field.type):
-                raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {field.type}")
+                found = f.stored.field(field.name).type if f.stored is not None else field.type
+                expected = "string or integer" if field.name == "id" else expected
+                raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {found}")
     ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
     variants: set[str] = set()
     for f in manifest.files:
@@ -506,14 +535,14 @@ def _not_utf8(data: bytes | None) -> bool:
     return False
 
 
-def _not_in(values: pa.Array, allowed) -> pa.Array:
+def _not_in(values: pa.Array, allowed: Sequence[str]) -> pa.Array:
     """True where a value is set and not allowed (a null takes the job default)."""
     if pa.types.is_null(values.type):
         return pc.is_valid(values)  # all null
     return pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed, type=values.type))))
 
 
-def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if) -> None:
+def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if: Callable[[str, pa.Array, str], None]) -> None:
     """Each row's mode (given, or inferred: a mask means inpaint, an editing variant means edit,
     else img2img) must be one the row's variant (or the job's) does, and inpaint rows need a mask."""
     n = batch.num_rows
@@ -534,7 +563,7 @@ def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if) -> None:
                 "is missing for inpaint rows")
 
 
-def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:
+def _side_limits(variant_column: pa.Array | None, limits: Limits, n: int) -> tuple[pa.Array, pa.Array]:
     """Per-row min and max side from the row's variant (or the job's)."""
     names = list(VARIANTS)
     if variant_column is None or pa.types.is_null(variant_column.type):
@@ -547,7 +576,7 @@ def _side_limits(variant_column, limits: Limits, n: int) -> tuple[pa.Array, pa.A
     return mins, maxs
 
 
-def _limits_text(variant_column, limits: Limits) -> str:
+def _limits_text(variant_column: pa.Array | None, limits: Limits) -> str:
     """The side limits of the variants rows may run on, e.g. '64..2048'."""
     names = set(VARIANTS) if variant_column is not None else {limits.default_variant}
     ranges = {(VARIANTS[n].min_side, VARIANTS[n].max_side) for n in names}
@@ -592,10 +621,45 @@ def rows_of_variant(table: pa.Table, variant: str, job_variant: str) -> pa.Table
 
 
 def rows_digest(table: pa.Table) -> str:
-    """Content hash of rows, independent of how they are chunked or sliced."""
+    """Content hash of rows, independent of how they are chunked or sliced. It covers the Arrow
+    types: hash rows as the manifest reads them (Manifest.read_rows / iter_batches), so that a
+    string column hashes the same whichever string type the file stores."""
     table = table.replace_schema_metadata(None)
     table = table.take(pa.array(np.arange(table.num_rows))).combine_chunks()
     h = hashlib.sha256(table.schema.to_string().encode())
     for batch in table.to_batches():
         h.update(batch.serialize())
     return h.hexdigest()
+
+
+def digest_matches(f: ManifestFile, table: pa.Table, digest: str) -> bool:
+    """Whether rows read from `f` are those a commit marker's `digest` was taken of. Earlier
+    versions hashed `large_string` and `large_binary` columns (pandas' and Polars' strings)
+    as stored; such a digest is matched by hashing the rows in those types again."""
+    if rows_digest(table) == digest:
+        return True
+    legacy = _legacy_schema(f, table.schema)
+    return legacy is not None and rows_digest(table.cast(legacy)) == digest
+
+
+def _legacy_schema(f: ManifestFile, schema: pa.Schema) -> pa.Schema | None:
+    """`schema` with the large string and binary columns of `f` as earlier versions read them
+    (as stored, categoricals decoded), or None when the file has none."""
+    if f.stored is None:
+        return None
+    fields, changed = [], False
+    for field in schema:
+        stored = f.stored.field(field.name).type if field.name in f.stored.names else field.type
+        stored = stored.value_type if pa.types.is_dictionary(stored) else stored
+        if stored != field.type and plain_type(stored) == field.type and not _has_view(stored):
+            field, changed = field.with_type(stored), True
+        fields.append(field)
+    return pa.schema(fields) if changed else None
+
+
+def _has_view(t: pa.DataType) -> bool:
+    """Whether `t` holds a view type, which earlier versions could not commit."""
+    views = (pa.types.is_string_view, pa.types.is_binary_view, pa.types.is_list_view, pa.types.is_large_list_view)
+    if any(is_view(t) for is_view in views):
+        return True
+    return any(_has_view(t.field(i).type) for i in range(t.num_fields))

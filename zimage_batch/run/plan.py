@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from zimage_batch.inputs.manifest import Manifest, ManifestFile, rows_digest, rows_of_variant
+from zimage_batch.inputs.manifest import Manifest, ManifestFile, digest_matches, rows_of_variant
 from zimage_batch.output.ledger import CommitMarker, JobMismatch
 
 
@@ -138,7 +138,7 @@ def _verify_committed(
             pieces = []
             if table is not None and select is not None:
                 table = select(table)
-            if table is None or rows_digest(table) != current.digest:
+            if table is None or not digest_matches(f, table, current.digest):
                 raise JobMismatch(
                     f"{f.name}: rows {current.start}..{current.end - 1} changed since shard "
                     f"{current.shard} was committed; this is a different job (use --overwrite to start over)"
