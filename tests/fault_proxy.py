@@ -14,6 +14,8 @@ headers), to ``upstream``. A seeded fraction ``rate`` of requests instead gets a
 The fault sequence depends only on ``seed`` (and the order requests arrive in). ``force()``
 queues faults for the next requests that match a method/path, for targeted tests.
 ``counts`` holds the faults injected, by kind; ``requests`` the requests seen.
+``drop_headers`` names request headers never forwarded (``If-None-Match``: a store that ignores
+conditional writes, as s3rver and older MinIO do).
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ class FaultProxy:
     """A threaded proxy in front of ``upstream`` (``http://host:port``) that injects faults."""
 
     def __init__(self, upstream: str, rate: float = 0.0, kinds: Sequence[str] = KINDS,
-                 seed: int = 0, delay: float = 0.5) -> None:
+                 seed: int = 0, delay: float = 0.5, drop_headers: Sequence[str] = ()) -> None:
         parsed = urlparse(upstream)
         if parsed.scheme != "http" or not parsed.port:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
         self.upstream = upstream
         self.upstream_addr = (parsed.hostname, parsed.port)
         self.delay = delay
+        self.drop_headers = _DROP_REQUEST_HEADERS | {h.lower() for h in drop_headers}
         self.counts: Counter[str] = Counter()
         self.requests = 0
         self._lock = threading.Lock()
@@ -217,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 self.upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                 for name, value in self.headers.items():
-                    if name.lower() not in _DROP_REQUEST_HEADERS:
+                    if name.lower() not in self.proxy.drop_headers:
                         self.upstream.putheader(name, value)
                 self.upstream.endheaders(body)
                 response = self.upstream.getresponse()

@@ -63,6 +63,8 @@ class JobSpec:
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
     overwrite: bool = False
+    # run on an S3 store that ignores If-None-Match: * (one writer at a time; no exactly-once guarantee)
+    unsafe_allow_overwriting_commits: bool = False
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
     OUTPUT_FIELDS = (

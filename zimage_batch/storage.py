@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -91,6 +92,27 @@ def check_key(key: str) -> str:
     if ".." in key.replace("\\", "/").split("/"):
         raise ValueError(f"storage key must not contain '..': {key!r}")
     return key
+
+
+#: The job setting that runs on a store whose create-only writes do not hold (SPEC §6).
+UNSAFE_OPT_OUT = "unsafe_allow_overwriting_commits"
+
+
+def check_output_store(storage: Storage, allow_overwriting_commits: bool = False) -> None:
+    """Preflight of an OUTPUT, once per run before any work: it must be writable, and its
+    create-only writes must hold, for commit markers to make each shard's output exactly once.
+    A store that ignores ``If-None-Match: *`` is refused in one line unless the job opts out
+    (a single writer at a time, accepting the risk), when it is only logged."""
+    storage.check_writable()
+    if storage.supports_create_only():
+        return
+    problem = (f"{storage.endpoint} ignores create-only writes (it accepted a second PutObject with "
+               f"If-None-Match: * of one key under {storage.uri}), so two runs could both commit a shard "
+               "and exactly-once output cannot be guaranteed")
+    if not allow_overwriting_commits:
+        raise StorageError(f"{problem}; use a store that enforces conditional writes, or, if only one run "
+                           f"ever writes this OUTPUT at a time, accept the risk with --set {UNSAFE_OPT_OUT}=true")
+    logging.getLogger(__name__).warning("%s; running anyway (%s=true)", problem, UNSAFE_OPT_OUT)
 
 
 def check_scratch_space(needed: int, folder: str | None = None) -> None:
@@ -185,6 +207,15 @@ class Storage(ABC):
     @abstractmethod
     def check_writable(self) -> None:
         """Raise StorageError unless a probe object can be written and deleted."""
+
+    def supports_create_only(self) -> bool:
+        """Whether ``put_if_absent`` refuses a key that exists (locally always: a hard link)."""
+        return True
+
+    @property
+    def endpoint(self) -> str:
+        """Where the objects live, for messages: the S3 endpoint, or the folder."""
+        return self.uri
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -372,7 +403,7 @@ _CLIENT_ENV = (
 )
 
 
-def s3_client():
+def s3_client() -> Any:
     """The process's shared boto3 S3 client (thread-safe; rebuilt after fork or when the
     AWS environment changes). Endpoint, region and credentials come from the AWS chain."""
     import boto3
@@ -436,7 +467,7 @@ class S3Storage(Storage):
         self.multipart_chunksize = multipart_chunksize or MULTIPART_CHUNKSIZE
 
     @property
-    def client(self):
+    def client(self) -> Any:
         return s3_client()
 
     def _key(self, key: str) -> str:
@@ -660,6 +691,27 @@ class S3Storage(Storage):
         retries = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
         return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
+    @property
+    def endpoint(self) -> str:
+        return f"the S3 endpoint {self.client.meta.endpoint_url}"
+
+    def supports_create_only(self) -> bool:
+        """Probe: write a scratch key under _probe/ twice with ``If-None-Match: *``; a store that
+        enforces it refuses the second (412, or 409 while the first is in flight). The key is
+        deleted after. A store that rejects the header outright is a StorageError."""
+        import botocore.exceptions
+
+        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-create-only"
+        try:
+            self.put_if_absent(key, b"first")  # False only when a lost answer was retried: created
+            return not self.put_if_absent(key, b"second")
+        except botocore.exceptions.ClientError as e:
+            code = _error_code(e) or str(_status(e))
+            raise StorageError(f"{self.endpoint} rejects conditional writes (PutObject with If-None-Match: *, "
+                               f"{code}), which commits to {self.uri} need") from None
+        finally:
+            self.delete([key])
+
     def check_writable(self) -> None:
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
@@ -691,7 +743,7 @@ class _RangeReader(io.RawIOBase):
         self.position = max(0, base + offset)
         return self.position
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:
         end = min(self.size, self.position + len(buffer))
         if end <= self.position:
             return 0

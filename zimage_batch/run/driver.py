@@ -28,7 +28,7 @@ from zimage_batch.run import metrics
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.settings import WorkerSettings
-from zimage_batch.storage import check_scratch_space, open_storage
+from zimage_batch.storage import check_output_store, check_scratch_space, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def job_record(job: JobSpec, model: ResolvedModel | None = None) -> dict[str, An
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     started = time.time()
     storage = open_storage(job.output)
-    manifest, model = prepare(job, check_output=storage.check_writable)
+    manifest, model = prepare(job, check_output=lambda: check_output_store(storage, job.unsafe_allow_overwriting_commits))
     if not job.address:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(job))
     check_cluster_reachable(_cluster_address(job))
