@@ -159,13 +159,13 @@ def _passthrough_types_clash(d: Path) -> Path:
     return folder
 
 
-def _not_utf8(name: str) -> Callable[[Path], Path]:
+def _not_utf8(name: str, string_type: pa.DataType = pa.string()) -> Callable[[Path], Path]:
     """Raw bytes in a string column (other writers than pyarrow do not always check them)."""
 
     def build(d: Path) -> Path:
         cols = _good_columns()
         cols[name] = pa.array([c.encode() for c in cols.get(name, ["x"] * 4)[:2]] + [b"\xff\xfe bad", b"ok"],
-                              pa.binary()).view(pa.string())
+                              pa.binary()).view(pa.string()).cast(string_type)
         return _write(d / "m.parquet", cols)
 
     return build
@@ -208,8 +208,19 @@ CASES = [
     Case("prompt_not_utf8", _not_utf8("prompt"), column="prompt", rows=("row 2", "'r2'")),
     Case("id_not_utf8", _not_utf8("id"), column="id", rows=("row 2",)),
     Case("passthrough_not_utf8", _not_utf8("caption"), column="caption", rows=("row 2", "'r2'")),
+    Case("string_view_not_utf8", _not_utf8("caption", pa.string_view()), column="caption", rows=("row 2", "'r2'")),
     Case("prompt_as_int", _typed("prompt", [1, 2, 3, 4], pa.int64()), column="prompt"),
-    Case("id_as_int", _typed("id", [1, 2, 3, 4], pa.int64()), column="id"),
+    # integer ids are their decimal text (SPEC §3); other id types are refused naming the type as stored
+    Case("id_as_float", _typed("id", [1.0, 2.0, 3.0, 4.0], pa.float64()), column="id", extra=("double",)),
+    Case("id_as_large_binary", _typed("id", [b"a", b"b", b"c", b"d"], pa.large_binary()), column="id",
+         extra=("large_binary",)),
+    Case("id_as_bool", _typed("id", [True, False, True, False], pa.bool_()), column="id", extra=("bool",)),
+    Case("id_as_timestamp", _typed("id", [0, 1, 2, 3], pa.timestamp("us")), column="id", extra=("timestamp",)),
+    Case("duplicate_int_ids", _typed("id", [7, 2**40, 7, 3], pa.int64()), column="id", rows=("'7'",)),
+    Case("null_int_id", _typed("id", [7, None, 8, 9], pa.uint64()), column="id", rows=("row 1",)),
+    Case("empty_string_view_id", _typed("id", ["a", "b", "", "d"], pa.string_view()), column="id", rows=("row 2",)),
+    Case("width_as_large_string", _typed("width", ["64"] * 4, pa.large_string()), column="width",
+         extra=("large_string",)),
     Case("steps_as_string", _typed("num_inference_steps", ["8"] * 4, pa.string()), column="num_inference_steps"),
     Case("mistyped_in_second_file", _mistyped_in_second_file, column="seed", files=("part-1.parquet",)),
     Case("duplicate_ids_in_file", _single(id=["a", "b", "a", "c"]), column="id", rows=("'a'",)),
