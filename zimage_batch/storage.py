@@ -696,21 +696,8 @@ class S3Storage(Storage):
         return f"the S3 endpoint {self.client.meta.endpoint_url}"
 
     def supports_create_only(self) -> bool:
-        """Probe: write a scratch key under _probe/ twice with ``If-None-Match: *``; a store that
-        enforces it refuses the second (412, or 409 while the first is in flight). The key is
-        deleted after. A store that rejects the header outright is a StorageError."""
-        import botocore.exceptions
-
-        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-create-only"
-        try:
-            self.put_if_absent(key, b"first")  # False only when a lost answer was retried: created
-            return not self.put_if_absent(key, b"second")
-        except botocore.exceptions.ClientError as e:
-            code = _error_code(e) or str(_status(e))
-            raise StorageError(f"{self.endpoint} rejects conditional writes (PutObject with If-None-Match: *, "
-                               f"{code}), which commits to {self.uri} need") from None
-        finally:
-            self.delete([key])
+        """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
+        return _probe_create_only(self)
 
     def check_writable(self) -> None:
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
@@ -721,6 +708,24 @@ class S3Storage(Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+def _probe_create_only(storage: S3Storage) -> bool:
+    """Write a scratch key under _probe/ twice with ``If-None-Match: *``: a store that enforces it
+    refuses the second (412, or 409 while the first is in flight). The key is deleted after. A
+    store that rejects the header outright is a StorageError."""
+    import botocore.exceptions
+
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-create-only"
+    try:
+        storage.put_if_absent(key, b"first")  # False only when a lost answer was retried: created
+        return not storage.put_if_absent(key, b"second")
+    except botocore.exceptions.ClientError as e:
+        code = _error_code(e) or str(_status(e))
+        raise StorageError(f"{storage.endpoint} rejects conditional writes (PutObject with If-None-Match: *, "
+                           f"{code}), which commits to {storage.uri} need") from None
+    finally:
+        storage.delete([key])
 
 
 class _RangeReader(io.RawIOBase):
