@@ -106,13 +106,18 @@ def check_output_store(storage: Storage, allow_overwriting_commits: bool = False
     storage.check_writable()
     if storage.supports_create_only():
         return
-    problem = (f"{storage.endpoint} ignores create-only writes (it accepted a second PutObject with "
+    problem = (f"{_endpoint(storage)} ignores create-only writes (it accepted a second PutObject with "
                f"If-None-Match: * of one key under {storage.uri}), so two runs could both commit a shard "
                "and exactly-once output cannot be guaranteed")
     if not allow_overwriting_commits:
         raise StorageError(f"{problem}; use a store that enforces conditional writes, or, if only one run "
                            f"ever writes this OUTPUT at a time, accept the risk with --set {UNSAFE_OPT_OUT}=true")
     logging.getLogger(__name__).warning("%s; running anyway (%s=true)", problem, UNSAFE_OPT_OUT)
+
+
+def _endpoint(storage: Storage) -> str:
+    """Where the objects live, for messages: the S3 endpoint, or the folder."""
+    return f"the S3 endpoint {storage.client.meta.endpoint_url}" if isinstance(storage, S3Storage) else storage.uri
 
 
 def check_scratch_space(needed: int, folder: str | None = None) -> None:
@@ -211,11 +216,6 @@ class Storage(ABC):
     def supports_create_only(self) -> bool:
         """Whether ``put_if_absent`` refuses a key that exists (locally always: a hard link)."""
         return True
-
-    @property
-    def endpoint(self) -> str:
-        """Where the objects live, for messages: the S3 endpoint, or the folder."""
-        return self.uri
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -691,10 +691,6 @@ class S3Storage(Storage):
         retries = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
         return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
-    @property
-    def endpoint(self) -> str:
-        return f"the S3 endpoint {self.client.meta.endpoint_url}"
-
     def supports_create_only(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
         return _probe_create_only(self)
@@ -722,7 +718,7 @@ def _probe_create_only(storage: S3Storage) -> bool:
         return not storage.put_if_absent(key, b"second")
     except botocore.exceptions.ClientError as e:
         code = _error_code(e) or str(_status(e))
-        raise StorageError(f"{storage.endpoint} rejects conditional writes (PutObject with If-None-Match: *, "
+        raise StorageError(f"{_endpoint(storage)} rejects conditional writes (PutObject with If-None-Match: *, "
                            f"{code}), which commits to {storage.uri} need") from None
     finally:
         storage.delete([key])
