@@ -20,7 +20,7 @@ import pytest
 from output_check import check_exactly_once
 
 from zimage_batch.inputs.manifest import Limits, digest_matches, open_manifest, rows_digest, validate_manifest
-from zimage_batch.output.ledger import JobMismatch
+from zimage_batch.output.ledger import CommitMarker, JobMismatch
 from zimage_batch.run.plan import make_plan, shard_name
 
 LIMITS = Limits("turbo", 64, 64, 8, 0.0)
@@ -98,7 +98,9 @@ def test_commits_of_large_string_manifests_made_before_still_match(tmp_path):
     as_before = rows_digest(pq.read_table(path).slice(0, 2))  # the table earlier versions read and hashed
     assert as_before != rows_digest(rows) and digest_matches(f, rows, as_before)
     name = shard_name(f, 0)
-    committed = {name: {"shard": name, "file": f.name, "start": 0, "end": 2, "rows": 2, "digest": as_before}}
+    marker = CommitMarker(shard=name, file=f.name, start=0, end=2, rows=2, ok=2, error=0, digest=as_before,
+                          fingerprint="f", format="files")
+    committed = {name: marker}
     plan = make_plan(manifest, committed, shard_size=2)
     assert [(s.start, s.end) for s in plan.todo] == [(2, 3)]
     pq.write_table(pa.table({"id": pa.array(["a", "B", "c"], pa.large_string()),
