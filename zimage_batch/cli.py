@@ -193,19 +193,31 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default="turbo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tiny_model_command(directory: str, variant: str, seed: int) -> None:
+@click.option("--lora", "loras", multiple=True, metavar="NAME",
+              help="Also write DIRECTORY/NAME.safetensors, a random LoRA adapter for this model (repeatable); "
+                   "with a checkpoint already in DIRECTORY, only the adapters are written")
+@click.option("--lora-format", type=click.Choice(["diffusers", "kohya"]), default="diffusers", show_default=True,
+              help="Key layout of the adapters: diffusers/PEFT, or the community lora_unet_ one")
+def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
                          "(e.g. aws s3 sync DIR s3://...), and --model takes the s3:// folder"))
     _quiet_libraries(load=True)
+    from zimage_batch.inputs.lora_spec import LoraSpecError, check_adapter_name
     from zimage_batch.model.tiny import make_tiny_model
+    from zimage_batch.model.tiny_adapters import make_tiny_adapter
 
     try:
-        path = make_tiny_model(directory, variant, seed)
-    except USER_ERRORS as exc:
+        for name in loras:
+            check_adapter_name(name)
+        if not (loras and os.path.isfile(os.path.join(directory, "model_index.json"))):
+            click.echo(f"tiny {variant} checkpoint written to {make_tiny_model(directory, variant, seed)}")
+        for name in loras:
+            path = make_tiny_adapter(directory, os.path.join(directory, f"{name}.safetensors"), name, lora_format)
+            click.echo(f"tiny LoRA adapter {name!r} ({lora_format} keys) written to {path}")
+    except (LoraSpecError, *USER_ERRORS) as exc:
         _fail(exc)
-    click.echo(f"tiny {variant} checkpoint written to {path}")
 
 
 @main.command()

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.layout import FORMATS
 
@@ -47,6 +48,11 @@ class JobSpec:
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
     strength: float = 0.6  # img2img default
+    # LoRA adapters (SPEC §2, §3): name -> source, and the spec of rows whose `lora` is empty.
+    # The fingerprint has only whether `loras` is empty: job.json records each adapter's sha256
+    # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
+    loras: dict[str, str] = field(default_factory=dict)
+    lora: str | None = None
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -83,11 +89,22 @@ class JobSpec:
         "cfg_truncation",
         "cfg_normalization",
         "strength",
+        "lora",
+        "loras",
     )
+    # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
+    # before they existed keeps its fingerprint.
+    ADDED_OUTPUT_FIELDS = ("lora", "loras")
 
     def fingerprint(self) -> str:
-        """Hash of the fields that decide what OUTPUT holds."""
-        payload = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
+        any (the metadata then has a `lora` column): job.json's per-adapter sha256 covers the
+        files, so adding an adapter for new rows keeps the job."""
+        payload = {}
+        for name in self.OUTPUT_FIELDS:
+            value = bool(self.loras) if name == "loras" else getattr(self, name)
+            if name not in self.ADDED_OUTPUT_FIELDS or value:
+                payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +122,7 @@ class JobSpec:
         if not isinstance(self.models, dict) or not set(self.models) <= set(VARIANTS):
             raise JobError(f"models maps variants ({'|'.join(VARIANTS)}) to model sources, got {self.models!r}")
         self.models = {k: str(v) for k, v in self.models.items()}
+        self._validate_adapters()
         if self.variant is not None and self.variant not in VARIANTS:
             raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {self.variant!r}")
         for name in ("shard_size", "max_attempts"):
@@ -133,6 +151,25 @@ class JobSpec:
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
             raise JobError(f"low_vram must be on, off or auto, got {self.low_vram!r}")
+
+    def _validate_adapters(self) -> None:
+        """`loras` maps valid names to sources; `lora` parses, names declared adapters, and is
+        kept in canonical form ('b:1,a:0.5' and 'a:0.5,b' are one job)."""
+        if not isinstance(self.loras, dict):
+            raise JobError(f"loras maps adapter names to sources (a .safetensors file), got {self.loras!r}")
+        try:
+            for name, source in self.loras.items():
+                check_adapter_name(name)
+                if not isinstance(source, str) or not source:
+                    raise JobError(f"loras.{name} needs a source (a .safetensors file, folder, s3:// or hub file)")
+            adapters = parse_lora(self.lora)
+        except LoraSpecError as exc:
+            raise JobError(f"lora: {exc}") from None
+        missing = undeclared(adapters or (), self.loras)
+        if missing:
+            raise JobError(f"lora names adapters the job does not declare ({', '.join(missing)}); "
+                           f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
+        self.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
 
     # ------------------------------------------------------------------ resolved defaults
     def resolved_variant(self) -> str:
@@ -205,6 +242,16 @@ def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
             continue
         if name != "model" or value.startswith(("./", "../")):
             values[name] = os.path.normpath(os.path.join(base, value))
+    loras = values.get("loras")
+    if isinstance(loras, dict):  # adapter files: ./ ../ or a path that exists beside the job file (else a hub file)
+        values["loras"] = {k: _beside(base, v) for k, v in loras.items()}
+
+
+def _beside(base: str, value: Any) -> Any:
+    if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("~"):
+        return value
+    path = os.path.normpath(os.path.join(base, value))
+    return path if value.startswith(("./", "../")) or os.path.exists(path) else value
 
 
 def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str]) -> JobSpec:
@@ -231,8 +278,9 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             raise JobError(f"--set takes key=value, got {setting!r}")
         key = key.strip().removeprefix("defaults.")
         value = yaml.safe_load(raw) if raw else None
-        if key.startswith("models."):  # --set models.base=SOURCE
-            values["models"] = {**(values.get("models") or {}), key.split(".", 1)[1]: raw}
+        if key.startswith(("models.", "loras.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
+            mapping, name = key.split(".", 1)
+            values[mapping] = {**(values.get(mapping) or {}), name: raw}
         else:
             values[key] = value
     unknown = sorted(set(values) - set(_FIELDS))

@@ -15,13 +15,15 @@ import copy
 import logging
 import time
 from itertools import groupby
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from zimage_batch.generate.lora import LoraAdapters
 from zimage_batch.generate.low_vram import TakingTurns
 from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.inputs.lora_spec import AdapterSet
 from zimage_batch.model.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_pipeline(model_dir: str, variant: Variant, device: str | None, dtype: torch.dtype):
+def load_pipeline(model_dir: str, variant: Variant, device: str | None, dtype: torch.dtype) -> Any:
     """Load the diffusers reference pipeline of `variant` from a local checkpoint folder
     (onto `device`, or left on the CPU when `device` is None)."""
     import warnings
@@ -75,7 +77,7 @@ def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, scale: float, settings:
     return pred
 
 
-def reference_generate(pipe, r: GenerationRequest) -> np.ndarray:
+def reference_generate(pipe: Any, r: GenerationRequest) -> np.ndarray:
     """Variants whose text-to-image path needs extra conditioning go through diffusers as is."""
     out = pipe(
         prompt=r.prompt,
@@ -108,10 +110,12 @@ class Engine:
         dtype: torch.dtype | None = None,
         attention_backend: str | None = None,
         compile: bool = False,
-        pipe=None,
+        pipe: Any = None,
         low_vram: bool = False,
+        adapters: dict[str, str] | None = None,
     ) -> None:
-        """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`."""
+        """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`; then the
+        LoRA `adapters` (name -> local .safetensors file) that requests choose from."""
         self.variant = get_variant(variant)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
@@ -120,6 +124,8 @@ class Engine:
         if pipe is None:
             pipe = load_pipeline(model_dir, self.variant, None if low_vram else self.device, self.dtype)
         self.pipe = pipe
+        # Before compiling: PEFT replaces the adapted layers with its own.
+        self.adapters = LoraAdapters(pipe, adapters) if adapters else None
         # Prompts are padded like the reference, to 512, on CUDA: in bf16 the text encoder's
         # output then does not depend on the other prompts it runs with (measured on an H200),
         # at ~10 ms a prompt. On the CPU (fp32, exact either way) only to the longest: cheaper.
@@ -137,6 +143,13 @@ class Engine:
         """low_vram: how often the text encoder and the transformer traded places."""
         return self.turns.swaps if self.turns else 0
 
+    def use_adapters(self, lora: AdapterSet) -> None:
+        """Make `lora` the active adapter set (every request of a batch shares one)."""
+        if self.adapters is not None:
+            self.adapters.use(lora)
+        elif lora:
+            raise ValueError(f"no LoRA adapters are loaded; requested {', '.join(name for name, _ in lora)}")
+
     def _bring(self, name: str) -> None:
         if self.turns:
             self.turns.bring(name)
@@ -152,6 +165,7 @@ class Engine:
             indices = list(group)
             for chunk_start in range(0, len(indices), batch_size):
                 chunk = indices[chunk_start : chunk_start + batch_size]
+                self.use_adapters(requests[chunk[0]].lora)
                 images = self._generate_splitting_on_oom([requests[i] for i in chunk])
                 for i, image in zip(chunk, images):
                     results[i] = image
@@ -264,7 +278,7 @@ class Engine:
         ]
         return torch.cat(noise).to(self.device)
 
-    def retrieve_timesteps(self, latents: torch.Tensor, steps: int):
+    def retrieve_timesteps(self, latents: torch.Tensor, steps: int) -> tuple[Any, torch.Tensor]:
         """The reference pipelines' schedule: `steps` transformer passes (diffusers >= 0.39)."""
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 

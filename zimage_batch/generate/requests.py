@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from zimage_batch.inputs.lora_spec import AdapterSet
 from zimage_batch.model.variants import Variant
 
 
@@ -23,17 +24,18 @@ class GenerationRequest:
     negative_prompt: str | None = None
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
+    lora: AdapterSet = ()  # LoRA adapters and scales, canonical (inputs.lora_spec); () for none
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batch."""
         return sampler_key(self)
 
 
-def sampler_key(request) -> tuple:
-    """The output shape and sampler settings of a generation or edit request: rows that differ
-    here cannot share one denoising loop."""
+def sampler_key(request: GenerationRequest | EditRequest) -> tuple:
+    """The output shape, sampler settings and LoRA adapter set of a generation or edit request:
+    rows that differ here cannot share one denoising loop."""
     r = request
-    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization)
+    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization, r.lora)
 
 
 @dataclass(eq=False)
@@ -53,6 +55,7 @@ class EditRequest:
     negative_prompt: str | None = None
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
+    lora: AdapterSet = ()
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batch."""

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from zimage_batch.inputs.lora_spec import check_lora_column
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.storage import is_s3, open_storage, split_s3_uri
 
@@ -39,6 +40,7 @@ PROMPT_COLUMNS = {
     "cfg_truncation": NUMBER,
     "cfg_normalization": BOOL_OR_NUMBER,
     "variant": STRING,
+    "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
 }
 EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER}
 KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
@@ -356,6 +358,7 @@ class Limits:
     default_height: int
     default_steps: int
     default_guidance: float
+    loras: tuple[str, ...] = ()  # the adapter names the job declares
 
 
 def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
@@ -459,6 +462,9 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     fail_if("id", pc.is_null(ids), "has null ids")
     fail_if("id", pc.equal(pc.utf8_length(ids), 0), "has empty ids")
     fail_if("prompt", pc.is_null(column("prompt")), "has null prompts")
+    lora = column("lora")
+    if lora is not None:
+        check_lora_column(lora, limits.loras, fail_if)
     variant_column = column("variant")
     if variant_column is not None:
         fail_if("variant", _not_in(variant_column, list(VARIANTS)), f"must be one of {'|'.join(VARIANTS)}")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
-from zimage_batch.storage import ObjectInfo, S3Storage, Storage, _fsync_dir, check_key, open_storage
+from zimage_batch.storage import ObjectInfo, S3Storage, Storage, _fsync_dir, check_key, open_storage, split_s3_uri
 
 CACHE_MANIFEST = ".zimage-cache.json"
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -36,7 +36,26 @@ def fetch_s3_folder(uri: str, cache_root: str | os.PathLike) -> Path:
     storage = open_storage(uri)
     objects = [o for o in storage.list() if not o.key.endswith("/")]
     _check_listing(uri, objects)
-    root = Path(cache_root)
+    return _fetch_entry(storage, objects, Path(cache_root))
+
+
+def fetch_s3_file(uri: str, cache_root: str | os.PathLike) -> Path:
+    """A single object (``s3://bucket/loras/style.safetensors``: an adapter), cached and verified
+    like a folder (an entry of one file, keyed by its ETag); returns the local file's path."""
+    bucket, key = split_s3_uri(uri)
+    folder, _, name = key.rpartition("/")
+    if not name:
+        raise ModelSourceError(f"{uri} names no object")
+    storage = open_storage(f"s3://{bucket}/{folder}")
+    objects = [o for o in storage.list(name) if o.key == name]
+    if not objects:
+        raise ModelSourceError(f"no object at {uri}")
+    _check_listing(uri, objects)
+    return _fetch_entry(storage, objects, Path(cache_root)) / name
+
+
+def _fetch_entry(storage: Storage, objects: list[ObjectInfo], root: Path) -> Path:
+    """The verified cache entry holding `objects` of `storage`, downloaded once."""
     root.mkdir(parents=True, exist_ok=True)
     entry = root / _entry_name(storage, objects)
     if _is_complete(entry, objects):

@@ -22,6 +22,10 @@ from zimage_batch.storage import Storage
 MAX_MARKER_ERRORS = 5  # a marker keeps the first few row errors; the metadata has them all
 
 
+# Values of job settings added later, for a job.json written before they existed.
+_UNSET: dict[str, Any] = {"lora": None}
+
+
 class JobMismatch(RuntimeError):
     """OUTPUT holds a different job."""
 
@@ -171,6 +175,8 @@ class Ledger:
         previous = self.read_job()
         if previous is not None and not overwrite:
             self._refuse_other_job(previous, record)
+            if previous.get("adapters"):  # keep the adapters earlier runs used
+                record = record | {"adapters": {**previous["adapters"], **record.get("adapters", {})}}
         if overwrite and (previous is not None or self.committed_names()):
             self.clear()
             previous = None
@@ -182,13 +188,28 @@ class Ledger:
 
     def _refuse_other_job(self, previous: dict[str, Any], record: dict[str, Any]) -> None:
         if previous.get("fingerprint") == record["fingerprint"]:
+            self._refuse_changed_adapters(previous, record)
             return
         before, now = previous.get("job", {}), record["job"]
-        changed = sorted(k for k in record["output_fields"] if before.get(k) != now.get(k))
+        seen = lambda job, k: bool(job.get(k)) if k == "loras" else job.get(k, _UNSET.get(k))  # noqa: E731
+        changed = sorted(k for k in record["output_fields"] if seen(before, k) != seen(now, k))
         raise JobMismatch(
             f"{self.storage.uri} holds a different job (differs in: {', '.join(changed) or 'settings'}); "
             "use another output, or --overwrite to replace it"
         )
+
+    def _refuse_changed_adapters(self, previous: dict[str, Any], record: dict[str, Any]) -> None:
+        """An adapter name that OUTPUT's job recorded must still name the same file (sha256);
+        adapters new to the job are fine (job.json keeps the earlier ones too)."""
+        before = previous.get("adapters") or {}
+        for name, now in sorted((record.get("adapters") or {}).items()):
+            was = (before.get(name) or {}).get("sha256")
+            if was and was != now.get("sha256"):
+                raise JobMismatch(
+                    f"{self.storage.uri} holds a job whose LoRA adapter {name!r} was another file "
+                    f"(sha256 {was[:12]}..., now {now.get('source')} is {str(now.get('sha256'))[:12]}...); "
+                    "use another output, or --overwrite to replace it"
+                )
 
     def clear(self) -> None:
         """Remove everything a previous job left, in the order of layout.OUTPUT_PREFIXES."""

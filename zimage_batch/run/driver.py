@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
+from zimage_batch.model.adapter_fit import check_adapters_fit
+from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.output import layout
@@ -68,7 +70,9 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> tup
         source_for_variant(job.model, job.models, variant, job.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
+    adapters = resolve_adapters(job.loras)  # LoRA sources fetched and hashed before the model downloads
     model = resolve_model(job.model, job.variant)
+    check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     return manifest, model
 
 
@@ -79,7 +83,7 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, set[str]]:
     job.variant = job.variant or guess_variant(job.model)
     check_defaults(job)
     d = job.defaults()
-    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"])
+    limits = Limits(job.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"], tuple(job.loras))
     return manifest, validate_manifest(manifest, limits)
 
 
@@ -122,7 +126,7 @@ def job_record(job: JobSpec, model: ResolvedModel | None = None) -> dict[str, An
         "defaults": job.defaults(),
         "output_fields": list(JobSpec.OUTPUT_FIELDS),
         "model_draws_noise": bool(model and model.draws_noise),
-    }
+    } | ({"adapters": adapter_records(job.loras)} if job.loras else {})  # each LoRA's source and sha256
 
 
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:

@@ -1,0 +1,165 @@
+"""LoRA adapter sources (SPEC §2): one string names a `.safetensors` file; this turns it into a
+local file and its sha256, which job.json records (a changed file is a different job).
+
+    /path/style.safetensors               a local file
+    /path/folder/                         a local folder holding one .safetensors file
+                                          (or diffusers' pytorch_lora_weights.safetensors)
+    s3://bucket/loras/style.safetensors   copied once into the model cache (ETag-keyed, verified)
+    s3://bucket/loras/style/              an S3 folder, then as a local folder
+    org/repo/file.safetensors             a file of a hub repository (honours HF_HUB_OFFLINE)
+    org/repo                              a hub repository, then as a local folder
+
+Pickle weights (.bin, .pt, .ckpt, ...) are refused before anything is fetched or read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zimage_batch.model.cache import fetch_s3_file, fetch_s3_folder
+from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
+from zimage_batch.model.sources import cache_root
+
+SUFFIX = ".safetensors"
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A declared adapter, fetched: its name, the source as written, the local file, its sha256."""
+
+    name: str
+    source: str
+    path: str
+    sha256: str
+
+    def record(self) -> dict[str, str]:
+        """What job.json keeps of it."""
+        return {"source": self.source, "sha256": self.sha256, "file": os.path.basename(self.path)}
+
+
+def resolve_adapters(loras: dict[str, str]) -> dict[str, ResolvedAdapter]:
+    """Every declared adapter, fetched (if needed) and hashed, by name."""
+    return {name: resolve_adapter(name, source) for name, source in sorted(loras.items())}
+
+
+def adapter_records(loras: dict[str, str]) -> dict[str, dict[str, str]]:
+    """job.json's `adapters`: source and sha256 of each declared adapter."""
+    return {name: adapter.record() for name, adapter in resolve_adapters(loras).items()}
+
+
+def resolve_adapter(name: str, source: str) -> ResolvedAdapter:
+    """Fetch (if needed) the file `source` names and hash it."""
+    what = f"adapter {name!r} ({source})"
+    refuse_pickles([source], what)
+    local = os.path.expanduser(source)
+    if source.startswith("s3://"):
+        root = cache_root() / "s3"
+        path = fetch_s3_file(source, root) if source.endswith(SUFFIX) else _one_file(fetch_s3_folder(source, root), what)
+    elif os.path.isfile(local):
+        path = Path(local)
+    elif os.path.isdir(local):
+        path = _one_file(Path(local), what)
+    elif _looks_like_hub(source):
+        path = _hub_file(source, what)
+    else:
+        raise ModelSourceError(
+            f"{what}: no such file or folder, and not an s3:// URI or a hub file (org/repo/file{SUFFIX})"
+        )
+    if not path.name.endswith(SUFFIX):
+        raise ModelSourceError(f"refusing {what}: only {SUFFIX} files are loaded, not {path.name}")
+    return ResolvedAdapter(name, source, str(path), file_sha256(path))
+
+
+def check_recorded(adapters: dict[str, ResolvedAdapter], recorded: dict[str, Any]) -> None:
+    """Refuse adapters whose file differs from the one job.json recorded (a worker on another
+    node, or an S3 object replaced while the job runs, must not draw other pixels)."""
+    for name, adapter in adapters.items():
+        before = (recorded.get(name) or {}).get("sha256")
+        if before and before != adapter.sha256:
+            raise ModelSourceError(
+                f"adapter {name!r} ({adapter.source}) is not the file this job recorded "
+                f"(sha256 {adapter.sha256[:12]}..., job.json has {before[:12]}...); it changed while the job ran"
+            )
+
+
+def _one_file(folder: Path, what: str) -> Path:
+    """The adapter file of a folder: diffusers' default name, else its only .safetensors file."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    refuse_pickles(names, what)
+    candidates = [n for n in names if n.endswith(SUFFIX)]
+    if DIFFUSERS_WEIGHT_NAME in candidates:
+        return folder / DIFFUSERS_WEIGHT_NAME
+    if len(candidates) == 1:
+        return folder / candidates[0]
+    if not candidates:
+        raise ModelSourceError(f"{what}: the folder holds no {SUFFIX} file")
+    raise ModelSourceError(
+        f"{what}: the folder holds {len(candidates)} {SUFFIX} files ({', '.join(candidates[:3])}); name one of them"
+    )
+
+
+def _looks_like_hub(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) >= 2 and all(parts) and not source.startswith((".", "/", "~")) and "://" not in source
+
+
+def _hub_file(source: str, what: str) -> Path:
+    """A file (org/repo/path/file.safetensors) or a repository (org/repo) from the hub."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    parts = source.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename))
+        return _one_file(Path(snapshot_download(repo_id, allow_patterns=[f"*{SUFFIX}"])), what)
+    except ModelSourceError:
+        raise
+    except Exception as exc:  # offline with an empty cache, unknown repo or file, no network
+        reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+        raise ModelSourceError(
+            f"{what} is not a local file, and the hub cannot give it: {type(exc).__name__}: {reason}"
+        ) from None
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (remembered per path, size and mtime: the driver and a worker in
+    one process, or several jobs, hash a file once)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def adapter_files(loras: dict[str, str], output: str) -> dict[str, str]:
+    """On a worker: each declared adapter fetched on this node and checked against the sha256
+    that OUTPUT's job.json recorded when the run began; name -> local .safetensors file."""
+    if not loras:
+        return {}
+    resolved = resolve_adapters(loras)
+    check_recorded(resolved, _recorded(output))
+    return {name: adapter.path for name, adapter in resolved.items()}
+
+
+def _recorded(output: str) -> dict[str, Any]:
+    """job.json's `adapters` (empty when OUTPUT holds no job.json yet)."""
+    from zimage_batch.storage import open_storage
+
+    try:
+        return json.loads(open_storage(output).get_bytes("job.json")).get("adapters") or {}
+    except FileNotFoundError:
+        return {}
