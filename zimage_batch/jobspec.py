@@ -162,6 +162,9 @@ class JobSpec:
                 check_adapter_name(name)
                 if not isinstance(source, str) or not source:
                     raise JobError(f"loras.{name} needs a source (a .safetensors file, folder, s3:// or hub file)")
+            # local files as absolute paths (workers may start elsewhere); others as written
+            self.loras = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
+                          for k, v in self.loras.items()}
             adapters = parse_lora(self.lora)
         except LoraSpecError as exc:
             raise JobError(f"lora: {exc}") from None

@@ -11,6 +11,7 @@ a fused set would round differently from the reference and tie a worker to one s
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from zimage_batch.inputs.lora_spec import AdapterSet, format_lora
@@ -25,8 +26,10 @@ class LoraAdapters:
         """Load each adapter file (name -> local .safetensors path) under its name."""
         self.pipe = pipe
         self.names = tuple(sorted(files))
-        for name in self.names:
-            pipe.load_lora_weights(files[name], adapter_name=name)
+        with warnings.catch_warnings():  # PEFT warns that a second adapter makes several: the point here
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            for name in self.names:
+                pipe.load_lora_weights(files[name], adapter_name=name)
         self.active: AdapterSet | None = None  # unknown until the first switch
         self.switches = 0
         self.use(())
