@@ -91,18 +91,27 @@ def undeclared(adapters: AdapterSet, declared: Iterable[str]) -> list[str]:
 
 def check_lora_column(values: pa.Array, declared: Iterable[str], fail_if: Callable[[str, pa.Array, str], None]) -> None:
     """Manifest validation of a `lora` column: each distinct value is parsed once; rows with a
-    malformed spec, a bad scale or an undeclared adapter are reported through `fail_if`."""
+    malformed spec or a bad scale, then rows naming undeclared adapters, are reported through
+    `fail_if` (the first problem's reason, every row that has one of its kind)."""
     if pa.types.is_null(values.type):
         return
     declared = sorted(declared)
+    unusable: dict[str, str] = {}  # spec -> why
+    missing: dict[str, list[str]] = {}  # spec -> undeclared names
     for spec in pc.unique(values).to_pylist():
         try:
-            missing = undeclared(parse_lora(spec) or (), declared)
+            names = undeclared(parse_lora(spec) or (), declared)
         except LoraSpecError as exc:
-            fail_if("lora", pc.equal(values, spec), f"is not a usable adapter spec ({exc})")
+            unusable[spec] = str(exc)
             continue
-        if missing:
-            offer = f"declared: {', '.join(declared)}" if declared else "the job declares none"
-            fail_if("lora", pc.equal(values, spec),
-                    f"names adapters the job does not declare ({', '.join(missing)}; {offer}; "
-                    f"add them with --set loras.NAME=SOURCE)")
+        if names:
+            missing[spec] = names
+    if unusable:
+        fail_if("lora", pc.is_in(values, pa.array(list(unusable), values.type)),
+                f"is not a usable adapter spec ({next(iter(unusable.values()))})")
+    if missing:
+        names = sorted({name for found in missing.values() for name in found})
+        offer = f"declared: {', '.join(declared)}" if declared else "the job declares none"
+        fail_if("lora", pc.is_in(values, pa.array(list(missing), values.type)),
+                f"names adapters the job does not declare ({', '.join(names)}; {offer}; "
+                "add them with --set loras.NAME=SOURCE)")
