@@ -20,10 +20,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from zimage_batch.generate.lora import LoraAdapters
+from zimage_batch.generate.lora import LoraAdapters, use_adapters
 from zimage_batch.generate.low_vram import TakingTurns
 from zimage_batch.generate.requests import GenerationRequest
-from zimage_batch.inputs.lora_spec import AdapterSet
 from zimage_batch.model.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
@@ -114,8 +113,8 @@ class Engine:
         low_vram: bool = False,
         adapters: dict[str, str] | None = None,
     ) -> None:
-        """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`; then the
-        LoRA `adapters` (name -> local .safetensors file) that requests choose from."""
+        """Load the checkpoint in `model_dir`, or use an already built diffusers `pipe`, and the
+        LoRA `adapters` (name -> local .safetensors file) requests choose from."""
         self.variant = get_variant(variant)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
@@ -143,13 +142,6 @@ class Engine:
         """low_vram: how often the text encoder and the transformer traded places."""
         return self.turns.swaps if self.turns else 0
 
-    def use_adapters(self, lora: AdapterSet) -> None:
-        """Make `lora` the active adapter set (every request of a batch shares one)."""
-        if self.adapters is not None:
-            self.adapters.use(lora)
-        elif lora:
-            raise ValueError(f"no LoRA adapters are loaded; requested {', '.join(name for name, _ in lora)}")
-
     def _bring(self, name: str) -> None:
         if self.turns:
             self.turns.bring(name)
@@ -165,7 +157,7 @@ class Engine:
             indices = list(group)
             for chunk_start in range(0, len(indices), batch_size):
                 chunk = indices[chunk_start : chunk_start + batch_size]
-                self.use_adapters(requests[chunk[0]].lora)
+                use_adapters(self.adapters, requests[chunk[0]].lora)  # one set per batch
                 images = self._generate_splitting_on_oom([requests[i] for i in chunk])
                 for i, image in zip(chunk, images):
                     results[i] = image

@@ -49,3 +49,11 @@ class LoraAdapters:
         log.debug("adapters: %s", format_lora(adapters) or "none")
         self.active = adapters
         self.switches += 1
+
+
+def use_adapters(adapters: LoraAdapters | None, lora: AdapterSet) -> None:
+    """Make `lora` the active set of `adapters` (an engine without adapters runs only `none`)."""
+    if adapters is not None:
+        adapters.use(lora)
+    elif lora:
+        raise ValueError(f"no LoRA adapters are loaded; requested {format_lora(lora)}")

@@ -9,14 +9,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from zimage_batch.inputs import lora_spec
 from zimage_batch.inputs.manifest import EDIT_METADATA_COLUMNS, METADATA_COLUMNS
 
 
-def metadata_table(records: Sequence[dict[str, Any]], rows: pa.Table, passthrough: pa.Schema, edit: bool) -> pa.Table:
+def metadata_table(records: Sequence[dict[str, Any]], rows: pa.Table, passthrough: pa.Schema, edit: bool,
+                   lora: bool = False) -> pa.Table:
     """The metadata of a shard: each row's record (settings and outcome) in the pipeline's
-    columns, then the manifest's pass-through columns, with the same columns and types in
-    every shard of a job (nulls where a row's manifest file lacks one)."""
-    schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if edit else {})
+    columns (`lora` in a job with adapters), then the manifest's pass-through columns, with the
+    same columns and types in every shard of a job (nulls where a row's manifest file lacks one)."""
+    schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if edit else {}) | (lora_spec.METADATA_COLUMN if lora else {})
     table = pa.table({name: pa.array([r.get(name) for r in records], type=t) for name, t in schema.items()})
     for field in passthrough:
         if field.name in rows.column_names:

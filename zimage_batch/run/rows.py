@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from zimage_batch.generate.requests import EditRequest, GenerationRequest, infer_mode
+from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
 from zimage_batch.inputs.manifest import derive_seed
 from zimage_batch.model.variants import Variant
 from zimage_batch.run.settings import WorkerSettings
@@ -30,6 +31,7 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         negative_prompt=value("negative_prompt"),
         cfg_truncation=float(value("cfg_truncation")),
         cfg_normalization=float(value("cfg_normalization")),
+        lora=resolve_lora(row.get("lora"), settings.lora),
     )
     if edit:
         mode = infer_mode(row.get("mode"), bool(row.get("mask")), variant)
@@ -53,7 +55,7 @@ def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) 
         "cfg_normalization": request.cfg_normalization,
         "variant": settings.variant,
         "model": settings.model,
-    }
+    } | ({"lora": format_lora(request.lora)} if settings.loras else {})  # the adapters that drew it
 
 
 def error_outcome(reason: str, duration_ms: float = 0.0) -> dict[str, Any]:

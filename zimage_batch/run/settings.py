@@ -32,6 +32,8 @@ class WorkerSettings:
     attention_backend: str | None = None
     compile: bool = False
     max_source_pixels: int = 64_000_000
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
+    lora: str | None = None  # the adapter spec of rows whose `lora` is empty
 
     @classmethod
     def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,
@@ -56,4 +58,6 @@ class WorkerSettings:
             attention_backend=job.attention_backend,
             compile=job.compile,
             max_source_pixels=job.max_source_pixels,
+            loras=dict(job.loras),
+            lora=job.lora,
         )

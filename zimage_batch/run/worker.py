@@ -26,6 +26,7 @@ from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
@@ -57,6 +58,8 @@ class ShardRunner:
         # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
         model_path = resolve_model(settings.model, settings.variant).path
         device = settings.device or default_device()
+        # LoRA: every declared adapter fetched on this node (checked against job.json), loaded once
+        adapters = adapter_files(settings.loras, settings.output)
         self.engine = (EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -64,6 +67,7 @@ class ShardRunner:
             attention_backend=settings.attention_backend,
             compile=settings.compile,
             low_vram=settings.low_vram == "on" or (settings.low_vram == "auto" and low_vram_needed(device)),
+            adapters=adapters,
         )
         defaults = settings.defaults
         self.batch_size = settings.batch_size or default_batch_size(
@@ -130,7 +134,7 @@ class ShardRunner:
             writer.close()
             records = [row_record(row, request, self.settings) | outcome
                        for row, request, outcome in zip(rows, requests, outcomes)]
-            metadata = metadata_table(records, table, self.manifest.passthrough, self.edit)
+            metadata = metadata_table(records, table, self.manifest.passthrough, self.edit, lora=bool(self.settings.loras))
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
