@@ -4,8 +4,9 @@ Loading goes through diffusers' own `load_lora_weights(file, adapter_name=name)`
 injected into the transformer, community key formats converted), and switching through
 `set_adapters(names, scales)` / `disable_lora()`, exactly what a user of `ZImagePipeline` calls,
 so pixels match the reference pipeline. A switch only changes which adapters the PEFT layers
-apply and at what scale: no weights move (about 1 ms on the tiny model). Adapters stay unfused:
-a fused set would round differently from the reference and tie a worker to one set.
+apply and at what scale: no weights move; diffusers walks the transformer's modules, a few ms
+(benchmarks/lora.py). Adapters stay unfused: a fused set would round differently from the
+reference pipeline and tie a worker to one set.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class LoraAdapters:
         if missing:
             raise ValueError(f"adapter(s) {', '.join(missing)} not loaded on this worker (loaded: {', '.join(self.names)})")
         if adapters:
-            self.pipe.enable_lora()
+            if not self.active:  # coming from `none` (or the start): the layers were disabled
+                self.pipe.enable_lora()
             self.pipe.set_adapters([name for name, _ in adapters], [float(scale) for _, scale in adapters])
         else:
             self.pipe.disable_lora()

@@ -31,16 +31,19 @@ def adapter_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
 
 
-def tiny_adapter_weights(model_dir: str | os.PathLike, name: str) -> dict:
-    """{module: (A, B)}: a random LoRA for the transformer in `model_dir` (diffusers layout)."""
+def tiny_adapter_weights(model_dir: str | os.PathLike, name: str, rank: int | None = None,
+                         feed_forward: bool | None = None) -> dict:
+    """{module: (A, B)}: a random LoRA for the transformer in `model_dir` (diffusers layout);
+    rank and feed-forward layers follow from the name unless given."""
     import torch
 
     from zimage_batch.model.adapter_fit import linear_layers
 
     layers = linear_layers(str(Path(model_dir) / "transformer"))
     seed = adapter_seed(name)
-    rank = 4 if seed % 2 else 8
-    targets = ATTENTION + (FEED_FORWARD if (seed >> 1) % 2 else ())
+    rank = rank or (4 if seed % 2 else 8)
+    feed_forward = bool((seed >> 1) % 2) if feed_forward is None else feed_forward
+    targets = ATTENTION + (FEED_FORWARD if feed_forward else ())
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for module, (in_features, out_features) in sorted(layers.items()):
@@ -51,15 +54,17 @@ def tiny_adapter_weights(model_dir: str | os.PathLike, name: str) -> dict:
     return weights
 
 
-def make_tiny_adapter(model_dir: str | os.PathLike, out_file: str | os.PathLike, name: str, fmt: str = "diffusers") -> Path:
-    """Write adapter `name` for the tiny model in `model_dir` to `out_file` in layout `fmt`."""
+def make_tiny_adapter(model_dir: str | os.PathLike, out_file: str | os.PathLike, name: str, fmt: str = "diffusers",
+                      **shape: int | bool | None) -> Path:
+    """Write adapter `name` for the tiny model in `model_dir` to `out_file` in layout `fmt`
+    (`shape`: rank=, feed_forward= to fix what the name would choose)."""
     import torch
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise ValueError(f"adapter format must be one of {'|'.join(FORMATS)}, got {fmt!r}")
     state = {}
-    for module, (a, b) in tiny_adapter_weights(model_dir, name).items():
+    for module, (a, b) in tiny_adapter_weights(model_dir, name, **shape).items():
         if fmt == "diffusers":
             state[f"transformer.{module}.lora_A.weight"] = a
             state[f"transformer.{module}.lora_B.weight"] = b
