@@ -169,7 +169,9 @@ def test_a_worker_refuses_an_adapter_that_changed_since_the_job_began(tmp_path):
     style.write_bytes(b"v1")
     out = open_storage(str(tmp_path / "out"))
     out.put_bytes("job.json", json.dumps({"adapters": {"style": {"sha256": file_sha256(style)}}}).encode())
-    assert adapter_files({"style": str(style)}, str(tmp_path / "out")) == {"style": str(style)}
+    recorded = Ledger(out).recorded_adapters()
+    assert adapter_files({"style": str(style)}, recorded) == {"style": str(style)}
     style.write_bytes(b"v2, retrained")
     with pytest.raises(ModelSourceError, match="changed while the job ran"):
-        adapter_files({"style": str(style)}, str(tmp_path / "out"))
+        adapter_files({"style": str(style)}, recorded)
+    assert Ledger(open_storage(str(tmp_path / "empty"))).recorded_adapters() == {}

@@ -15,7 +15,6 @@ Pickle weights (.bin, .pt, .ckpt, ...) are refused before anything is fetched or
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,21 +144,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
-def adapter_files(loras: dict[str, str], output: str) -> dict[str, str]:
+def adapter_files(loras: dict[str, str], recorded: dict[str, Any]) -> dict[str, str]:
     """On a worker: each declared adapter fetched on this node and checked against the sha256
-    that OUTPUT's job.json recorded when the run began; name -> local .safetensors file."""
-    if not loras:
-        return {}
+    that job.json `recorded` when the run began; name -> local .safetensors file."""
     resolved = resolve_adapters(loras)
-    check_recorded(resolved, _recorded(output))
+    check_recorded(resolved, recorded)
     return {name: adapter.path for name, adapter in resolved.items()}
-
-
-def _recorded(output: str) -> dict[str, Any]:
-    """job.json's `adapters` (empty when OUTPUT holds no job.json yet)."""
-    from zimage_batch.storage import open_storage
-
-    try:
-        return json.loads(open_storage(output).get_bytes("job.json")).get("adapters") or {}
-    except FileNotFoundError:
-        return {}

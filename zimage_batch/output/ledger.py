@@ -167,6 +167,10 @@ class Ledger:
         except FileNotFoundError:
             return None
 
+    def recorded_adapters(self) -> dict[str, Any]:
+        """job.json's LoRA adapters (name -> source, sha256, file); empty without adapters or job.json."""
+        return (self.read_job() or {}).get("adapters") or {}
+
     def claim_output(self, record: dict[str, Any], overwrite: bool) -> None:
         """Refuse an OUTPUT that holds a different job; with overwrite, clear it first.
 

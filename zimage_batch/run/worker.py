@@ -59,7 +59,7 @@ class ShardRunner:
         model_path = resolve_model(settings.model, settings.variant).path
         device = settings.device or default_device()
         # LoRA: every declared adapter fetched on this node (checked against job.json), loaded once
-        adapters = adapter_files(settings.loras, settings.output)
+        adapters = adapter_files(settings.loras, Ledger(open_storage(settings.output)).recorded_adapters())
         self.engine = (EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
