@@ -1,12 +1,12 @@
 """The Python API: the command line's jobs for notebooks and Ray job scripts.
 
-    import zimage_batch
+    from zimage_batch import api
 
-    summary = zimage_batch.run("job.yaml", workers=2)            # a job file, then settings
-    summary = zimage_batch.run(manifest="prompts.parquet", output="out", model="tiny:turbo")
+    summary = api.run("job.yaml", workers=2)                     # a job file, then settings
+    summary = api.run(manifest="prompts.parquet", output="out", model="tiny:turbo")
     if not summary.ok:
-        print(summary.problem)                                     # the CLI's one error line
-    zimage_batch.status("out")["rows_left"]
+        print(summary.problem)                                   # the CLI's one error line
+    api.status("out")["rows_left"]
 
 Same semantics as `zimage-batch run|validate|status`: settings resolve as the job file, then
 flags and `--set` do; bad input raises before anything is written (`JobError`,

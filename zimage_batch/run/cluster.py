@@ -74,15 +74,56 @@ def check_reachable(address: str | None, timeout: float = 10.0) -> None:
         raise JobError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
-_AUTH_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token "
-              "when it uses token authentication")
+_AUTH_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
+              "as on its nodes")
+_AUTH_WORDS = ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
 
 
 def _join_error(address: str, exc: BaseException) -> JobError:
-    """One line for a refused join; token authentication named when it can be the reason."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return JobError(f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {text[:200]}; {_AUTH_HINT}")
+    """One line for a refused join: the token named when authentication refused it."""
+    chain = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if any(word in text for word in _AUTH_WORDS):
+        return JobError(f"the Ray cluster at {address} refused the connection: missing or wrong authentication "
+                        f"token; {_AUTH_HINT}")
+    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    return JobError(f"cannot join the Ray cluster at {address}: {lines[-1] if lines else type(chain[-1]).__name__}"[:400])
+
+
+def check_token(address: str | None) -> None:
+    """Refuse at once, in one line, a cluster that refuses this process's token (or its lack of
+    one): `ray.init` would retry for 20 s, logging a warning a second, then say only "Failed
+    to connect". One handshake with the cluster's GCS, its native warning kept off stderr."""
+    if address is None or address == "auto" or "://" in address:
+        return  # a new local cluster; `auto` finds a local token itself; ray:// is Ray Client's own protocol
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray: ray.init alone says what is wrong
+        return
+    with _stderr_silenced():
+        try:
+            GcsClient(address=address)
+        except AuthenticationError as exc:
+            raise _join_error(address, exc) from None
+        except Exception:  # noqa: BLE001 - anything else: ray.init reports it
+            return
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a moment (native code writes there, not to sys.stderr)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class RayCluster:
@@ -118,6 +159,7 @@ class RayCluster:
         else:
             # a Ray Jobs driver: the submitted job's runtime env already applies
             runtime_env = None if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else self.runtime_env
+            check_token(self.address)
             try:
                 ray.init(address=self.address, runtime_env=runtime_env, logging_level=logging.WARNING,
                          log_to_driver=True)
