@@ -45,7 +45,8 @@ def ray_local(s3_server):
     """One local Ray cluster for the in-process runs of this module (S3 settings already exported)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a fresh cluster of its own, never one that `ray start` left on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -191,6 +191,21 @@ def test_a_crashing_shard_next_to_an_innocent_one_is_isolated_and_only_it_is_cha
     assert lines[0] == "shard s0 attempt 0 failed (ActorDiedError: the actor died (SIGSEGV)); retrying"
 
 
+def test_a_lost_node_takes_its_workers_and_their_shards_run_again_uncharged():
+    """Both workers sat on one node that went away, each running two shards: every shard runs
+    again on the replacements and the run completes, nothing charged or given up."""
+
+    def script(shard, attempt, actor):
+        if actor in (0, 1):  # the lost node's actors: everything on them dies at t=1.5
+            return WorkerDied("ActorDiedError: the node was removed"), 1.5
+        return finishes(shard, attempt, actor)
+
+    pool = FakePool(size=2, script=script)
+    finish, results, _ = schedule(pool, shards(6), Rules(max_attempts=1))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == [f"s{i}" for i in range(6)]
+    assert all(r.attempt == 1 for r in pool.submitted) and sorted(pool.replaced) == [0, 1]
+
+
 def test_free_requeues_are_capped_then_charged():
     pool = FakePool(size=1, script=lambda s, a, actor: (Unavailable("ActorUnavailableError: network"), 1.0))
     finish, _, _ = schedule(pool, shards(1), Rules(max_attempts=3, max_free_requeues=2))
