@@ -31,8 +31,8 @@ class Node:
     log: Path
 
     def stop(self) -> None:
-        """SIGTERM to the node's process group, SIGKILL to what is left after 15 s."""
-        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        """SIGTERM to the node's process group, SIGKILL to what is left after 5 s."""
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
