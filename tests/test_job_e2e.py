@@ -83,6 +83,7 @@ def _pipeline(model_path: str):
 def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     from zimage_batch.model.sources import resolve_model
     from zimage_batch.run.driver import run_job
+    from zimage_batch.run.preflight import resolve
 
     manifest = tmp_path / "manifest.parquet"
     ids = make_manifest(manifest, 210)
@@ -97,7 +98,7 @@ def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     assert by_id["row-00007"]["category"] == "c3" and by_id["row-00007"]["score"] == pytest.approx(0.7)
     assert by_id["row-00001"]["seed"] == 7
     record = load_json(output, "job.json")
-    assert record["fingerprint"] == job.fingerprint() and record["job"]["format"] == fmt
+    assert record["fingerprint"] == resolve(job).fingerprint and record["job"]["format"] == fmt
     if fmt == "webdataset":  # each sample's .json carries what made its image, like the metadata
         import json
         import tarfile
