@@ -13,7 +13,8 @@ from zimage_batch.run.cluster import forwarded_env
 from zimage_batch.run.preflight import check_manifest, job_record, prepare, resolve, scratch_needed
 
 # job.json of these settings as the driver wrote it before preflight existed (less the dead
-# `dtype` setting): an OUTPUT written then must resume, so fingerprint and record stay put.
+# `dtype` setting, plus main's `unsafe_allow_overwriting_commits`): an OUTPUT written then must
+# resume, so fingerprint and record stay put.
 EARLIER_RECORD = {
     "defaults": {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "guidance_scale": 4.0, "height": 768,
                  "negative_prompt": "blurry", "num_inference_steps": 50, "strength": 0.6, "width": 512},
@@ -25,7 +26,8 @@ EARLIER_RECORD = {
             "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_inference_steps": None,
             "output": "s3://bucket/out", "overwrite": False, "progress_interval": 10.0, "quality": 90,
             "report": True, "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "<set>"}}, "seed": 7,
-            "shard_size": 1000, "strength": 0.6, "variant": "base", "width": 512, "workers": 4},
+            "shard_size": 1000, "strength": 0.6, "unsafe_allow_overwriting_commits": False, "variant": "base",
+            "width": 512, "workers": 4},
     "model_draws_noise": False,
     "output_fields": ["model", "variant", "models", "format", "image_format", "quality", "seed", "width", "height",
                       "num_inference_steps", "guidance_scale", "negative_prompt", "cfg_truncation",
@@ -75,18 +77,21 @@ def test_checks_leave_the_job_as_given_and_resolve_it_once(tmp_path, monkeypatch
     assert job_record(resolved)["job"]["manifest"] == str(tmp_path / "m.parquet")
 
 
-def test_a_local_model_folder_reaches_workers_as_an_absolute_path_with_the_same_fingerprint(tmp_path, monkeypatch):
-    (tmp_path / "models" / "mine").mkdir(parents=True)  # a folder is enough: nothing loads it here
+def test_local_model_folders_reach_workers_as_absolute_paths_with_the_same_fingerprint(tmp_path, monkeypatch):
+    for folder in ("mine", "mine-base"):
+        (tmp_path / "models" / folder).mkdir(parents=True)  # a folder is enough: nothing loads it here
     _manifest(tmp_path / "m.parquet")
     monkeypatch.chdir(tmp_path)
     job = load_job(None, {"manifest": "m.parquet", "output": "out", "model": "models/mine"},
-                   ["models.base=tiny:base"])
+                   ["models.base=models/mine-base"])
     _, resolved = check_manifest(job)
-    settings = resolved.worker_settings("turbo")
-    assert settings["model"] == str(tmp_path / "models" / "mine") and settings["models"] == {"base": "tiny:base"}
-    assert settings["manifest"] == str(tmp_path / "m.parquet") and settings["output"] == str(tmp_path / "out")
-    assert settings["fingerprint"] == resolved.fingerprint == resolve(job).fingerprint
-    assert job_record(resolved)["job"]["model"] == "models/mine"  # as typed: the fingerprint of earlier runs
+    turbo, base = resolved.worker_settings("turbo"), resolved.worker_settings("base")
+    assert turbo.model == str(tmp_path / "models" / "mine") and base.model == str(tmp_path / "models" / "mine-base")
+    assert turbo.manifest == str(tmp_path / "m.parquet") and turbo.output == str(tmp_path / "out")
+    assert turbo.fingerprint == base.fingerprint == resolved.fingerprint == resolve(job).fingerprint
+    assert base.defaults == resolved.defaults["base"] and base.job_variant == "turbo"
+    record = job_record(resolved)["job"]
+    assert (record["model"], record["models"]) == ("models/mine", {"base": "models/mine-base"})  # as typed: as fingerprinted
 
 
 def test_one_environment_policy_forwards_settings_not_secrets_nor_this_machines_paths():
