@@ -25,6 +25,7 @@ from zimage_batch.output.ledger import CommitMarker, Ledger
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.plan import Plan, Shard, make_plan
+from zimage_batch.run.pool import RayWorkerPool
 from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
@@ -120,8 +121,6 @@ def _check_local_paths_shared(storage: Storage, manifest: Manifest) -> None:
 
 def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[[str], None]) -> None:
     """Run the plan's shards: one worker pool per variant, the job's own variant first."""
-    from zimage_batch.run.pool import RayWorkerPool
-
     spec = job.spec
     rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period)
     stop = StopRequest()
