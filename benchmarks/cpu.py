@@ -2,6 +2,7 @@
 
     python benchmarks/cpu.py                  # 1,000 rows, tiny:turbo, 64x64, 9 steps
     python benchmarks/cpu.py --rows 200       # quicker
+    python benchmarks/cpu.py --rows 4 --batch-size 4 --shard-size 4 --repeats 1 --steps 2   # smoke run (the test's)
 
 One command, one run, the same rows for every figure (images per second, steady state: model
 loading and cluster start-up are reported apart, not counted):
@@ -20,6 +21,7 @@ and the ratios c/a, c/b, c/e. Needs the test extras (moto[server]).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -93,34 +95,42 @@ class _RayDataPredictor:
         return {"id": batch["id"], "image": encoded}
 
 
-def ray_data(model_path: str, records: list[dict], out: Path, args, tuned: bool) -> float:
-    """(b) Ray's documented recipe, or (b*) with zimage-batch's batch size on every core."""
+@contextlib.contextmanager
+def local_ray():
+    """One fresh local Ray cluster for the Ray Data figures (its start-up is not measured)."""
+    import logging
+
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", address="local",
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    import logging
-
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
-        if tuned:
-            threads = max(1, (os.cpu_count() or 2) // args.workers)
-            batch_size, concurrency, resources = args.baseline_batch_size or args.batch_size, args.workers, {"num_cpus": 0.5}
-        else:  # doc/source/data/examples/stablediffusion_batch_prediction in Ray's repository
-            threads, batch_size, concurrency, resources = None, 1, 1, {}
-        settings = _steps_and_size(args) | {"threads": threads}
-        started = None
-        for warm in (True, False):  # the first pass loads the model and warms it up
-            ds = ray.data.from_items(records[: batch_size * concurrency] if warm else records)
-            started = started if warm else time.perf_counter()
-            ds.map_batches(
-                _RayDataPredictor, fn_constructor_args=(model_path, dict(settings)), batch_size=batch_size,
-                concurrency=concurrency, **resources,
-            ).write_parquet(str(out / ("warm" if warm else "run")))
-        return len(records) / (time.perf_counter() - started)
+        yield
     finally:
         ray.shutdown()
+
+
+def ray_data(model_path: str, records: list[dict], out: Path, args, tuned: bool) -> float:
+    """(b) Ray's documented recipe, or (b*) with zimage-batch's batch size on every core (inside local_ray())."""
+    import ray
+
+    if tuned:
+        threads = max(1, (os.cpu_count() or 2) // args.workers)
+        batch_size, concurrency, resources = args.baseline_batch_size or args.batch_size, args.workers, {"num_cpus": 0.5}
+    else:  # doc/source/data/examples/stablediffusion_batch_prediction in Ray's repository
+        threads, batch_size, concurrency, resources = None, 1, 1, {}
+    settings = _steps_and_size(args) | {"threads": threads}
+    started = None
+    for warm in (True, False):  # the first pass loads the model and warms it up
+        ds = ray.data.from_items(records[: batch_size * concurrency] if warm else records)
+        started = started if warm else time.perf_counter()
+        ds.map_batches(
+            _RayDataPredictor, fn_constructor_args=(model_path, dict(settings)), batch_size=batch_size,
+            concurrency=concurrency, **resources,
+        ).write_parquet(str(out / ("warm" if warm else "run")))
+    return len(records) / (time.perf_counter() - started)
 
 
 def zimage_batch_run(manifest: Path, output: str, args) -> tuple[float, float]:
@@ -210,12 +220,13 @@ def main() -> None:
             figures["a"] = naive_loop(model_path, records, tmp_path / "naive", args)
             print(f"(a) naive diffusers loop + PNG save     {figures['a']:7.1f} img/s", flush=True)
         if "b" in args.only:
-            figures["b"] = ray_data(model_path, records, tmp_path / "raydata", args, tuned=False)
-            print(f"(b) Ray Data map_batches + diffusers    {figures['b']:7.1f} img/s  (Ray's example: batch 1, 1 CPU)",
-                  flush=True)
-            figures["b*"] = ray_data(model_path, records, tmp_path / "raydata-tuned", args, tuned=True)
-            print(f"(b*) the same, tuned                    {figures['b*']:7.1f} img/s  (batch "
-                  f"{args.baseline_batch_size or args.batch_size}, every core)", flush=True)
+            with local_ray():
+                figures["b"] = ray_data(model_path, records, tmp_path / "raydata", args, tuned=False)
+                print(f"(b) Ray Data map_batches + diffusers    {figures['b']:7.1f} img/s  (Ray's example: batch 1, "
+                      "1 CPU)", flush=True)
+                figures["b*"] = ray_data(model_path, records, tmp_path / "raydata-tuned", args, tuned=True)
+                print(f"(b*) the same, tuned                    {figures['b*']:7.1f} img/s  (batch "
+                      f"{args.baseline_batch_size or args.batch_size}, every core)", flush=True)
         # c and e decide the c/e ratio and this machine's speed drifts by +-20% from minute to
         # minute: they are measured in pairs, one right after the other, --repeats times; c/e
         # is the median of the pairs' ratios.

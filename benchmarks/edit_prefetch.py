@@ -40,7 +40,7 @@ from zimage_batch.inputs.manifest import open_manifest  # noqa: E402
 from zimage_batch.jobspec import JobSpec  # noqa: E402
 from zimage_batch.model.sources import resolve_model  # noqa: E402
 from zimage_batch.run.plan import make_plan  # noqa: E402
-from zimage_batch.run.settings import WorkerSettings  # noqa: E402
+from zimage_batch.run.preflight import resolve  # noqa: E402
 from zimage_batch.run.worker import ShardRunner  # noqa: E402
 from zimage_batch.storage import open_storage  # noqa: E402
 
@@ -105,8 +105,7 @@ def serial_prefetch(pool, items, load, window, first=None):
 def run(manifest: Path, workdir: Path, label: str, shard_size: int, batch_size: int) -> dict:
     job = JobSpec(manifest=str(manifest), output=str(workdir / f"out-{label}-{time.time_ns()}"), model="tiny:turbo",
                   variant="turbo", batch_size=batch_size, shard_size=shard_size)
-    settings = WorkerSettings.for_variant(job, "turbo", "turbo", job.fingerprint(), job.defaults())
-    runner = ShardRunner(settings, threads=1)
+    runner = ShardRunner(resolve(job).worker_settings("turbo"), threads=1)
     shards = make_plan(open_manifest(str(manifest)), {}, shard_size).todo
     started, busy = time.perf_counter(), runner.engine.busy_seconds
     with ThreadPoolExecutor(max_workers=2) as actor:  # the actor's max_concurrency: two shards in flight

@@ -32,18 +32,19 @@ def run_job_in_process(model: str, manifest: Path, output: Path, device: str, lo
     """What `zimage-batch run` does, with the shards run here instead of on Ray actors."""
     from zimage_batch.jobspec import load_job
     from zimage_batch.output.ledger import Ledger
-    from zimage_batch.run.driver import job_record, prepare, worker_settings
     from zimage_batch.run.plan import make_plan
+    from zimage_batch.run.preflight import job_record, prepare
     from zimage_batch.run.worker import ShardRunner
     from zimage_batch.storage import open_storage
 
     job = load_job(None, {"manifest": str(manifest), "output": str(output), "model": model, "shard_size": 10},
                    [f"device={device}", f"low_vram={low_vram}", "width=64", "height=64", "report=false"])
-    data, _ = prepare(job)
+    prepared = prepare(job)
+    resolved = prepared.job
     ledger = Ledger(open_storage(job.output))
-    ledger.claim_output(job_record(job), job.overwrite)
-    plan = make_plan(data, ledger.committed(), job.shard_size, job.variant)
-    runner = ShardRunner(worker_settings(job, job.variant))
+    ledger.claim_output(job_record(resolved), job.overwrite)
+    plan = make_plan(prepared.manifest, ledger.committed(), job.shard_size, resolved.variant)
+    runner = ShardRunner(resolved.worker_settings(resolved.variant))
     for shard in plan.todo:
         runner.run_shard(shard)
     metadata = pa.concat_tables(pq.read_table(p) for p in sorted((output / "metadata").glob("*.parquet")))

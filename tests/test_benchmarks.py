@@ -46,7 +46,9 @@ def test_plan_scale_benchmark_small():
 
 
 def test_cpu_harness_prints_all_five_figures():
-    out = _run("benchmarks/cpu.py", "--rows", "32", "--batch-size", "16", "--shard-size", "16", timeout=900)
+    """Every figure's code path on a handful of rows (start-ups, not images, take the time)."""
+    out = _run("benchmarks/cpu.py", "--rows", "4", "--batch-size", "4", "--shard-size", "4", "--repeats", "1",
+               "--steps", "2", timeout=900)
     for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "c/a =", "c/b =", "c/e ="):
         assert label in out, out
 

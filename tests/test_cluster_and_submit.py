@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from output_check import check_exactly_once
+from ray_head import free_port, start_node
 from test_job_e2e import make_manifest
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -70,31 +71,24 @@ def test_every_cluster_yaml_parses_and_has_its_fields():
                 assert {"manifest", "output", "model"} <= set(job)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head with the dashboard (Jobs API) on 127.0.0.1, started like an operator would."""
-    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # Ray's unix socket paths must stay short: a short temp dir, not pytest's long tmp_path.
     # Token auth off for this loopback-only test cluster (a real cluster's token goes in RAY_AUTH_TOKEN).
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
-    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=2",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             # Not the default 52365: a local Ray started beside this one would take it, and the Jobs
-             # API would then answer "No available agent" until the submit gives up.
-             f"--dashboard-agent-listen-port={agent}"]
-    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    # The dashboard agent on a free port, not the default 52365 (start_node): a local Ray started beside
+    # this one would take it, and the Jobs API would then answer "No available agent" until the submit gives up.
+    node = start_node([f"--port={free_port()}", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={dashboard}", "--include-dashboard=true", "--node-ip-address=127.0.0.1"],
+                      env, tmp_path, tmp_path / "head.log")
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        stop = [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"]
-        subprocess.run(stop, capture_output=True, env=env, timeout=120)
+        node.stop()  # this node's processes only (`ray stop` would stop every Ray on the machine)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def test_submit_runs_the_job_on_the_cluster(tmp_path, ray_head):

@@ -293,7 +293,7 @@ def test_edit_manifest_refused_before_any_work(tmp_path, model, columns, problem
     """Rows asking for what the model cannot do fail validation, naming the column, before a model loads."""
     from zimage_batch.inputs.manifest import ManifestError
     from zimage_batch.jobspec import JobSpec
-    from zimage_batch.run.driver import prepare
+    from zimage_batch.run.preflight import prepare
 
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({"id": ["sku-1"], "source": ["a.jpg"], "prompt": ["red"], **columns}), manifest)

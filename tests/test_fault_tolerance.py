@@ -1,4 +1,7 @@
-"""The job outlives its parts: a killed worker, a lost node, a shard that always crashes, SIGTERM."""
+"""The job outlives its parts, end to end on real Ray: a killed worker, SIGTERM.
+
+The rules behind them (retries, suspects, give-up, the grace period, workers that cannot start,
+a lost node's workers) are unit-tested against a fake pool in test_scheduler.py."""
 
 from __future__ import annotations
 
@@ -6,16 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 from output_check import check_exactly_once
 from test_job_e2e import make_manifest
-
-from zimage_batch.jobspec import JobSpec
-from zimage_batch.run.worker import CRASH_ENV
 
 
 def _commits(out: Path) -> int:
@@ -55,7 +54,7 @@ def _worker_processes(driver_pid: int) -> list[psutil.Process]:
 
 def test_killed_worker_is_replaced_and_rows_stay_exactly_once(tmp_path):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    ids = make_manifest(manifest, 300)
+    ids = make_manifest(manifest, 120)
     proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10")
     try:
         _wait_for_commits(out, 2, proc)
@@ -71,28 +70,9 @@ def test_killed_worker_is_replaced_and_rows_stay_exactly_once(tmp_path):
     check_exactly_once(str(out), ids)
 
 
-def test_shard_that_always_crashes_fails_alone(tmp_path):
-    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    make_manifest(manifest, 60)
-    started = time.time()
-    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10", "--set", "max_attempts=2",
-                      env={CRASH_ENV: "-0000000020"})
-    stdout, stderr = proc.communicate(timeout=400)
-    assert proc.returncode != 0
-    assert time.time() - started < 300
-    assert "-0000000020" in stderr and "failed" in stderr
-    committed = sorted(p.stem for p in (out / "_commits").glob("*.json"))
-    assert len(committed) == 5 and not any(c.endswith("-0000000020") for c in committed)
-    # the failed shard is not committed, so a rerun without the fault finishes the job
-    rerun = _start_run(manifest, out, "--workers", "1", "--shard-size", "10")
-    rerun.communicate(timeout=300)
-    assert rerun.returncode == 0
-    assert _commits(out) == 6
-
-
 def test_sigterm_stops_within_grace_period_and_resumes(tmp_path):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    ids = make_manifest(manifest, 400)
+    ids = make_manifest(manifest, 120)
     proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "10", "--set", "grace_period=30")
     try:
         _wait_for_commits(out, 2, proc)
@@ -104,38 +84,8 @@ def test_sigterm_stops_within_grace_period_and_resumes(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "stopping" in stdout
-    assert _commits(out) < 40, "the stop should land mid-run"
+    assert _commits(out) < 12, "the stop should land mid-run"
     rerun = _start_run(manifest, out, "--workers", "2", "--shard-size", "10")
     rerun.communicate(timeout=300)
     assert rerun.returncode == 0
-    check_exactly_once(str(out), ids)
-
-
-def test_node_loss_on_a_multi_node_cluster(tmp_path):
-    from ray.cluster_utils import Cluster
-
-    from zimage_batch.run.driver import run_job
-
-    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    ids = make_manifest(manifest, 240)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    try:
-        job = JobSpec(manifest=str(manifest), output=str(out), model="tiny:turbo", workers=3, shard_size=10,
-                      batch_size=4, address=cluster.address)
-        result: dict = {}
-        runner = threading.Thread(target=lambda: result.update(summary=run_job(job, echo=lambda line: None)))
-        runner.start()
-        _wait_for_commits(out, 3)
-        cluster.remove_node(workers[0])
-        cluster.add_node(num_cpus=1)
-        runner.join(timeout=400)
-        assert not runner.is_alive(), "the run did not finish after losing a node"
-    finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
-    assert result["summary"].exit_code == 0
     check_exactly_once(str(out), ids)

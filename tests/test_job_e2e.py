@@ -45,7 +45,8 @@ def ray_local(s3_server):
     """One local Ray cluster for the in-process runs of this module (S3 settings already exported)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a fresh cluster of its own, never one that `ray start` left on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -82,6 +83,7 @@ def _pipeline(model_path: str):
 def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     from zimage_batch.model.sources import resolve_model
     from zimage_batch.run.driver import run_job
+    from zimage_batch.run.preflight import resolve
 
     manifest = tmp_path / "manifest.parquet"
     ids = make_manifest(manifest, 210)
@@ -96,7 +98,7 @@ def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     assert by_id["row-00007"]["category"] == "c3" and by_id["row-00007"]["score"] == pytest.approx(0.7)
     assert by_id["row-00001"]["seed"] == 7
     record = load_json(output, "job.json")
-    assert record["fingerprint"] == job.fingerprint() and record["job"]["format"] == fmt
+    assert record["fingerprint"] == resolve(job).fingerprint and record["job"]["format"] == fmt
     if fmt == "webdataset":  # each sample's .json carries what made its image, like the metadata
         import json
         import tarfile

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from zimage_batch import storage as storage_module
 from zimage_batch.cli import main
 from zimage_batch.jobspec import JobSpec
-from zimage_batch.run.driver import scratch_needed
+from zimage_batch.run.preflight import resolve, scratch_needed
 from zimage_batch.storage import MiB, StorageError, check_scratch_space, s3_client
 
 
@@ -68,12 +68,12 @@ def test_prefix_denying_writes_fails_before_the_model_and_ray(s3_bucket, manifes
 def test_scratch_needed_follows_format_size_and_shard_size():
     png = JobSpec(manifest="m", output="o", model="tiny:turbo", variant="turbo", format="webdataset",
                   width=512, height=512, shard_size=100)
-    assert scratch_needed(png) == 100 * (512 * 512 * 3 + 1024)
+    assert scratch_needed(resolve(png)) == 100 * (512 * 512 * 3 + 1024)
     jpeg = JobSpec(**{**png.to_dict(), "image_format": "jpeg", "format": "parquet"})
-    assert scratch_needed(jpeg) == 100 * (512 * 512 + 1024)
-    assert scratch_needed(JobSpec(**{**png.to_dict(), "format": "files"})) == 0
+    assert scratch_needed(resolve(jpeg)) == 100 * (512 * 512 + 1024)
+    assert scratch_needed(resolve(JobSpec(**{**png.to_dict(), "format": "files"}))) == 0
     big = JobSpec(**{**png.to_dict(), "width": 1024, "height": 1024, "shard_size": 1000})
-    assert 3000 * MiB < scratch_needed(big) < 3100 * MiB  # the defaults of a real run: ~3 GiB
+    assert 3000 * MiB < scratch_needed(resolve(big)) < 3100 * MiB  # the defaults of a real run: ~3 GiB
 
 
 DiskUsage = namedtuple("DiskUsage", "total used free")

@@ -259,7 +259,7 @@ from zimage_batch.run import metrics
 metrics.batch_done("w", 4, 0.5); metrics.rows_done("w", 3, 1); metrics.queue_depth(2, 1)  # no Ray yet: no-ops
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port)
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port)
 
 @ray.remote(num_cpus=0)
 class Worker:

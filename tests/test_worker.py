@@ -10,9 +10,9 @@ import pytest
 
 from zimage_batch.jobspec import load_job
 from zimage_batch.output.ledger import Ledger
-from zimage_batch.run.driver import job_record, prepare, worker_settings
 from zimage_batch.run.generation import ShardGeneration
 from zimage_batch.run.plan import make_plan
+from zimage_batch.run.preflight import job_record, prepare
 from zimage_batch.run.worker import ShardRunner
 from zimage_batch.storage import open_storage
 
@@ -27,10 +27,11 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
                           "model": "tiny:turbo", "shard_size": 12, "batch_size": 4}, ["report=false"])
-    data, _ = prepare(job)
-    Ledger(open_storage(job.output)).claim_output(job_record(job), False)
-    (shard,) = make_plan(data, {}, job.shard_size, job.variant).todo
-    runner = ShardRunner(worker_settings(job, job.variant))
+    prepared = prepare(job)
+    resolved = prepared.job
+    Ledger(open_storage(job.output)).claim_output(job_record(resolved), False)
+    (shard,) = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
+    runner = ShardRunner(resolved.worker_settings(resolved.variant))
 
     real_store, real_generate = ShardGeneration._store, runner.engine.generate
     calls = {"generate": 0}

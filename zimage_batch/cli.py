@@ -55,7 +55,7 @@ class OneLineErrors(click.Group):
     """Every failure ends in one `error:` line on stderr (SPEC §4): click's usage errors, which
     it prints as a usage block, and unexpected exceptions, which would print a traceback."""
 
-    def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
+    def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> None:  # type: ignore[override]
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
@@ -119,10 +119,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         click.echo(f"worker {worker['worker']}: busy {worker['busy_fraction']:.0%} of {worker['wall_s']:.1f}s")
     for shard, reason in summary.failed.items():
         click.echo(f"failed shard {shard}: {reason}", err=True)
-    if summary.failed:
-        click.echo(f"error: {len(summary.failed)} shard(s) failed; rerun to retry them", err=True)
-    if summary.stopped:
-        click.echo("stopped before the end; run again to resume", err=True)
+    if summary.problem:
+        click.echo(f"error: {summary.problem}", err=True)
     click.echo(f"output: {summary.output}")
     if job.report:
         _write_report(summary.output)
@@ -179,7 +177,7 @@ def report_command(output: str) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
 def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     """Check MANIFEST (schema and every value) without a model or a GPU."""
-    from zimage_batch.run.driver import check_manifest
+    from zimage_batch.run.preflight import check_manifest
 
     try:
         job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))

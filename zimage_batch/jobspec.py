@@ -60,7 +60,6 @@ class JobSpec:
     shard_size: int = 1000
     address: str | None = None
     device: str | None = None
-    dtype: str | None = None
     attention_backend: str | None = None
     compile: bool = False
     low_vram: str = "auto"  # on | off | auto: text encoder and transformer take turns on cards under 30 GB

@@ -11,14 +11,16 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from zimage_batch.jobspec import _resolve_relative_paths, load_job
+from zimage_batch.run.cluster import forwarded_env
 
-# Non-secret settings forwarded to the job; credentials come from the cluster's own chain.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -43,8 +45,7 @@ def submit_job(
             yaml.safe_dump(values, f, allow_unicode=True)
         runtime_env: dict[str, Any] = dict(job.runtime_env or {})
         runtime_env["working_dir"] = workdir
-        env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
+        runtime_env["env_vars"] = {**forwarded_env(), **runtime_env.get("env_vars", {})}  # the run's policy
         if pip:
             runtime_env["pip"] = list(pip)
         entrypoint = " ".join(["zimage-batch", "run", "job.yaml", "--address", "auto", *_quoted_settings(settings)])
@@ -62,7 +63,7 @@ def submit_job(
     return _follow(client, submission_id, echo)
 
 
-def _submit_when_ready(client, timeout: float = 120.0, **kwargs) -> str:
+def _submit_when_ready(client: JobSubmissionClient, timeout: float = 120.0, **kwargs: Any) -> str:
     """Submit; a head that has just started answers "No available agent" for a while: wait for it."""
     deadline = time.monotonic() + timeout
     while True:
@@ -80,7 +81,7 @@ def _quoted_settings(settings: list[str]) -> list[str]:
     return [part for s in settings for part in ("--set", shlex.quote(s))]
 
 
-def _follow(client, submission_id: str, echo: Callable[[str], None], poll: float = 1.0) -> int:
+def _follow(client: JobSubmissionClient, submission_id: str, echo: Callable[[str], None], poll: float = 1.0) -> int:
     printed = 0
     while True:
         status = str(client.get_job_status(submission_id)).split(".")[-1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -16,9 +16,6 @@ class Variant:
     num_inference_steps: int
     guidance_scale: float
     scheduler_shift: float = 3.0
-    cfg_truncation: float = 1.0
-    cfg_normalization: bool = False
-    edit_pipeline_classes: dict[str, str] = field(default_factory=dict)
     needs_siglip: bool = False
     min_side: int = 64
     max_side: int = 2048
@@ -37,7 +34,6 @@ VARIANTS: dict[str, Variant] = {
             # (PR #13730) the same schedule is num_inference_steps=8.
             num_inference_steps=8,
             guidance_scale=0.0,
-            edit_pipeline_classes={"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"},
         ),
         Variant(
             name="base",
@@ -46,7 +42,6 @@ VARIANTS: dict[str, Variant] = {
             tasks=("text-to-image", "img2img", "inpaint", "negative-prompt"),
             num_inference_steps=50,
             guidance_scale=4.0,
-            edit_pipeline_classes={"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"},
         ),
         Variant(
             name="omni",
@@ -55,7 +50,6 @@ VARIANTS: dict[str, Variant] = {
             tasks=("text-to-image", "edit", "negative-prompt"),
             num_inference_steps=50,
             guidance_scale=4.0,
-            edit_pipeline_classes={"edit": "ZImageOmniPipeline"},
             needs_siglip=True,
         ),
     )

@@ -1,0 +1,124 @@
+"""The Ray actor pool: `ShardRunner` actors of one variant, the `WorkerPool` the scheduler drives.
+
+It starts the actors (one GPU each when the cluster has GPUs, else CPU threads shared out),
+submits a shard to one of them, waits, and turns Ray's exceptions into the scheduler's typed
+outcomes. Ray is imported inside the methods: the rest of the package loads without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from zimage_batch.run.plan import Shard
+from zimage_batch.run.scheduler import (
+    IN_FLIGHT_PER_WORKER,
+    FailedToStart,
+    Finished,
+    Outcome,
+    ShardFailed,
+    Ticket,
+    Unavailable,
+    WorkerDied,
+)
+from zimage_batch.run.settings import WorkerSettings
+
+
+def short_error(exc: BaseException) -> str:
+    """`Type: last line` of an exception (Ray puts the remote error's own line last), at most 300 characters."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def outcome_of(ref: Any) -> Outcome:
+    """How the shard behind a ready object ref ended."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    try:
+        return Finished(ray.get(ref))
+    except ActorUnavailableError as exc:  # unreachable for now, not dead (a subclass of RayActorError)
+        return Unavailable(short_error(exc))
+    except RayActorError as exc:
+        if getattr(exc, "actor_init_failed", False):
+            return FailedToStart(short_error(exc))
+        return WorkerDied(short_error(exc))
+    except RayTaskError as exc:
+        return ShardFailed(short_error(exc))
+
+
+class RayWorkerPool:
+    """The Ray actors of one job and variant, replaced when they die.
+
+    `settings` is what each `ShardRunner` is built from (one variant's); `workers` is the pool
+    size (default: one per GPU, or 1 on CPU)."""
+
+    def __init__(self, settings: WorkerSettings, workers: int | None = None, device: str | None = None) -> None:
+        import ray
+
+        from zimage_batch.run.worker import ShardRunner
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.use_gpu = gpus > 0 and device != "cpu"
+        self.size = workers or (gpus if self.use_gpu else 1)
+        threads = None if self.use_gpu else max(1, (os.cpu_count() or 2) // self.size)
+        options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
+        options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
+        self._actor_class = ray.remote(ShardRunner).options(**options)
+        self._args = (settings, threads)
+        self.actors = [self._start() for _ in range(self.size)]
+        self.replacements = 0
+
+    def _start(self) -> Any:
+        return self._actor_class.remote(*self._args)
+
+    # ------------------------------------------------------------------ WorkerPool
+    def submit(self, worker: int, shard: Shard, attempt: int) -> Ticket:
+        return self.actors[worker].run_shard.remote(shard, attempt)
+
+    def wait(self, tickets: Sequence[Ticket], timeout: float) -> list[tuple[Ticket, Outcome]]:
+        import ray
+
+        if not tickets:
+            return []
+        ready, _ = ray.wait(list(tickets), num_returns=1, timeout=timeout)
+        return [(ref, outcome_of(ref)) for ref in ready]
+
+    def replace(self, worker: int) -> None:
+        _kill(self.actors[worker])
+        self.actors[worker] = self._start()
+        self.replacements += 1
+
+    # ------------------------------------------------------------------ the rest
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            _kill(actor)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each live worker's figures (busy share, wall time); dead or busy workers have none."""
+        import ray
+
+        refs = []
+        for actor in self.actors:
+            try:
+                refs.append(actor.stats.remote())
+            except Exception:  # noqa: BLE001 - a dead worker has no figures
+                pass
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)  # one wait for all, not 30 s each
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except Exception:  # noqa: BLE001 - a dead or busy worker has no figures
+                pass
+        return out
+
+
+def _kill(actor: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass

@@ -1,0 +1,286 @@
+"""The scheduling policy: which shard runs where, when to retry, when to give up, when to stop.
+
+    queue ─► dispatch (≤ IN_FLIGHT_PER_WORKER per worker; a suspect alone) ─► pool ─► outcome
+      ▲                                                                               │
+      └──────────── retry (charged or free) ◄── failed / worker died / unavailable ◄──┘
+
+`Scheduler` knows nothing about Ray: it drives any `WorkerPool` (the Protocol below), which
+reports how each submitted shard ended as one of five outcomes. `run/pool.py` is the Ray
+implementation; `tests/test_scheduler.py` drives the same policy with a fake pool. The rules
+are those of docs/architecture.md, "Retries".
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol, Sequence, Union
+
+from zimage_batch.run.plan import Shard
+
+IN_FLIGHT_PER_WORKER = 2  # one generating, one reading or uploading beside it
+MAX_FREE_REQUEUES = 20  # re-dispatches not charged to a shard (its worker died running another)
+WAIT_S = 1.0  # longest wait for an outcome between checks of the stop request and progress ticks
+
+
+# ---------------------------------------------------------------------- what a pool reports
+@dataclass(frozen=True)
+class Finished:
+    """The shard ran to its end; `result` is the worker's return value, passed on untouched."""
+
+    result: Any
+
+
+@dataclass(frozen=True)
+class ShardFailed:
+    """The shard's own code raised on a live worker: the shard is charged an attempt."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """The worker died while it ran the shard: the worker is replaced."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class FailedToStart:
+    """The worker died before it could run anything (its model did not load, …): no shard's fault."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """The worker cannot be reached for now, but is not dead: the shard runs again, free of charge."""
+
+    reason: str
+
+
+Outcome = Union[Finished, ShardFailed, WorkerDied, FailedToStart, Unavailable]
+Ticket = Hashable  # what a pool hands back for one submitted shard
+
+
+class WorkerPool(Protocol):
+    """Workers numbered 0..size-1 that run shards."""
+
+    size: int
+
+    def submit(self, worker: int, shard: Shard, attempt: int) -> Ticket:
+        """Start `shard` (its `attempt`-th try) on `worker`; the ticket names this run of it."""
+
+    def wait(self, tickets: Sequence[Ticket], timeout: float) -> list[tuple[Ticket, Outcome]]:
+        """Outcomes of some `tickets` that ended, waiting up to `timeout` seconds for one."""
+
+    def replace(self, worker: int) -> None:
+        """Put a fresh worker in the place of `worker` (its tickets are forgotten)."""
+
+
+# ---------------------------------------------------------------------- rules and results
+@dataclass(frozen=True)
+class Rules:
+    """The job's limits the scheduler enforces."""
+
+    max_attempts: int = 3
+    grace_period: float = 60.0  # seconds in-flight shards get once a stop is requested
+    in_flight_per_worker: int = IN_FLIGHT_PER_WORKER
+    max_free_requeues: int = MAX_FREE_REQUEUES
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a scheduler run ended: shards given up (name -> last error) and whether it was stopped."""
+
+    failed: dict[str, str]
+    stopped: bool
+
+
+class WorkersCannotStart(RuntimeError):
+    """Workers died before they could start, `size × max_attempts` times in a row."""
+
+
+# What a worker's start-up failure points at, by the error it names; the model hint only for model errors.
+_START_HINTS = (
+    (("ManifestError",), "check that the manifest is readable from the workers' nodes (shared filesystem or s3://)"),
+    (("StorageError", "PermissionError"), "check that OUTPUT is writable from the workers' nodes (shared filesystem or s3://)"),
+    (("ModuleNotFoundError", "ImportError"), "check that zimage-batch is installed on the workers' nodes"),
+    (("ModelSourceError", "OutOfMemoryError", "safetensors", "model_index", "checkpoint", "from_pretrained", "CUDA"),
+     "check that the model loads on the workers' nodes"),
+)
+
+
+def start_failure_message(reason: str) -> str:
+    """The one line that ends a run whose workers cannot start, with a hint matching `reason`."""
+    hint = next((h for words, h in _START_HINTS if any(w in reason for w in words)), None)
+    return f"workers keep dying before they can start ({reason})" + (f"; {hint}" if hint else "")
+
+
+# ---------------------------------------------------------------------- stop requests
+class StopRequest:
+    """SIGTERM / SIGINT while installed: stop dispatching, let in-flight shards finish within the
+    grace period; a second Ctrl-C raises KeyboardInterrupt (abandon them at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def request(self) -> None:
+        self.requested = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        if sys.platform == "win32":
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever handles them
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ---------------------------------------------------------------------- the scheduler
+@dataclass
+class _State:
+    queue: deque[Shard]
+    attempts: dict[str, int] = field(default_factory=dict)  # charged tries per shard
+    free_requeues: dict[str, int] = field(default_factory=dict)  # uncharged re-dispatches per shard
+    in_flight: dict[Ticket, tuple[Shard, int]] = field(default_factory=dict)  # ticket -> (shard, worker)
+    suspects: set[str] = field(default_factory=set)  # on a worker that died next to another shard
+    failed_starts: int = 0  # workers that failed to start since the last finished shard
+    failed: dict[str, str] = field(default_factory=dict)
+    deadline: float | None = None  # set once a stop is requested
+
+
+class Scheduler:
+    """Runs `shards` on `pool` until each finished or was given up, or a stop ends the run.
+
+    `on_result` gets each finished shard's result (the worker's return value); `on_tick` gets
+    (queued, in flight, workers) after every wait; `echo` gets the lines an operator reads.
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        shards: Sequence[Shard],
+        rules: Rules,
+        on_result: Callable[[Any], None] = lambda result: None,
+        on_tick: Callable[[int, int, int], None] = lambda queued, in_flight, workers: None,
+        echo: Callable[[str], None] = print,
+        stop: StopRequest | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.rules = rules
+        self.on_result = on_result
+        self.on_tick = on_tick
+        self.echo = echo
+        self.stop = stop or StopRequest()
+        self.clock = clock
+        self.state = _State(queue=deque(shards))
+
+    def run(self) -> Finish:
+        """Dispatch, wait, handle outcomes, until done or stopped; raises WorkersCannotStart."""
+        s = self.state
+        while s.queue or s.in_flight:
+            if self.stop.requested and s.deadline is None:
+                s.deadline = self.clock() + self.rules.grace_period
+                self.echo(f"stopping: no new shards; waiting up to {self.rules.grace_period:.0f}s "
+                          f"for {len(s.in_flight)} in flight")
+            if s.deadline is not None and (self.clock() > s.deadline or not s.in_flight):
+                return Finish(dict(s.failed), stopped=True)
+            if s.deadline is None:
+                self._dispatch()
+            for ticket, outcome in self.pool.wait(list(s.in_flight), WAIT_S):
+                if ticket in s.in_flight:  # not dropped with its dead worker meanwhile
+                    self._handle(ticket, outcome)
+            self.on_tick(len(s.queue), len(s.in_flight), self.pool.size)
+        return Finish(dict(s.failed), stopped=False)
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self) -> None:
+        """Fill each worker up to `in_flight_per_worker` shards; a suspect shard runs alone on a worker."""
+        s = self.state
+        for worker in range(self.pool.size):
+            mine = [shard for shard, w in s.in_flight.values() if w == worker]
+            if any(shard.name in s.suspects for shard in mine):
+                continue
+            while s.queue and len(mine) < self.rules.in_flight_per_worker:
+                position = 0 if not mine else next(
+                    (k for k, shard in enumerate(s.queue) if shard.name not in s.suspects), None)
+                if position is None:
+                    break
+                shard = s.queue[position]
+                del s.queue[position]
+                ticket = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
+                s.in_flight[ticket] = (shard, worker)
+                mine.append(shard)
+                if shard.name in s.suspects:
+                    break
+
+    # ------------------------------------------------------------------ outcomes
+    def _handle(self, ticket: Ticket, outcome: Outcome) -> None:
+        s = self.state
+        shard, worker = s.in_flight.pop(ticket)
+        if isinstance(outcome, Finished):
+            s.failed_starts = 0
+            s.suspects.discard(shard.name)
+            self.on_result(outcome.result)
+        elif isinstance(outcome, (ShardFailed, Unavailable)):
+            self._retry(shard, outcome.reason, charged=isinstance(outcome, ShardFailed))
+        elif isinstance(outcome, FailedToStart):
+            s.failed_starts += 1
+            if s.failed_starts > self.pool.size * self.rules.max_attempts:
+                raise WorkersCannotStart(start_failure_message(outcome.reason))
+            s.queue.appendleft(shard)
+            self._drop_worker(worker)
+            self.pool.replace(worker)
+        elif isinstance(outcome, WorkerDied):
+            # A worker that ran one shard alone died of it: charge that shard. A worker that ran
+            # two leaves both as suspects, which then run alone until the culprit shows.
+            others = self._drop_worker(worker)
+            if others:
+                s.suspects.update([shard.name, *(o.name for o in others)])
+            self.pool.replace(worker)
+            self._retry(shard, outcome.reason, charged=not others)
+        else:
+            raise TypeError(f"not an outcome: {outcome!r}")
+
+    def _drop_worker(self, worker: int) -> list[Shard]:
+        """Shards still in flight on a worker that died: queued again (first), not charged."""
+        s = self.state
+        dropped = []
+        for ticket in [t for t, (_, w) in s.in_flight.items() if w == worker]:
+            shard, _ = s.in_flight.pop(ticket)
+            s.free_requeues[shard.name] = s.free_requeues.get(shard.name, 0) + 1
+            s.queue.appendleft(shard)
+            dropped.append(shard)
+        return dropped
+
+    def _retry(self, shard: Shard, reason: str, charged: bool) -> None:
+        """Charge (or not) an attempt, then queue the shard again or give it up."""
+        s = self.state
+        name = shard.name
+        if charged or s.free_requeues.get(name, 0) >= self.rules.max_free_requeues:
+            s.attempts[name] = s.attempts.get(name, 0) + 1
+        else:
+            s.free_requeues[name] = s.free_requeues.get(name, 0) + 1
+        if s.attempts.get(name, 0) >= self.rules.max_attempts:
+            s.failed[name] = reason
+            self.echo(f"shard {name} failed {s.attempts[name]} times, giving up: {reason}")
+        else:
+            self.echo(f"shard {name} attempt {s.attempts.get(name, 0)} failed ({reason}); retrying")
+            s.queue.append(shard)
