@@ -33,7 +33,7 @@ from zimage_batch.jobspec import load_job  # noqa: E402
 from zimage_batch.model.tiny import make_tiny_model  # noqa: E402
 from zimage_batch.model.tiny_adapters import make_tiny_adapter  # noqa: E402
 from zimage_batch.output.ledger import Ledger  # noqa: E402
-from zimage_batch.run.driver import job_record, prepare, worker_settings  # noqa: E402
+from zimage_batch.run.preflight import job_record, prepare  # noqa: E402
 from zimage_batch.run.plan import make_plan  # noqa: E402
 from zimage_batch.run.worker import ShardRunner  # noqa: E402
 from zimage_batch.storage import open_storage  # noqa: E402
@@ -61,8 +61,9 @@ class Job:
         self.job = load_job(None, {"manifest": str(root / f"{name}.parquet"), "output": str(root / f"out-{name}"),
                                    "model": str(model), "batch_size": args.batch_size, "shard_size": args.shard_size},
                             settings)
-        self.manifest, self.model = prepare(self.job)
-        self.runner = ShardRunner(worker_settings(self.job, self.job.variant), threads=args.threads)
+        prepared = prepare(self.job)
+        self.manifest, self.model, self.resolved = prepared.manifest, prepared.model, prepared.job
+        self.runner = ShardRunner(self.resolved.worker_settings(self.resolved.variant), threads=args.threads)
         self.switch_s = 0.0  # time spent in set_adapters / disable_lora calls that changed the set
         adapters = self.runner.engine.adapters
         use = adapters.use
@@ -78,8 +79,8 @@ class Job:
         """(images per second, adapter switches, seconds) of one full run of the job's rows."""
         ledger = Ledger(open_storage(self.job.output))
         ledger.clear()
-        ledger.claim_output(job_record(self.job, self.model), overwrite=False)
-        shards = make_plan(self.manifest, {}, self.job.shard_size, self.job.variant).todo
+        ledger.claim_output(job_record(self.resolved, self.model), overwrite=False)
+        shards = make_plan(self.manifest, {}, self.job.shard_size, self.resolved.variant).todo
         switches = self.runner.engine.adapters.switches
         started = time.perf_counter()
         for shard in shards:
