@@ -33,8 +33,8 @@ from zimage_batch.jobspec import load_job  # noqa: E402
 from zimage_batch.model.tiny import make_tiny_model  # noqa: E402
 from zimage_batch.model.tiny_adapters import make_tiny_adapter  # noqa: E402
 from zimage_batch.output.ledger import Ledger  # noqa: E402
-from zimage_batch.run.preflight import job_record, prepare  # noqa: E402
 from zimage_batch.run.plan import make_plan  # noqa: E402
+from zimage_batch.run.preflight import job_record, prepare  # noqa: E402
 from zimage_batch.run.worker import ShardRunner  # noqa: E402
 from zimage_batch.storage import open_storage  # noqa: E402
 

@@ -14,6 +14,9 @@ pipeline's own area cap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -114,7 +117,8 @@ def _img2img(engine: Engine, batch: list[EditRequest], inpaint: bool) -> list[np
     return engine.decode_latents(latents)
 
 
-def _masked_blend(batch: list[EditRequest], scale: int, shape: tuple, dtype, scheduler, timesteps, image_latents, noise):
+def _masked_blend(batch: list[EditRequest], scale: int, shape: tuple, dtype: torch.dtype, scheduler: Any,
+                  timesteps: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor) -> Callable:
     """The inpaint step hook: outside the mask, the source latents noised to the next step's level."""
     from diffusers.image_processor import VaeImageProcessor
 

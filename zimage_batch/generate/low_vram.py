@@ -9,6 +9,7 @@ on the CPU, and every batch then denoises from the cache with the transformer ba
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ CacheKey = tuple[str, bool]  # (templated text, padded to the maximum length)
 class TakingTurns:
     """Places a pipeline's parts for low VRAM and keeps the prompts encoded ahead."""
 
-    def __init__(self, pipe, device: str, offload_all: bool) -> None:
+    def __init__(self, pipe: Any, device: str, offload_all: bool) -> None:
         """`offload_all`: the variant's reference path needs every part at once (omni), so it
         uses diffusers' model offload instead of taking turns."""
         self.pipe = pipe

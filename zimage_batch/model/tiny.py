@@ -45,7 +45,7 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 600):
+def build_tokenizer(out_dir: Path, vocab_size: int = 600) -> int:
     """Train a byte-level BPE tokenizer on a built-in corpus and save it as a Qwen2 tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

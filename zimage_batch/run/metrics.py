@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _get() -> dict[str, Any] | None:
     return _metrics or None
 
 
-def _record(fn) -> None:
+def _record(fn: Callable[[Any], None]) -> None:
     metrics = _get()
     if metrics is None:
         return
