@@ -27,8 +27,9 @@ class GenerationRequest:
     lora: AdapterSet = ()  # LoRA adapters and scales, canonical (inputs.lora_spec); () for none
 
     def batch_key(self) -> tuple:
-        """Rows with equal keys can share one batch."""
-        return sampler_key(self)
+        """Rows with equal keys can share one batch (every kind of request's key starts with its
+        task, so the keys of a shard that mixes kinds sort together)."""
+        return ("text-to-image", *sampler_key(self))
 
 
 def sampler_key(request: GenerationRequest | EditRequest) -> tuple:
@@ -69,3 +70,48 @@ def infer_mode(mode: str | None, has_mask: bool, variant: Variant) -> str:
     if has_mask:
         return "inpaint"
     return "edit" if "edit" in variant.tasks else "img2img"
+
+
+@dataclass(eq=False)
+class ControlRequest:
+    """One image drawn under a ControlNet condition: text-to-image as `ZImageControlNetPipeline`,
+    or, with a source and a mask, inpaint as `ZImageControlNetInpaintPipeline`.
+
+    `control` says where the condition comes from: `image` (a given control image) or a kind
+    derived from the row's source on the CPU (`canny`, `tile`). The pixels (`control_image`,
+    and for inpaint `image` and `mask`) are filled in when the row is loaded, at the output size.
+    """
+
+    prompt: str
+    seed: int
+    width: int | None
+    height: int | None
+    num_inference_steps: int
+    guidance_scale: float
+    control: str = "image"  # image | canny | tile
+    control_uri: str | None = None  # the given control image
+    control_scale: float = 0.75  # diffusers' controlnet_conditioning_scale default
+    inpaint: bool = False
+    control_image: Image.Image | None = None
+    image: Image.Image | None = None  # inpaint: the source (RGB)
+    mask: Image.Image | None = None  # inpaint: L, white repaints
+    negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
+    cfg_normalization: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        """What the metadata's `mode` column records for the row."""
+        return "controlnet-inpaint" if self.inpaint else "controlnet"
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batch: one size, sampler and control setting
+        (the condition image itself is per row)."""
+        return (self.mode, *sampler_key(self), self.control, float(self.control_scale))
+
+
+def release_pixels(request) -> None:  # noqa: ANN001 - any kind of request
+    """Drop a generated request's images (a shard holds its requests until it ends)."""
+    for name in ("image", "mask", "control_image"):
+        if hasattr(request, name):
+            setattr(request, name, None)

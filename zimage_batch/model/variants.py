@@ -28,7 +28,7 @@ VARIANTS: dict[str, Variant] = {
             name="turbo",
             hub_id="Tongyi-MAI/Z-Image-Turbo",
             pipeline_class="ZImagePipeline",
-            tasks=("text-to-image", "img2img", "inpaint"),
+            tasks=("text-to-image", "img2img", "inpaint", "controlnet"),
             # Turbo is distilled for 8 NFE. The model card's "9 steps" is diffusers' count before
             # 0.39, whose last step sat at sigma 0 and changed nothing; since diffusers 0.39
             # (PR #13730) the same schedule is num_inference_steps=8.
@@ -39,7 +39,7 @@ VARIANTS: dict[str, Variant] = {
             name="base",
             hub_id="Tongyi-MAI/Z-Image",
             pipeline_class="ZImagePipeline",
-            tasks=("text-to-image", "img2img", "inpaint", "negative-prompt"),
+            tasks=("text-to-image", "img2img", "inpaint", "negative-prompt", "controlnet"),
             num_inference_steps=50,
             guidance_scale=4.0,
         ),
