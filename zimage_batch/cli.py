@@ -196,7 +196,11 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
                    "with a checkpoint already in DIRECTORY, only the adapters are written")
 @click.option("--lora-format", type=click.Choice(["diffusers", "kohya"]), default="diffusers", show_default=True,
               help="Key layout of the adapters: diffusers/PEFT, or the community lora_unet_ one")
-def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str) -> None:
+@click.option("--controlnet", "controlnet", type=click.Choice(["1.0", "2.0", "2.1"]),
+              help="Write a tiny ControlNet Union of this version instead (matching the tiny models): "
+                   "one .safetensors file when DIRECTORY ends in .safetensors, else a diffusers folder")
+def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
+                            controlnet: str | None) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
@@ -205,8 +209,14 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
     from zimage_batch.inputs.lora_spec import LoraSpecError, check_adapter_name
     from zimage_batch.model.tiny import make_tiny_model
     from zimage_batch.model.tiny_adapters import make_tiny_adapter
+    from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 
     try:
+        if controlnet:
+            folder = not directory.endswith(".safetensors")
+            path = make_tiny_controlnet(directory, controlnet, seed, folder=folder)
+            click.echo(f"tiny ControlNet {controlnet} {'folder' if folder else 'file'} written to {path}")
+            return
         for name in loras:
             check_adapter_name(name)
         if not (loras and os.path.isfile(os.path.join(directory, "model_index.json"))):

@@ -53,6 +53,14 @@ class JobSpec:
     # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
     loras: dict[str, str] = field(default_factory=dict)
     lora: str | None = None
+    # ControlNet Union (SPEC §2, §3): the weights, and the defaults of the rows' control columns
+    controlnet: str | None = None  # a .safetensors file or diffusers folder: local, s3://, hub, tiny:<version>
+    control_image: str | None = None  # one condition image for every row
+    control: str | None = None  # canny | tile: derived from each edit row's source; none
+    control_scale: float = 0.75  # diffusers' controlnet_conditioning_scale default
+    canny_low: float = 100.0  # OpenCV Canny thresholds for control: canny
+    canny_high: float = 200.0
+    controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -94,13 +102,22 @@ class JobSpec:
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
     ADDED_OUTPUT_FIELDS = ("lora", "loras")
+    # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
+    # fingerprints of jobs from before ControlNets are what they were).
+    CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
+    RESOLVED_FIELDS = ("controlnet_id",)  # worked out by the run, never a setting
+
+    def output_fields(self) -> tuple[str, ...]:
+        """The fields the fingerprint covers for this job."""
+        return self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
         any (the metadata then has a `lora` column): job.json's per-adapter sha256 covers the
-        files, so adding an adapter for new rows keeps the job."""
+        files, so adding an adapter for new rows keeps the job. The ControlNet's identity is
+        `controlnet_id` (its sha256, S3 cache entry or hub commit)."""
         payload = {}
-        for name in self.OUTPUT_FIELDS:
+        for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
             if name not in self.ADDED_OUTPUT_FIELDS or value:
                 payload[name] = value
@@ -146,6 +163,7 @@ class JobSpec:
             raise JobError("max_source_pixels must be >= 1")
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
+        self._validate_control()
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
@@ -172,6 +190,19 @@ class JobSpec:
             raise JobError(f"lora names adapters the job does not declare ({', '.join(missing)}); "
                            f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
         self.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
+    def _validate_control(self) -> None:
+        if self.control is not None and self.control not in ("canny", "tile", "none"):
+            raise JobError(f"control must be canny, tile or none, got {self.control!r}")
+        if not self.controlnet and (self.control_image or self.control not in (None, "none")):
+            raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
+        if self.control_image and self.control not in (None, "none"):
+            raise JobError("control_image and control both name the rows' condition; set one of them")
+        for name in ("control_scale", "canny_low", "canny_high"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.canny_low > self.canny_high:
+            raise JobError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
 
     # ------------------------------------------------------------------ resolved defaults
     def resolved_variant(self) -> str:
@@ -238,11 +269,11 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false"
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
-    for name in ("manifest", "output", "model"):
+    for name in ("manifest", "output", "model", "controlnet", "control_image"):
         value = values.get(name)
         if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
             continue
-        if name != "model" or value.startswith(("./", "../")):
+        if name in ("manifest", "output", "control_image") or value.startswith(("./", "../")):  # else maybe a hub id
             values[name] = os.path.normpath(os.path.join(base, value))
     loras = values.get("loras")
     if isinstance(loras, dict):  # adapter files: ./ ../ or a path that exists beside the job file (else a hub file)
@@ -288,6 +319,9 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise JobError(f"unknown job setting(s): {', '.join(unknown)}")
+    resolved = sorted(set(values) & set(JobSpec.RESOLVED_FIELDS))
+    if resolved:
+        raise JobError(f"{', '.join(resolved)} is worked out by the run, not a job setting")
     job = JobSpec(**{k: _coerce(k, v) for k, v in values.items()})
     job.validate()
     return job

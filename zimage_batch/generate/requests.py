@@ -98,6 +98,7 @@ class ControlRequest:
     negative_prompt: str | None = None
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
+    lora: AdapterSet = ()
 
     @property
     def mode(self) -> str:

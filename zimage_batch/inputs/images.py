@@ -140,7 +140,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class EditRow:
     """A row's edit inputs after loading: the ready request, or the reason it cannot run."""
 
-    request: EditRequest | None
+    request: Any  # the request ready for the engine (an EditRequest here; control.py: any kind), or None
     lineage: dict[str, Any]  # source, source_sha256, source_width, source_height, mode, strength, mask
     error: str | None = None
 

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS, check_control_batch
 from zimage_batch.inputs.lora_spec import check_lora_column
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.storage import is_s3, open_storage, split_s3_uri
@@ -41,8 +42,11 @@ PROMPT_COLUMNS = {
     "cfg_normalization": BOOL_OR_NUMBER,
     "variant": STRING,
     "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
+    "control_image": STRING,  # a ControlNet condition (with the job's `controlnet`)
+    "control_scale": NUMBER,
 }
-EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER}
+# `control` derives a ControlNet condition from the row's source (canny, tile)
+EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER, "control": STRING}
 KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
 # metadata columns written for every row, in this order, before the pass-through columns
 METADATA_COLUMNS = {
@@ -78,8 +82,8 @@ EDIT_METADATA_COLUMNS = {
 }
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
 RESERVED_COLUMNS = {
-    "prompt": frozenset(METADATA_COLUMNS.keys() - KNOWN_COLUMNS.keys()),
-    "edit": frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "prompt": frozenset((METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "edit": frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
 }
 MAX_LISTED = 5  # offending rows named in an error message
 
@@ -359,6 +363,9 @@ class Limits:
     default_steps: int
     default_guidance: float
     loras: tuple[str, ...] = ()  # the adapter names the job declares
+    controlnet: bool = False  # the job names a ControlNet
+    control: str | None = None  # the job's derived condition (canny | tile | none)
+    control_image: str | None = None  # the job's condition image
 
 
 def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
@@ -508,6 +515,8 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
     seed = column("seed")
     if seed is not None:
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
+    if limits.controlnet or {"control_image", "control", "control_scale"} & set(batch.schema.names):
+        check_control_batch(batch, limits, fail_if)
 
 
 def _check_utf8(where: str, batch: pa.RecordBatch, offset: int) -> None:

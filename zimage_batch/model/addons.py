@@ -160,3 +160,13 @@ def _file_sha256(path: Path) -> str:
     except OSError:
         pass  # a read-only cache: hash again next time
     return value
+
+
+def resolve_pinned(source: str, identity: str | None, what: str = "controlnet") -> ResolvedAddon:
+    """`resolve_addon` on a worker's node: the weights must be the ones the run's fingerprint
+    names (`identity`, resolved by the driver), or the worker refuses to start."""
+    addon = resolve_addon(source, what)
+    if identity and addon.identity != identity:
+        raise ModelSourceError(f"{what} {source} changed since the run started ({addon.identity} here, "
+                               f"{identity} in the job); run again to start over with it")
+    return addon

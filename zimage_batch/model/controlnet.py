@@ -103,3 +103,20 @@ def input_width(controlnet: Any) -> int:
 
 def _block_indices(keys: list[str], prefix: str) -> list[int]:
     return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+
+
+def check_controlnet_fits(path: str, model_dir: str, source: str) -> None:
+    """Refuse a ControlNet that cannot load beside the model in `model_dir` (no weights loaded)."""
+    transformer = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+    if Path(path).is_dir():
+        folder = Path(path) / "controlnet" if (Path(path) / "controlnet" / "config.json").is_file() else Path(path)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            raise ModelSourceError(f"controlnet {source} is not a diffusers ControlNet folder "
+                                   "(no readable config.json)") from None
+        if config.get("_class_name") != "ZImageControlNetModel":
+            raise ModelSourceError(f"controlnet {source} holds a {config.get('_class_name')!r}, not a ZImageControlNetModel")
+    else:
+        config = single_file_config(path, transformer)
+    check_matches(config, transformer, source)

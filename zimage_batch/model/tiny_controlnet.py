@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from zimage_batch.model.checkpoint import ModelSourceError
 
@@ -43,7 +44,7 @@ def tiny_controlnet_config(version: str, refiner_blocks: bool | None = None) -> 
     return config | dict(control_in_dim=33, control_refiner_layers_places=[0], add_control_noise_refiner=mode)
 
 
-def build_tiny_controlnet(version: str, seed: int = 0, refiner_blocks: bool = False):
+def build_tiny_controlnet(version: str, seed: int = 0, refiner_blocks: bool = False) -> Any:
     """A tiny ZImageControlNetModel of `version` with every weight random and non-zero (but a
     2.0's refiner `before_proj`, which marks the version and which diffusers does not use)."""
     import torch

@@ -10,15 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zimage_batch.inputs import lora_spec
+from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS
 from zimage_batch.inputs.manifest import EDIT_METADATA_COLUMNS, METADATA_COLUMNS
 
 
 def metadata_table(records: Sequence[dict[str, Any]], rows: pa.Table, passthrough: pa.Schema, edit: bool,
-                   lora: bool = False) -> pa.Table:
+                   lora: bool = False, control: bool = False) -> pa.Table:
     """The metadata of a shard: each row's record (settings and outcome) in the pipeline's
-    columns (`lora` in a job with adapters), then the manifest's pass-through columns, with the
-    same columns and types in every shard of a job (nulls where a row's manifest file lacks one)."""
+    columns (with the edit lineage, `lora` in a job with adapters, the ControlNet conditions in
+    a job with a ControlNet), then the manifest's pass-through columns, with the same columns
+    and types in every shard of a job (nulls where a row's manifest file lacks one)."""
     schema = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if edit else {}) | (lora_spec.METADATA_COLUMN if lora else {})
+    schema |= CONTROL_METADATA_COLUMNS if control else {}
     table = pa.table({name: pa.array([r.get(name) for r in records], type=t) for name, t in schema.items()})
     for field in passthrough:
         if field.name in rows.column_names:

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from zimage_batch.generate.engine import Engine
+from zimage_batch.generate.requests import release_pixels
 from zimage_batch.inputs import images
+from zimage_batch.inputs.control import load_row
 from zimage_batch.output.keys import safe_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
@@ -138,7 +140,7 @@ class ShardGeneration:
             for batch in self._cut(ready):
                 yield batch
                 for i in batch:  # the pixels of a drawn batch's sources are no longer needed
-                    self.requests[i].image = self.requests[i].mask = None
+                    release_pixels(self.requests[i])
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
         """Batches of at most batch_size rows, each of one batch key (so a batch runs as one, and
@@ -150,12 +152,11 @@ class ShardGeneration:
                 yield same[b : b + self.batch_size]
 
     def _load_edit(self, i: int) -> images.EditRow:
-        """A row's source and mask, fetched and decoded (on the source pool, ahead of the GPU)."""
-        row = self.rows[i]
-        source = images.resolve_uri(row["source"], self.base)
-        mask = images.resolve_uri(row["mask"], self.base) if row.get("mask") else None
+        """A row's source and mask, or its ControlNet condition, fetched and decoded (on the
+        source pool, ahead of the GPU)."""
         limit = self.settings.max_source_pixels or images.DEFAULT_MAX_PIXELS
-        return images.load_edit_row(self.requests[i], source, mask, self.engine.variant, limit)
+        canny = self.settings.control.canny if self.settings.control else (0.0, 0.0)
+        return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny)
 
     # ------------------------------------------------------------------ the model
     def _generate(self, batch: list[Request]) -> list[np.ndarray | BaseException]:

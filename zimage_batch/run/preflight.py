@@ -17,6 +17,8 @@ from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, valida
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
+from zimage_batch.model.addons import resolve_addon
+from zimage_batch.model.controlnet import check_controlnet_fits
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
@@ -100,7 +102,19 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Pre
     adapters = resolve_adapters(spec.loras)  # LoRA sources fetched and hashed before the model downloads
     model = resolve_model(spec.model, resolved.variant)
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
+    if spec.controlnet:
+        resolved = with_controlnet(resolved, model.path)
     return Prepared(manifest, resolved, model)
+
+
+def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:
+    """The ControlNet fetched and checked against the model before any worker starts, and the
+    job with its identity (`controlnet_id`), which the fingerprint covers."""
+    spec = job.spec
+    controlnet = resolve_addon(spec.controlnet)
+    check_controlnet_fits(controlnet.path, model_dir, spec.controlnet)
+    spec = dataclasses.replace(spec, controlnet_id=controlnet.identity)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
 def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
@@ -110,8 +124,13 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
     resolved = resolve(job)
     d = resolved.defaults[resolved.variant]
     check_defaults(resolved.variant, d)
+    spec = resolved.spec
+    if manifest.kind == "prompt" and spec.control not in (None, "none"):
+        raise JobError(f"control: {spec.control} derives each row's condition from its source image, and "
+                       f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
-                    tuple(resolved.spec.loras))
+                    tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
+                    control_image=spec.control_image)
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
 
 
@@ -144,6 +163,6 @@ def job_record(job: ResolvedJob, model: ResolvedModel | None = None) -> dict[str
         "fingerprint": job.fingerprint,
         "job": redact_env_vars(job.spec.to_dict()),
         "defaults": job.defaults[job.variant],
-        "output_fields": list(JobSpec.OUTPUT_FIELDS),
+        "output_fields": list(job.spec.output_fields()),
         "model_draws_noise": bool(model and model.draws_noise),
     } | ({"adapters": adapter_records(job.spec.loras)} if job.spec.loras else {})  # each LoRA's source and sha256

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from zimage_batch.generate.requests import EditRequest, GenerationRequest, infer_mode
+from zimage_batch.generate.requests import ControlRequest, EditRequest, GenerationRequest, infer_mode
+from zimage_batch.inputs.control import control_request, row_control
 from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
 from zimage_batch.inputs.manifest import derive_seed
 from zimage_batch.model.variants import Variant
 from zimage_batch.run.settings import WorkerSettings
 
-Request = GenerationRequest | EditRequest
+Request = GenerationRequest | EditRequest | ControlRequest
 
 
 def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Variant, edit: bool) -> Request:
@@ -33,6 +34,12 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         cfg_normalization=float(value("cfg_normalization")),
         lora=resolve_lora(row.get("lora"), settings.lora),
     )
+    control = row_control(row, settings.control) if settings.control else None
+    if control:  # ControlNet text-to-image, or ControlNet inpaint for an edit row with a mask
+        width, height = (row.get("width") or settings.width, row.get("height") or settings.height)
+        if not edit:
+            width, height = int(value("width")), int(value("height"))
+        return control_request(common, width, height, control, inpaint=edit and bool(row.get("mask")))
     if edit:
         mode = infer_mode(row.get("mode"), bool(row.get("mask")), variant)
         width, height = row.get("width") or settings.width, row.get("height") or settings.height

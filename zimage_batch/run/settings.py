@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_batch.inputs.control import ControlJob
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
+from zimage_batch.model.variants import get_variant
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class WorkerSettings:
     max_source_pixels: int = 64_000_000
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
+    control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
 
     @classmethod
     def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,
@@ -60,4 +63,5 @@ class WorkerSettings:
             max_source_pixels=job.max_source_pixels,
             loras=dict(job.loras),
             lora=job.lora,
+            control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
         )

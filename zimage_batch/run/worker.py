@@ -22,11 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
 from zimage_batch.model.adapters import adapter_files
+from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
@@ -60,7 +62,11 @@ class ShardRunner:
         device = settings.device or default_device()
         # LoRA: every declared adapter fetched on this node (checked against job.json), loaded once
         adapters = adapter_files(settings.loras, Ledger(open_storage(settings.output)).recorded_adapters())
-        self.engine = (EditEngine if self.edit else Engine)(
+        # ControlNet (issue 18): loaded beside the model, the very weights the job's fingerprint
+        # names; its engine draws every kind of request.
+        control = settings.control
+        self.controlnet = resolve_pinned(control.controlnet, control.controlnet_id) if control else None
+        self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
             device=device,
@@ -68,6 +74,7 @@ class ShardRunner:
             compile=settings.compile,
             low_vram=settings.low_vram == "on" or (settings.low_vram == "auto" and low_vram_needed(device)),
             adapters=adapters,
+            **({"controlnet_path": self.controlnet.path} if self.controlnet else {}),
         )
         defaults = settings.defaults
         self.batch_size = settings.batch_size or default_batch_size(
@@ -92,7 +99,7 @@ class ShardRunner:
             # Images are handed to the writer on one thread, in row order (tar members and
             # metadata stay deterministic), while the model thread goes on to the next batch.
             storer=background_pool(1, "store"),
-            sources=background_pool(SOURCE_THREADS, "source") if self.edit else None,
+            sources=background_pool(SOURCE_THREADS, "source") if self.edit or self.controlnet else None,
             passthrough_names=frozenset(self.manifest.passthrough.names),
             worker_id=self.worker_id,
         )
@@ -134,7 +141,8 @@ class ShardRunner:
             writer.close()
             records = [row_record(row, request, self.settings) | outcome
                        for row, request, outcome in zip(rows, requests, outcomes)]
-            metadata = metadata_table(records, table, self.manifest.passthrough, self.edit, lora=bool(self.settings.loras))
+            metadata = metadata_table(records, table, self.manifest.passthrough, self.edit, lora=bool(self.settings.loras),
+                                      control=self.controlnet is not None)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
