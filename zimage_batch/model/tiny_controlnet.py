@@ -27,6 +27,9 @@ from zimage_batch.model.checkpoint import ModelSourceError
 
 VERSIONS = ("1.0", "2.0", "2.1")
 TINY_CONTROLNET_VERSION = "v1"  # bump when the tiny layout changes so stale caches are rebuilt
+# Random projections this strong make a condition move a tiny model's pixels by tens of levels
+# (measured: two different conditions 34-122/255 apart at most), not a few.
+PROJECTION_STD = 0.5
 TINY_CONTROLNET_README = "Tiny random-init Z-Image ControlNet Union built by zimage-batch for tests and demos.\n"
 
 
@@ -53,8 +56,9 @@ def build_tiny_controlnet(version: str, seed: int = 0, refiner_blocks: bool = Fa
     torch.manual_seed(seed)
     model = ZImageControlNetModel(**tiny_controlnet_config(version, refiner_blocks))
     for name, module in model.named_modules():
-        if name.endswith(("before_proj", "after_proj")):
-            module.reset_parameters()  # diffusers' zero init would make the control a no-op
+        if name.endswith(("before_proj", "after_proj")):  # diffusers' zero init would make the control a no-op
+            torch.nn.init.normal_(module.weight, std=PROJECTION_STD)
+            torch.nn.init.normal_(module.bias, std=0.01)
     if version == "2.0" and refiner_blocks:
         torch.nn.init.zeros_(model.control_noise_refiner[0].before_proj.weight)
         torch.nn.init.zeros_(model.control_noise_refiner[0].before_proj.bias)
