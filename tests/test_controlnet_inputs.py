@@ -57,7 +57,7 @@ def test_controlnet_sources_and_their_identity(tmp_path, s3_bucket, monkeypatch)
     with pytest.raises(ModelSourceError, match="changed since the run started"):
         resolve_pinned(f"s3://{s3_bucket}/nets/union/net.safetensors", on_s3.identity)
     s3_folder = resolve_addon(f"s3://{s3_bucket}/nets/folder/")
-    assert (tmp_path / "cache" / "s3").glob("*") and json.loads(open(f"{s3_folder.path}/config.json").read())["control_in_dim"] == 33
+    assert json.loads(open(f"{s3_folder.path}/config.json").read())["control_in_dim"] == 33
 
 
 @pytest.mark.parametrize("name, data, problem", [
@@ -174,7 +174,8 @@ EDIT = {"source": ["s.png"] * 3}
     ({"control_image": [None, "c.png", None]}, {}, "column 'control_image' needs a ControlNet: add 'controlnet: SOURCE'"),
     ({**EDIT, "control": [None, "canny", None]}, {}, "column 'control' needs a ControlNet"),
     ({"control_scale": [None, 0.5, None]}, {}, "column 'control_scale' needs a ControlNet"),
-    ({**EDIT, "control": ["canny", "sobel", "none"]}, {"controlnet": "tiny:2.1"}, "column 'control' must be one of canny|tile|none"),
+    ({**EDIT, "control": ["canny", "sobel", "none"]}, {"controlnet": "tiny:2.1"},
+     "column 'control' must be one of canny|tile|none"),
     ({"control_image": ["c.png"] * 3, "control_scale": [0.4, -0.5, 1.0]}, {"controlnet": "tiny:2.1"},
      "column 'control_scale' must be >= 0"),
     ({"control_image": ["c.png"] * 3, "control_scale": [0.4, math.nan, 1.0]}, {"controlnet": "tiny:2.1"},
