@@ -8,7 +8,11 @@ prefetch"), to show what the prefetch hides. Each run drives one `ShardRunner` t
 actor does (two shards in flight, the model behind one lock) and reports rows per second over
 the whole run and the fraction of it the engine was generating.
 
-    python benchmarks/edit_prefetch.py [--rows 384] [--delay 0.2] [--size 128] [--repeats 2]
+    python benchmarks/edit_prefetch.py [--rows 384] [--delay 0.2] [--size 128] [--repeats 2] [--control]
+
+With --control every row also has its own ControlNet condition image on S3 (`control_image`, a
+PNG edge map; delayed like the sources) and the job a tiny ControlNet Union 2.1 (`tiny:2.1`):
+the rows run as ControlNet text-to-image, each fetching and decoding two images ahead of the GPU.
 
 The delayed run should stay within 10% of the instant one.
 """
@@ -38,6 +42,7 @@ from fault_proxy import FaultProxy, endpoint_env  # noqa: E402
 from zimage_batch.inputs import images  # noqa: E402
 from zimage_batch.inputs.manifest import open_manifest  # noqa: E402
 from zimage_batch.jobspec import JobSpec  # noqa: E402
+from zimage_batch.model.addons import resolve_addon  # noqa: E402
 from zimage_batch.model.sources import resolve_model  # noqa: E402
 from zimage_batch.run.plan import make_plan  # noqa: E402
 from zimage_batch.run.preflight import resolve  # noqa: E402
@@ -77,15 +82,28 @@ def product_photo(i: int, width: int = 1024, height: int = 768) -> bytes:
     return buffer.getvalue()
 
 
-def setup(rows: int, size: int, workdir: Path) -> Path:
+def edge_map(i: int, width: int = 512, height: int = 384) -> bytes:
+    """A condition image: white outlines of a box on black, as a canny preprocessor draws them."""
+    edges = np.zeros((height, width), np.uint8)
+    top, left = 40 + i % 50, 60 + (i * 7) % 80
+    edges[top, left:-left] = edges[-top, left:-left] = edges[top:-top, left] = edges[top:-top, -left] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(edges, "L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def setup(rows: int, size: int, workdir: Path, control: bool = False) -> Path:
     from zimage_batch.storage import s3_client
 
     s3_client().create_bucket(Bucket=BUCKET)
     store = open_storage(f"s3://{BUCKET}/sources")
     for i in range(rows):
         store.put_bytes(f"{i:05d}.jpg", product_photo(i))
+        if control:
+            store.put_bytes(f"edges/{i:05d}.png", edge_map(i))
     manifest = workdir / "edits.parquet"
-    pq.write_table(pa.table({
+    columns = {"control_image": [f"s3://{BUCKET}/sources/edges/{i:05d}.png" for i in range(rows)]} if control else {}
+    pq.write_table(pa.table(columns | {
         "id": [f"sku-{i:05d}" for i in range(rows)],
         "source": [f"s3://{BUCKET}/sources/{i:05d}.jpg" for i in range(rows)],
         "prompt": [f"the same product on a white background #{i}" for i in range(rows)],
@@ -102,9 +120,9 @@ def serial_prefetch(pool, items, load, window, first=None):
         yield [(i, load(items[i])) for i in range(start, min(start + window, len(items)))]
 
 
-def run(manifest: Path, workdir: Path, label: str, shard_size: int, batch_size: int) -> dict:
+def run(manifest: Path, workdir: Path, label: str, shard_size: int, batch_size: int, controlnet: str | None = None) -> dict:
     job = JobSpec(manifest=str(manifest), output=str(workdir / f"out-{label}-{time.time_ns()}"), model="tiny:turbo",
-                  variant="turbo", batch_size=batch_size, shard_size=shard_size)
+                  variant="turbo", batch_size=batch_size, shard_size=shard_size, controlnet=controlnet)
     runner = ShardRunner(resolve(job).worker_settings("turbo"), threads=1)
     shards = make_plan(open_manifest(str(manifest)), {}, shard_size).todo
     started, busy = time.perf_counter(), runner.engine.busy_seconds
@@ -124,36 +142,42 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--control", action="store_true", help="rows with ControlNet condition images (tiny:2.1)")
     args = parser.parse_args()
+    controlnet = "tiny:2.1" if args.control else None
     warnings.simplefilter("ignore")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     server = start_s3()
     direct = os.environ["AWS_ENDPOINT_URL"]
-    resolve_model("tiny:turbo")  # build the tiny checkpoint once, before any timing
+    resolve_model("tiny:turbo")  # build the tiny checkpoints once, before any timing
+    if controlnet:
+        resolve_addon(controlnet)
     results: dict[str, list[dict]] = {"instant": [], "delayed": [], "no prefetch": []}
     real_prefetch = images.prefetch
     try:
         with tempfile.TemporaryDirectory() as tmp, FaultProxy(direct, rate=1.0, kinds=("slow",), delay=args.delay) as proxy:
             workdir = Path(tmp)
-            manifest = setup(args.rows, args.size, workdir)
-            run(manifest, workdir, "warmup", args.shard_size, args.batch_size)
+            manifest = setup(args.rows, args.size, workdir, args.control)
+            shape = (args.shard_size, args.batch_size, controlnet)
+            run(manifest, workdir, "warmup", *shape)
             for _ in range(args.repeats):
-                results["instant"].append(run(manifest, workdir, "instant", args.shard_size, args.batch_size))
+                results["instant"].append(run(manifest, workdir, "instant", *shape))
                 with endpoint_env(proxy.url):
-                    results["delayed"].append(run(manifest, workdir, "delayed", args.shard_size, args.batch_size))
+                    results["delayed"].append(run(manifest, workdir, "delayed", *shape))
             with endpoint_env(proxy.url):  # slow: once is enough to show the difference
                 images.prefetch = serial_prefetch
                 try:
-                    results["no prefetch"].append(run(manifest, workdir, "serial", args.shard_size, args.batch_size))
+                    results["no prefetch"].append(run(manifest, workdir, "serial", *shape))
                 finally:
                     images.prefetch = real_prefetch
             delayed_requests = proxy.stats()[1].get("slow", 0)
     finally:
         server.stop()
 
-    print(f"edit prefetch benchmark: {args.rows} rows img2img on tiny:turbo at {args.size}x{args.size}, "
+    task = "ControlNet (tiny:2.1) rows with 512x384 PNG condition images" if args.control else "img2img"
+    print(f"edit prefetch benchmark: {args.rows} rows {task} on tiny:turbo at {args.size}x{args.size}, "
           f"1024x768 JPEG sources on S3, batch {args.batch_size}, shards of {args.shard_size}, "
           f"{os.cpu_count()} CPUs; delay {args.delay * 1000:.0f} ms on each of {delayed_requests} delayed requests")
     best = {}
