@@ -28,7 +28,7 @@ from PIL import Image
 from test_edit_e2e import encode, gray_png, pattern
 
 from zimage_batch.inputs import images
-from zimage_batch.inputs.control import derive, fit
+from zimage_batch.inputs.conditions import derive, fit
 from zimage_batch.model.addons import resolve_addon
 from zimage_batch.model.controlnet import load_controlnet
 from zimage_batch.model.sources import resolve_model

@@ -19,7 +19,8 @@ from test_edit_e2e import cmyk_jpeg, encode, exif_rotated_jpeg, palette_png, pat
 
 from zimage_batch.generate.requests import ControlRequest
 from zimage_batch.inputs import images
-from zimage_batch.inputs.control import ControlJob, derive, fit, load_control_row, row_control
+from zimage_batch.inputs.conditions import derive, fit, load_control_row
+from zimage_batch.inputs.control import ControlJob, row_control
 from zimage_batch.inputs.manifest import ManifestError
 from zimage_batch.jobspec import JobError, JobSpec, load_job
 from zimage_batch.model.addons import resolve_addon, resolve_pinned

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.requests import ControlRequest, GenerationRequest
-from zimage_batch.inputs.control import fit
+from zimage_batch.inputs.conditions import fit
 from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.model.controlnet import single_file_config
 from zimage_batch.model.tiny import make_tiny_model

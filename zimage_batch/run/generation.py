@@ -24,7 +24,7 @@ import torch
 from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
 from zimage_batch.inputs import images
-from zimage_batch.inputs.control import load_row
+from zimage_batch.inputs.conditions import load_row
 from zimage_batch.output.keys import safe_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
