@@ -191,6 +191,11 @@ class JobSpec:
                            f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
         self.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
     def _validate_control(self) -> None:
+        # Local paths as absolute ones: workers (on this machine) may run in another folder.
+        if self.control_image and "://" not in self.control_image:
+            self.control_image = os.path.abspath(os.path.expanduser(self.control_image))
+        if self.controlnet and "://" not in self.controlnet and os.path.exists(os.path.expanduser(self.controlnet)):
+            self.controlnet = os.path.abspath(os.path.expanduser(self.controlnet))  # not a hub id
         if self.control is not None and self.control not in ("canny", "tile", "none"):
             raise JobError(f"control must be canny, tile or none, got {self.control!r}")
         if not self.controlnet and (self.control_image or self.control not in (None, "none")):
