@@ -232,3 +232,19 @@ def test_validate_refuses_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "column 'control' must be one of canny|tile|none: row 2 (id='c')" in result.stderr
+
+
+def test_make_tiny_model_writes_tiny_controlnets(tmp_path):
+    from zimage_batch.model.controlnet import single_file_config
+
+    for target, version in (("net-2.0.safetensors", "2.0"), ("net-1.0", "1.0")):
+        result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", "make-tiny-model", str(tmp_path / target),
+                                 "--controlnet", version], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"tiny ControlNet {version}" in result.stdout
+    tiny = dict(n_layers=2, n_refiner_layers=1, dim=32, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,
+                all_patch_size=[2], all_f_patch_size=[1])
+    config = single_file_config(resolve_addon(str(tmp_path / "net-2.0.safetensors")).path, tiny)
+    assert (config["control_in_dim"], config["add_control_noise_refiner"]) == (33, "control_layers")
+    folder = json.loads((tmp_path / "net-1.0" / "config.json").read_text())
+    assert (folder["control_in_dim"], folder["add_control_noise_refiner"]) == (16, None)
