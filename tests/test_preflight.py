@@ -14,13 +14,14 @@ from zimage_batch.run.preflight import check_manifest, job_record, prepare, reso
 
 # job.json of these settings as the driver wrote it before preflight existed (less the dead
 # `dtype` setting, plus the settings added since: `unsafe_allow_overwriting_commits`, `lora`,
-# `loras`): an OUTPUT written then must resume, so the fingerprint stays put.
+# `loras`, the ControlNet's): an OUTPUT written then must resume, so the fingerprint stays put.
 EARLIER_RECORD = {
     "defaults": {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "guidance_scale": 4.0, "height": 768,
                  "negative_prompt": "blurry", "num_inference_steps": 50, "strength": 0.6, "width": 512},
     "fingerprint": "be33fc809334206a",
-    "job": {"address": None, "attention_backend": None, "batch_size": None, "cfg_normalization": 0.0,
-            "cfg_truncation": 1.0, "compile": False, "device": None, "format": "webdataset",
+    "job": {"address": None, "attention_backend": None, "batch_size": None, "canny_high": 200.0, "canny_low": 100.0,
+            "cfg_normalization": 0.0, "cfg_truncation": 1.0, "compile": False, "control": None, "control_image": None,
+            "control_scale": 0.75, "controlnet": None, "controlnet_id": None, "device": None, "format": "webdataset",
             "grace_period": 60.0, "guidance_scale": None, "height": 768, "image_format": "jpeg", "lora": None,
             "loras": {}, "low_vram": "auto",
             "manifest": "/data/prompts", "max_attempts": 3, "max_source_pixels": 64000000, "model": "tiny:base",
