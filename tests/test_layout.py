@@ -80,3 +80,15 @@ def test_classes_and_functions_stay_small():
             if limit and node.end_lineno - node.lineno + 1 > limit:
                 too_big.append(f"{path.relative_to(PACKAGE.parent)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not too_big, "over the size limits: " + ", ".join(too_big)
+
+
+def test_ruff_finds_nothing():
+    """Lint (pyproject.toml's [tool.ruff]: pyflakes, pycodestyle, import order, absolute imports,
+    type hints on the package's functions) is part of the test command."""
+    import subprocess
+    import sys
+
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "."],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
