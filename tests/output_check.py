@@ -48,7 +48,8 @@ def read_images(output: str, rows: list[dict]) -> dict[str, bytes]:
         else:
             if obj not in parquets:
                 table = pq.read_table(io.BytesIO(storage.get_bytes(obj)))
-                parquets[obj] = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+                images_ = [image["bytes"] for image in table.column("image").to_pylist()]
+                parquets[obj] = dict(zip(table.column("__key__").to_pylist(), images_))
             images[row["id"]] = parquets[obj][member]
     return images
 

@@ -32,7 +32,7 @@ class JobError(ValueError):
 class JobSpec:
     manifest: str | None = None
     output: str | None = None
-    model: str = "tiny:turbo"
+    model: str = "Tongyi-MAI/Z-Image-Turbo"  # tiny:<variant> only when asked (it draws noise)
     variant: str | None = None  # None: inferred from the model source
     models: dict[str, str] = field(default_factory=dict)  # other variants' sources, for rows naming them
     format: str = "files"
@@ -75,6 +75,7 @@ class JobSpec:
     grace_period: float = 60.0
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
+    gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
     overwrite: bool = False
     # run on an S3 store that ignores If-None-Match: * (one writer at a time; no exactly-once guarantee)
     unsafe_allow_overwriting_commits: bool = False
@@ -153,7 +154,7 @@ class JobSpec:
             if value is not None and value % 16:
                 raise JobError(f"{name} must be a multiple of 16, got {value}")
         for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
-                     "progress_interval"):
+                     "progress_interval", "gpu_seconds_per_image"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")

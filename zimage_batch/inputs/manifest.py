@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS, check_control_batch
+from zimage_batch.inputs.ids import IdDigests, find_duplicates
 from zimage_batch.inputs.lora_spec import check_lora_column
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.storage import is_s3, open_storage, split_s3_uri
@@ -127,6 +128,12 @@ class Manifest:
         return pa.schema([f for f in self.schema if f.name not in KNOWN_COLUMNS])
 
     @property
+    def metadata_schema(self) -> pa.Schema:
+        """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
+        columns = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if self.kind == "edit" else {})
+        return pa.schema(list(columns.items()) + list(self.passthrough))
+
+    @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
@@ -197,10 +204,14 @@ class Manifest:
         return self._display(f.path)
 
     # ------------------------------------------------------------------ reading
-    def iter_batches(self, f: ManifestFile, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    def iter_batches(self, f: ManifestFile, batch_size: int = 65536,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's rows batch by batch (only `columns`, when given), partition columns included."""
+        own = None if columns is None else [c for c in columns if c in f.schema.names and c not in dict(f.partition)]
         with self.fs.open_input_file(f.path) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
-                yield _decoded(f.with_partition(batch))
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=own):
+                batch = _decoded(f.with_partition(batch))
+                yield batch if columns is None else batch.select([c for c in columns if c in batch.schema.names])
 
     def read_column(self, f: ManifestFile, name: str) -> pa.Array:
         """One column of one file (nulls where the file lacks it)."""
@@ -393,7 +404,7 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
                 found = f.stored.field(field.name).type if f.stored is not None else field.type
                 expected = "string or integer" if field.name == "id" else expected
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {found}")
-    ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
+    digests = IdDigests(manifest.num_rows)  # 8 bytes an id, not the ids: 10^8 rows fit a small driver
     variants: set[str] = set()
     for f in manifest.files:
         row_offset = 0
@@ -402,17 +413,16 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
                 _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
             except pa.ArrowException as exc:  # e.g. values no check kernel takes: name the file
                 raise ManifestError(f"{manifest.display_name(f)}: unusable values ({_first_line(exc)})") from None
-            ids.append(pc.cast(batch.column("id"), pa.large_string()))
+            digests.add(batch.column("id"))
             if "variant" in batch.schema.names:
                 column = pc.cast(batch.column("variant"), pa.string()).fill_null(limits.default_variant)
                 variants |= set(pc.unique(column).to_pylist())
             else:
                 variants.add(limits.default_variant)
-            origins.append((f.name, row_offset))
             row_offset += batch.num_rows
     if manifest.num_rows == 0:
         raise ManifestError(f"{manifest.uri}: manifest has no rows")
-    _check_unique_ids(manifest.uri, ids, origins)
+    _check_unique_ids(manifest, digests)
     return variants
 
 
@@ -601,22 +611,26 @@ def _limits_text(variant_column: pa.Array | None, limits: Limits) -> str:
     return ", ".join(f"{n}: {VARIANTS[n].min_side}..{VARIANTS[n].max_side}" for n in sorted(names))
 
 
-def _check_unique_ids(uri: str, ids: list[pa.Array], origins: list[tuple[str, int]]) -> None:
-    """Duplicate ids are named with the file and row of each copy (they may be in different files)."""
-    counts = pc.value_counts(pa.chunked_array(ids, type=pa.large_string()))
-    dupes = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if not len(dupes):
+def _check_unique_ids(manifest: Manifest, digests: IdDigests) -> None:
+    """Duplicate ids are named with the file and row of each copy (they may be in different files).
+    Rows whose id digest repeats are compared exactly in a second pass over the id column."""
+    candidates = digests.candidates()
+    if not len(candidates):
         return
-    shown_values = dupes.field("values")[:MAX_LISTED]
-    places: dict[str, list[str]] = {v.as_py(): [] for v in shown_values}
-    for chunk, (name, offset) in zip(ids, origins):
-        for r in np.flatnonzero(np.asarray(pc.fill_null(pc.is_in(chunk, shown_values), False))):
-            value = chunk[int(r)].as_py()
-            if len(places[value]) < 3:
-                places[value].append(f"{name} row {offset + int(r)}")
-    shown = ", ".join(f"{repr(v)[:60]} ({', '.join(p)})" for v, p in places.items())
-    more = f" and {len(dupes) - MAX_LISTED} more" if len(dupes) > MAX_LISTED else ""
-    raise ManifestError(f"{uri}: column 'id' has duplicate ids: {shown}{more}")
+
+    def id_batches() -> Iterator[tuple[str, int, pa.Array]]:
+        for f in manifest.files:
+            offset = 0
+            for batch in manifest.iter_batches(f, columns=["id"]):
+                yield f.name, offset, batch.column("id")
+                offset += batch.num_rows
+
+    dupes, total = find_duplicates(candidates, id_batches, MAX_LISTED)
+    if not dupes:
+        return  # digests that collided, ids that differ
+    shown = ", ".join(f"{repr(d.id)[:60]} ({', '.join(f'{name} row {row}' for name, row in d.places)})" for d in dupes)
+    more = f" and {total - len(dupes)} more" if total > len(dupes) else ""
+    raise ManifestError(f"{manifest.uri}: column 'id' has duplicate ids: {shown}{more}")
 
 
 # ---------------------------------------------------------------------- rows

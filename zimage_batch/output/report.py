@@ -22,6 +22,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zimage_batch.jobspec import redact_env_vars
@@ -184,11 +185,14 @@ def _parquet_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, 
     out: dict[str, bytes] = {}
     with storage.open_read(obj) as f:
         pf = pq.ParquetFile(f)
+        key = "__key__" if "__key__" in pf.schema_arrow.names else "key"  # "key": outputs written before the datasets layout
+        image = ["image.bytes"] if pa.types.is_struct(pf.schema_arrow.field("image").type) else ["image"]
         for group in range(pf.num_row_groups):
-            keys = pf.read_row_group(group, columns=["key"]).column("key").to_pylist()
+            keys = pf.read_row_group(group, columns=[key]).column(key).to_pylist()
             if wanted.intersection(keys):
-                table = pf.read_row_group(group, columns=["key", "image"])
-                out |= {k: v for k, v in zip(keys, table.column("image").to_pylist()) if k in wanted}
+                column = pf.read_row_group(group, columns=image).column("image")
+                values = column.combine_chunks().field("bytes") if pa.types.is_struct(column.type) else column
+                out |= {k: v for k, v in zip(keys, values.to_pylist()) if k in wanted}
     return out
 
 
@@ -227,14 +231,16 @@ def _figures_section(f: dict[str, Any]) -> str:
         ("rows left", _num(f["rows_left"])),
         ("shards done", f"{f['shards_done']} of {_num(f['total_shards'])}"),
         ("shards failed", len(f["shards_failed"])),
-        ("throughput", f"{f['rows_per_s']:.2f} rows/s"),
+        ("img/s over the run's wall time", f"{f['throughput']['images_per_s_wall']:.2f}"),
+        ("img/s over generation time", f"{f['throughput']['images_per_s_generation']:.2f}"),
         ("elapsed", _num(f["elapsed_s"], "{:.1f} s")),
         ("model", f["model"]),
         ("format", f["format"]),
         ("runs ended", f["runs"]),
     ]
     cells = "".join(f"<div class=fig><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in items)
-    return f"<section><h2>Figures</h2><div class=figs>{cells}</div></section>"
+    return (f"<section><h2>Figures</h2><div class=figs>{cells}</div>"
+            f"<p class=muted>Latest run: {_e(f['throughput_text'])}.</p></section>")
 
 
 def _gallery_section(sample: list[dict[str, Any]], thumbs: dict[str, str], note: str) -> str:

@@ -31,6 +31,7 @@ from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
+from zimage_batch.output.features import sample_fields
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
 from zimage_batch.output.metadata import metadata_table, parquet_bytes
 from zimage_batch.output.writers import make_writer
@@ -135,7 +136,8 @@ class ShardRunner:
             format=self.settings.format, attempt=attempt, worker=self.worker_id, started=started,
         )
         staged = self.storage.child(marker.staging.prefix)
-        writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality)
+        writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
+                             fields=sample_fields(self.manifest.metadata_schema))  # a Parquet row carries its metadata
         try:
             outcomes = ShardGeneration(self.model, rows, requests, writer, base).run()
             writer.close()
