@@ -78,6 +78,16 @@ def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Pat
     return manifest, output
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    exec, so a child started by a parent that built 10^8 rows would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(manifest: str, output: str, shard_size: int) -> dict:
     """Runs in a fresh process: the driver's work before dispatch."""
     from zimage_batch.inputs.manifest import Limits, open_manifest, validate_manifest
@@ -85,19 +95,21 @@ def measure(manifest: str, output: str, shard_size: int) -> dict:
     from zimage_batch.run.plan import make_plan
     from zimage_batch.storage import open_storage
 
-    figures = {"rss_after_imports_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    figures = {"rss_after_imports_mib": peak_rss_mib()}
     t = time.perf_counter()
     m = open_manifest(manifest)
     validate_manifest(m, Limits("turbo", 1024, 1024, 9, 0.0))
     figures["validate_s"] = time.perf_counter() - t
+    figures["peak_after_validate_mib"] = peak_rss_mib()
     t = time.perf_counter()
     committed = Ledger(open_storage(output)).committed()
     figures["read_ledger_s"] = time.perf_counter() - t
+    figures["peak_after_ledger_mib"] = peak_rss_mib()
     t = time.perf_counter()
     plan = make_plan(m, committed, shard_size)
     figures["plan_s"] = time.perf_counter() - t
     figures |= {"rows": m.num_rows, "shards_committed": len(plan.done), "shards_todo": len(plan.todo),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mib": peak_rss_mib()}
     return figures
 
 
@@ -106,15 +118,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--workdir", help="keep the manifest and OUTPUT here (built once, reused by later runs)")
     parser.add_argument("--measure", nargs=2, metavar=("MANIFEST", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure, args.shard_size)))
         return
     with tempfile.TemporaryDirectory(prefix="plan-scale-") as tmp:
-        t = time.perf_counter()
-        manifest, output = build(Path(tmp), args.rows, args.files, args.shard_size)
-        print(f"built {args.rows:,} rows and half the commit markers in {time.perf_counter() - t:.1f}s")
+        root = Path(args.workdir or tmp)
+        manifest, output = root / "manifest", root / "out"
+        if not manifest.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            build(root, args.rows, args.files, args.shard_size)
+            print(f"built {args.rows:,} rows and half the commit markers in {time.perf_counter() - t:.1f}s")
         out = subprocess.run(
             [sys.executable, __file__, "--shard-size", str(args.shard_size), "--measure", str(manifest), str(output)],
             check=True, capture_output=True, text=True,
@@ -124,7 +141,8 @@ def main() -> None:
         f"rows={f['rows']:,} shards committed={f['shards_committed']:,} todo={f['shards_todo']:,}\n"
         f"validate {f['validate_s']:.1f}s | read ledger {f['read_ledger_s']:.1f}s | plan (re-check committed rows) "
         f"{f['plan_s']:.1f}s | total {f['validate_s'] + f['read_ledger_s'] + f['plan_s']:.1f}s\n"
-        f"driver peak RSS {f['peak_rss_mib']:.0f} MiB (after imports {f['rss_after_imports_mib']:.0f} MiB)"
+        f"driver peak RSS {f['peak_rss_mib']:.0f} MiB (after imports {f['rss_after_imports_mib']:.0f} MiB, "
+        f"validate {f['peak_after_validate_mib']:.0f} MiB, ledger {f['peak_after_ledger_mib']:.0f} MiB)"
     )
 
 

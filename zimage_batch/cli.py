@@ -113,7 +113,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         click.echo("error: interrupted; run again to resume", err=True)
         sys.exit(130)
     click.echo(
-        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows; "
+        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
+        f"{_images_note(summary)}; "
         f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
     )
     for worker in summary.workers:
@@ -129,6 +130,12 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     if summary.throughput is not None:  # the last line: the same figures as status and the report
         click.echo(f"throughput: {summary.throughput.text()}")
     sys.exit(summary.exit_code)
+
+
+def _images_note(summary: Any) -> str:
+    """' (4,000 images)' when rows draw several images (then ok and error count images)."""
+    images = summary.rows_ok + summary.rows_error
+    return f" ({images:,} images)" if images != summary.rows_done else ""
 
 
 def _write_report(output: str) -> None:
@@ -191,7 +198,7 @@ def report_command(output: str) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
 def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     """Check MANIFEST (schema and every value) without a model or a GPU."""
-    from zimage_batch.run.estimate import estimate
+    from zimage_batch.run.estimate import count_images, estimate
     from zimage_batch.run.preflight import check_manifest
 
     try:
@@ -200,7 +207,8 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
-    click.echo(estimate(m.num_rows, m.num_rows, m.num_rows, job.gpu_seconds_per_image).line())
+    images, _ = count_images(m, job.num_images)
+    click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 
 
 @main.command("make-tiny-model")

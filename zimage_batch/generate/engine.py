@@ -22,6 +22,7 @@ import torch
 
 from zimage_batch.generate.lora import LoraAdapters, use_adapters
 from zimage_batch.generate.low_vram import TakingTurns
+from zimage_batch.generate.prompts import RecentPrompts
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.model.variants import Variant, get_variant
 
@@ -136,6 +137,7 @@ class Engine:
             # Regional compilation: the 34 identical blocks compile once, in seconds, not minutes.
             self.pipe.transformer.compile_repeated_blocks(fullgraph=False)
         self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
+        self.prompts = RecentPrompts()  # each distinct text of a batch encoded once
 
     @property
     def swaps(self) -> int:
@@ -189,7 +191,7 @@ class Engine:
         texts = [r.prompt for r in batch]
         if use_cfg:
             texts += [r.negative_prompt or "" for r in batch]
-        embeds = self.encode_prompt(texts)
+        embeds = self.encode_prompts_once(texts)
         positive, negative = embeds[: len(batch)], embeds[len(batch) :]
         latents = self.prepare_latents(batch)
         latents = self.denoise(latents, positive, negative, first)
@@ -200,6 +202,10 @@ class Engine:
         """Qwen3 hidden_states[-2] per prompt (padded to 512 with `pad_prompts_to_max`, else to
         the longest prompt in the batch)."""
         return self.encode_texts([self._template(text) for text in texts], self.pad_prompts_to_max)
+
+    def encode_prompts_once(self, texts: list[str]) -> list[torch.Tensor]:
+        """`encode_prompt` of each text; each distinct new text once (`generate.prompts`)."""
+        return self.prompts.encode(texts, self.encode_prompt)
 
     def _template(self, text: str) -> str:
         return self.pipe.tokenizer.apply_chat_template(

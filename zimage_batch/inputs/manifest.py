@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from zimage_batch.inputs import lora_spec
 from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS, check_control_batch
 from zimage_batch.inputs.ids import IdDigests, find_duplicates
 from zimage_batch.inputs.lora_spec import check_lora_column
@@ -45,6 +46,7 @@ PROMPT_COLUMNS = {
     "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
     "control_image": STRING,  # a ControlNet condition (with the job's `controlnet`)
     "control_scale": NUMBER,
+    "num_images": INTEGER,
 }
 # `control` derives a ControlNet condition from the row's source (canny, tile)
 EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER, "control": STRING}
@@ -71,6 +73,11 @@ METADATA_COLUMNS = {
 }
 
 
+#: The most images one row may ask for (`num_images`, column or job setting).
+MAX_NUM_IMAGES = 64
+#: The metadata column of a job that uses num_images: which of its row's images a metadata row is.
+IMAGE_INDEX_COLUMN = {"image_index": pa.int64()}
+
 # lineage columns added for edit manifests (SPEC §3): where each edited image came from
 EDIT_METADATA_COLUMNS = {
     "source": pa.string(),
@@ -83,9 +90,25 @@ EDIT_METADATA_COLUMNS = {
 }
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
 RESERVED_COLUMNS = {
-    "prompt": frozenset((METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
-    "edit": frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "prompt": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "edit": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys()
+                      - KNOWN_COLUMNS.keys()),
 }
+
+
+def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
+                     control: bool = False) -> dict[str, pa.DataType]:
+    """The pipeline's own metadata columns, in order: image_index after id when the job uses
+    num_images, the edit lineage for edit manifests, `lora` in a job with adapters, the
+    ControlNet conditions in a job with a ControlNet."""
+    columns = dict(METADATA_COLUMNS)
+    if image_index:
+        columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
+    columns |= EDIT_METADATA_COLUMNS if edit else {}
+    columns |= lora_spec.METADATA_COLUMN if lora else {}
+    return columns | (CONTROL_METADATA_COLUMNS if control else {})
+
+
 MAX_LISTED = 5  # offending rows named in an error message
 
 
@@ -127,10 +150,14 @@ class Manifest:
         """The columns copied into the metadata unchanged, each with one type across all files."""
         return pa.schema([f for f in self.schema if f.name not in KNOWN_COLUMNS])
 
-    @property
-    def metadata_schema(self) -> pa.Schema:
+    def uses_num_images(self, job_num_images: int) -> bool:
+        """Whether a job on this manifest draws several images per row: a `num_images` column, or
+        a job setting other than 1. Its metadata rows then carry `image_index`."""
+        return job_num_images != 1 or "num_images" in self.schema.names
+
+    def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False) -> pa.Schema:
         """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
-        columns = METADATA_COLUMNS | (EDIT_METADATA_COLUMNS if self.kind == "edit" else {})
+        columns = metadata_columns(self.kind == "edit", image_index, lora, control)
         return pa.schema(list(columns.items()) + list(self.passthrough))
 
     @property
@@ -377,6 +404,7 @@ class Limits:
     controlnet: bool = False  # the job names a ControlNet
     control: str | None = None  # the job's derived condition (canny | tile | none)
     control_image: str | None = None  # the job's condition image
+    default_num_images: int = 1
 
 
 def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
@@ -527,6 +555,22 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
     if limits.controlnet or {"control_image", "control", "control_scale"} & set(batch.schema.names):
         check_control_batch(batch, limits, fail_if)
+    _check_num_images(column("num_images"), seed, limits, fail_if)
+
+
+def _check_num_images(num_images: pa.Array | None, seed: pa.Array | None, limits: Limits,
+                      fail_if: Callable[[str, pa.Array, str], None]) -> None:
+    """1 <= num_images <= MAX_NUM_IMAGES, and image k's seed (seed + k) fits int64."""
+    if num_images is not None and not pa.types.is_null(num_images.type):
+        fail_if("num_images", pc.less(num_images, 1), "must be >= 1")
+        fail_if("num_images", pc.greater(num_images, MAX_NUM_IMAGES), f"must be <= {MAX_NUM_IMAGES} (MAX_NUM_IMAGES)")
+    if seed is None or pa.types.is_null(seed.type):
+        return
+    count = pa.array([limits.default_num_images] * len(seed), pa.int64()) if num_images is None else \
+        pc.fill_null(pc.cast(num_images, pa.int64()), limits.default_num_images)
+    room = pc.subtract(pa.scalar(2**63 - 1, pa.int64()), pc.cast(seed, pa.int64()))  # seed >= 0: no overflow
+    fail_if("seed", pc.greater(pc.subtract(count, 1), room),
+            "leaves no room for its images' seeds (image k uses seed + k, which must stay below 2**63)")
 
 
 def _check_utf8(where: str, batch: pa.RecordBatch, offset: int) -> None:

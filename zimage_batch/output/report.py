@@ -37,7 +37,7 @@ MAX_SAMPLE_SHARDS = 20
 MAX_ERRORS = 500
 THUMB_PX = 256
 PROMPT_CHARS = 300
-SAMPLE_COLUMNS = ["id", "status", "error", "image", "prompt", "seed", "width", "height"]
+SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "seed", "width", "height"]
 
 
 def write_report(output: str | Storage) -> str:
@@ -109,11 +109,12 @@ def gallery_sample(state: OutputState) -> tuple[list[dict[str, Any]], str]:
 
 
 def thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Data URIs of JPEG thumbnails by row id; rows whose image cannot be read are left out."""
-    images = read_images(storage, rows)
+    """Data URIs of JPEG thumbnails by image location (a row's `image`: one per image, also when
+    a row drew several); rows whose image cannot be read are left out."""
+    images = read_images(storage, rows, key="image")
     with ThreadPoolExecutor(max_workers=4) as pool:
         uris = pool.map(_thumbnail, images.values())
-        return {row_id: uri for row_id, uri in zip(images, uris) if uri}
+        return {location: uri for location, uri in zip(images, uris) if uri}
 
 
 def _thumbnail(data: bytes) -> str | None:
@@ -130,8 +131,9 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Image bytes by id, following each row's `image` location for every output format:
+def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id") -> dict[str, bytes]:
+    """Image bytes by each row's `key` column (id, or image for one entry per image), following
+    each row's `image` location for every output format:
 
         images/<shard>/<key>.png      (files)     the object itself
         shards/<shard>.tar#<key>.png  (webdataset) a member of the tar
@@ -143,9 +145,9 @@ def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes
     for row in rows:
         obj, sep, member = row["image"].partition("#")
         if sep:
-            containers.setdefault(obj, {})[member] = row["id"]
+            containers.setdefault(obj, {})[member] = row[key]
         else:
-            singles[row["id"]] = obj
+            singles[row[key]] = obj
     found: dict[str, bytes] = {}
 
     def read_single(item: tuple[str, str]) -> None:
@@ -243,17 +245,22 @@ def _figures_section(f: dict[str, Any]) -> str:
             f"<p class=muted>Latest run: {_e(f['throughput_text'])}.</p></section>")
 
 
+def _image_index(row: dict[str, Any]) -> str:
+    """' image 2' for image 2 of a row that drew several."""
+    return f" image {_e(row['image_index'])}" if row.get("image_index") is not None else ""
+
+
 def _gallery_section(sample: list[dict[str, Any]], thumbs: dict[str, str], note: str) -> str:
     cards = []
     for row in sample:
-        uri = thumbs.get(row["id"])
+        uri = thumbs.get(row["image"])
         prompt = row["prompt"] or ""
         short = prompt if len(prompt) <= PROMPT_CHARS else prompt[:PROMPT_CHARS] + "…"
         img = (f'<img src="{uri}" alt="{_e(row["id"])}" width="{row["width"]}" height="{row["height"]}">'
                if uri else "<div class=missing>image not readable</div>")
         cards.append(
             f"<figure>{img}<figcaption><p class=prompt title=\"{_e(prompt)}\">{_e(short)}</p>"
-            f"<p class=muted>id <code>{_e(row['id'])}</code> &middot; seed {_e(row['seed'])} &middot; "
+            f"<p class=muted>id <code>{_e(row['id'])}</code>{_image_index(row)} &middot; seed {_e(row['seed'])} &middot; "
             f"{_e(row['width'])}&times;{_e(row['height'])}</p></figcaption></figure>"
         )
     missing = len(sample) - len(thumbs)

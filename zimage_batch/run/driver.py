@@ -25,7 +25,7 @@ from zimage_batch.output.ledger import CommitMarker, Ledger
 from zimage_batch.output.throughput import Throughput, run_throughput
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
-from zimage_batch.run.estimate import NOISE_NOTE, estimate, run_key
+from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.pool import RayWorkerPool
 from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
@@ -40,8 +40,9 @@ class RunSummary:
 
     output: str
     rows_total: int
-    rows_ok: int = 0
-    rows_error: int = 0
+    rows_ok: int = 0  # metadata rows (images) stored ok, in every committed shard
+    rows_error: int = 0  # metadata rows (images) that failed
+    rows_done: int = 0  # manifest rows of the committed shards
     shards_committed: int = 0
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
@@ -55,7 +56,7 @@ class RunSummary:
     @property
     def rows_left(self) -> int:
         """Rows of the manifest committed neither as ok nor as error."""
-        return max(self.rows_total - self.rows_ok - self.rows_error, 0)
+        return max(self.rows_total - self.rows_done, 0)
 
     @property
     def exit_code(self) -> int:
@@ -167,7 +168,7 @@ def _account(progress: Progress, marker: CommitMarker | None) -> None:
     """A finished shard's result (its commit marker; None when another attempt had committed it)
     into the progress figures."""
     if marker is not None:
-        progress.shard_done(marker.rows, marker.error)
+        progress.shard_done(marker.rows, marker.error, marker.ok)
 
 
 def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
@@ -175,6 +176,7 @@ def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
     markers = ledger.committed()
     summary.rows_ok = sum(m.ok for m in markers.values())
     summary.rows_error = sum(m.error for m in markers.values())
+    summary.rows_done = sum(m.rows for m in markers.values())
     summary.shards_committed = len(markers)
     summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s)
 
@@ -207,5 +209,6 @@ def _write_run_record(storage: Storage, job: ResolvedJob, summary: RunSummary) -
 def cost_line(job: ResolvedJob, manifest: Manifest, plan: Plan, storage: Storage) -> str:
     """What the job will cost, said before any work: rows, images, GPU-hours when known."""
     spec = job.spec
-    return estimate(plan.total_rows, plan.total_rows, plan.rows_todo, spec.gpu_seconds_per_image, storage,
+    images, images_todo = count_images(manifest, spec.num_images, plan.todo, job.variant)
+    return estimate(plan.total_rows, images, images_todo, spec.gpu_seconds_per_image, storage,
                     run_key(spec.model, spec.defaults())).line()

@@ -10,11 +10,18 @@ line says how to get an estimate instead of guessing one.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from zimage_batch.inputs.manifest import Manifest
 from zimage_batch.output import layout
+from zimage_batch.run.plan import Shard
 from zimage_batch.storage import Storage, StorageError
 
 NOISE_NOTE = ("note: model {model} is a tiny random-init checkpoint: its images will be noise "
@@ -85,3 +92,44 @@ def estimate(rows: int, images: int, images_todo: int, seconds_per_image: float 
     else:
         rate = rate_from_runs(storage, key or {}) if storage is not None else None
     return Estimate(rows, images, images_todo, rate)
+
+
+def count_images(manifest: Manifest, default: int, todo: list[Shard] = (), job_variant: str | None = None) -> tuple[int, int]:
+    """(images of the whole manifest, images of the `todo` shards): each row draws its
+    `num_images` (the job's `default` where empty). Reads only that column (and `variant` for
+    mixed-variant shards), streaming."""
+    if "num_images" not in manifest.schema.names:
+        return manifest.num_rows * default, sum(s.num_rows for s in todo) * default
+    total = todo_images = 0
+    for f in manifest.files:
+        mine = sorted((s for s in todo if s.file == f.name), key=lambda s: s.start)
+        starts = [s.start for s in mine]
+        columns = ["num_images"] + (["variant"] if any(s.variant for s in mine) else [])
+        offset = 0
+        for batch in manifest.iter_batches(f, columns=columns):
+            counts = _counts(batch, default)
+            total += int(counts.sum())
+            first = max(bisect.bisect_right(starts, offset) - 1, 0)
+            for shard in mine[first:bisect.bisect_left(starts, offset + len(counts))]:
+                lo, hi = max(shard.start, offset) - offset, min(shard.end, offset + len(counts)) - offset
+                if hi <= lo:
+                    continue
+                part = counts[lo:hi]
+                if shard.variant is not None:
+                    part = part[_of_variant(batch, shard.variant, job_variant)[lo:hi]]
+                todo_images += int(part.sum())
+            offset += len(counts)
+    return total, todo_images
+
+
+def _counts(batch: pa.RecordBatch, default: int) -> np.ndarray:
+    if "num_images" not in batch.schema.names:
+        return np.full(batch.num_rows, default, np.int64)
+    return np.asarray(pc.fill_null(pc.cast(batch.column("num_images"), pa.int64()), default))
+
+
+def _of_variant(batch: pa.RecordBatch, variant: str, job_variant: str | None) -> np.ndarray:
+    if "variant" not in batch.schema.names:
+        return np.full(batch.num_rows, variant == job_variant)
+    names = pc.fill_null(pc.cast(batch.column("variant"), pa.string()), job_variant or "")
+    return np.asarray(pc.equal(names, variant))
