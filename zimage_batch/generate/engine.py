@@ -137,7 +137,7 @@ class Engine:
             # Regional compilation: the 34 identical blocks compile once, in seconds, not minutes.
             self.pipe.transformer.compile_repeated_blocks(fullgraph=False)
         self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
-        self.prompts = RecentPrompts()  # each distinct text of a batch encoded once
+        self.prompts = RecentPrompts()  # each distinct text of a batch encoded once: prompts.encode
 
     @property
     def swaps(self) -> int:
@@ -191,7 +191,7 @@ class Engine:
         texts = [r.prompt for r in batch]
         if use_cfg:
             texts += [r.negative_prompt or "" for r in batch]
-        embeds = self.encode_prompts_once(texts)
+        embeds = self.prompts.encode(texts, self.encode_prompt)  # each distinct new text once
         positive, negative = embeds[: len(batch)], embeds[len(batch) :]
         latents = self.prepare_latents(batch)
         latents = self.denoise(latents, positive, negative, first)
@@ -202,10 +202,6 @@ class Engine:
         """Qwen3 hidden_states[-2] per prompt (padded to 512 with `pad_prompts_to_max`, else to
         the longest prompt in the batch)."""
         return self.encode_texts([self._template(text) for text in texts], self.pad_prompts_to_max)
-
-    def encode_prompts_once(self, texts: list[str]) -> list[torch.Tensor]:
-        """`encode_prompt` of each text; each distinct new text once (`generate.prompts`)."""
-        return self.prompts.encode(texts, self.encode_prompt)
 
     def _template(self, text: str) -> str:
         return self.pipe.tokenizer.apply_chat_template(
