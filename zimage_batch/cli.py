@@ -135,7 +135,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
 def _images_note(summary: Any) -> str:
     """' (4,000 images)' when rows draw several images (then ok and error count images)."""
     images = summary.rows_ok + summary.rows_error
-    return f" ({images:,} images)" if images != summary.rows_done else ""
+    return f" ({images:,} images)" if summary.rows_done is not None and images != summary.rows_done else ""
 
 
 def _write_report(output: str) -> None:

@@ -42,7 +42,7 @@ class RunSummary:
     rows_total: int
     rows_ok: int = 0  # metadata rows (images) stored ok, in every committed shard
     rows_error: int = 0  # metadata rows (images) that failed
-    rows_done: int = 0  # manifest rows of the committed shards
+    rows_done: int | None = None  # manifest rows of the committed shards (None: rows_ok + rows_error)
     shards_committed: int = 0
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
@@ -56,7 +56,8 @@ class RunSummary:
     @property
     def rows_left(self) -> int:
         """Rows of the manifest committed neither as ok nor as error."""
-        return max(self.rows_total - self.rows_done, 0)
+        done = self.rows_ok + self.rows_error if self.rows_done is None else self.rows_done
+        return max(self.rows_total - done, 0)
 
     @property
     def exit_code(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import groupby
@@ -147,14 +147,7 @@ class ShardGeneration:
                     release_pixels(self.requests[i])
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
-        """Batches of one batch key each (so a batch runs as one, and its per-row duration is
-        that of its own rows), as large as that key's shape allows."""
-        key = lambda i: self.requests[i].batch_key()  # noqa: E731
-        for _, same in groupby(sorted(indices, key=key), key=key):
-            same = list(same)
-            size = self._size_of(self.requests[same[0]])
-            for b in range(0, len(same), size):
-                yield same[b : b + size]
+        return cut_batches(self.requests, indices, self._size_of)
 
     def _size_of(self, request: Request) -> int:
         if self.batch_sizes is None:
@@ -224,3 +217,14 @@ class ShardGeneration:
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
         location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
+
+
+def cut_batches(requests: Sequence[Request], indices: Sequence[int], size_of: Callable[[Request], int]) -> Iterator[list[int]]:
+    """Batches of one batch key each (so a batch runs as one, and its per-row duration is that
+    of its own rows), each as large as `size_of` its key's first request allows."""
+    key = lambda i: requests[i].batch_key()  # noqa: E731
+    for _, same in groupby(sorted(indices, key=key), key=key):
+        same = list(same)
+        size = size_of(requests[same[0]])
+        for b in range(0, len(same), size):
+            yield same[b : b + size]
