@@ -32,8 +32,8 @@ def run_job(model: str, manifest: Path, output: Path, num_images: int, args) -> 
     """Plan the job as `zimage-batch run` does and run every shard through one ShardRunner."""
     from zimage_batch.jobspec import load_job
     from zimage_batch.output.ledger import Ledger
-    from zimage_batch.run.driver import job_record, prepare, worker_settings
     from zimage_batch.run.plan import make_plan
+    from zimage_batch.run.preflight import job_record, prepare
     from zimage_batch.run.worker import ShardRunner
     from zimage_batch.storage import open_storage
 
@@ -41,11 +41,11 @@ def run_job(model: str, manifest: Path, output: Path, num_images: int, args) -> 
                 f"num_inference_steps={args.steps}", f"device={args.device}", "report=false"]
     job = load_job(None, {"manifest": str(manifest), "output": str(output), "model": model,
                           "shard_size": args.shard_size}, settings)
-    data, model_info = prepare(job)
-    ledger = Ledger(open_storage(job.output))
-    ledger.claim_output(job_record(job, model_info), False)
-    plan = make_plan(data, {}, job.shard_size, job.variant)
-    runner = ShardRunner(worker_settings(job, job.variant))
+    prepared = prepare(job)
+    resolved = prepared.job
+    Ledger(open_storage(job.output)).claim_output(job_record(resolved, prepared.model), False)
+    plan = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant)
+    runner = ShardRunner(resolved.worker_settings(resolved.variant))
     started = time.perf_counter()
     markers = [runner.run_shard(shard) for shard in plan.todo]
     wall = time.perf_counter() - started

@@ -136,6 +136,55 @@ def test_exactly_once_per_image_through_a_driver_kill_a_resume_and_appended_rows
     check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] or 2 for r in rows})
 
 
+def test_exactly_once_per_image_when_a_worker_is_killed(tmp_path):
+    from test_fault_tolerance import _worker_processes
+
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    rows = [{"id": f"w{i:03d}", "prompt": f"a tram, view {i}", "seed": i, "width": None, "height": None,
+             "num_images": 1 + i % 3, "topic": None} for i in range(60)]
+    _write(manifest, rows)
+    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "5", "--set", "report=false")
+    try:
+        _wait_for_commits(out, 2, proc)
+        victims = _worker_processes(proc.pid)
+        assert victims, "no worker actor process found"
+        victims[0].send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-2000:]
+    check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] for r in rows})
+
+
+def test_exactly_once_per_image_through_flaky_storage(flaky_s3, s3_bucket, tmp_path, ray_tmpdir):
+    import subprocess
+    import sys
+
+    from fault_proxy import KINDS, endpoint_env
+
+    from zimage_batch.storage import open_storage
+
+    rows = [{"id": f"s{i:03d}", "prompt": f"a harbour, view {i}", "seed": 3 * i, "width": None, "height": None,
+             "num_images": None, "topic": "t"} for i in range(40)]
+    _write(tmp_path / "m.parquet", rows)
+    open_storage(f"s3://{s3_bucket}/manifests").put_file("m.parquet", tmp_path / "m.parquet")
+    output = f"s3://{s3_bucket}/out-num-images"
+    flaky_s3.set_faults(0.15, KINDS, seed=5)
+    result = subprocess.run(
+        [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", f"s3://{s3_bucket}/manifests/m.parquet",
+         "--output", output, "--model", "tiny:turbo", "--format", "parquet", "--workers", "2", "--shard-size", "10",
+         "--set", "num_images=2", "--set", "report=false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_tmpdir},
+    )
+    requests, counts = flaky_s3.stats()
+    flaky_s3.set_faults(0.0)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert sum(counts.values()) > 0, counts
+    with endpoint_env(flaky_s3.upstream):  # read back directly, not through the proxy
+        check_exactly_once(output, [r["id"] for r in rows], 2)
+
+
 def test_one_text_encoding_per_distinct_prompt():
     """A row's images and rows repeating a prompt share one text-encoder pass, within a batch and
     across consecutive batches (a row's images cut by the batch size)."""
@@ -192,8 +241,8 @@ def test_a_model_folder_batches_small_rows_by_their_size(tmp_path):
     """A model given as a folder has 1024² defaults; rows of 64² still run 64 to a batch on CPU."""
     from zimage_batch.model.tiny import make_tiny_model
     from zimage_batch.output.ledger import Ledger
-    from zimage_batch.run.driver import job_record, prepare, worker_settings
     from zimage_batch.run.plan import make_plan
+    from zimage_batch.run.preflight import job_record, prepare
     from zimage_batch.run.worker import ShardRunner
     from zimage_batch.storage import open_storage
 
@@ -204,10 +253,11 @@ def test_a_model_folder_batches_small_rows_by_their_size(tmp_path):
     job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
                           "model": str(folder), "shard_size": 70}, ["report=false", "num_inference_steps=2"])
     assert job.defaults()["width"] == 1024 and job.batch_size is None
-    data, model = prepare(job)
-    Ledger(open_storage(job.output)).claim_output(job_record(job, model), False)
-    (shard,) = make_plan(data, {}, job.shard_size, job.variant).todo
-    runner = ShardRunner(worker_settings(job, job.variant))
+    prepared = prepare(job)
+    resolved = prepared.job
+    Ledger(open_storage(job.output)).claim_output(job_record(resolved, prepared.model), False)
+    (shard,) = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
+    runner = ShardRunner(resolved.worker_settings(resolved.variant))
     batches: list[int] = []
     runner.engine.pipe.transformer.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
     marker = runner.run_shard(shard)
