@@ -15,7 +15,11 @@ loading and cluster start-up are reported apart, not counted):
   (c) zimage-batch run, end to end with the ledger, to local disk
   (d) the same to an S3 server (moto, on 127.0.0.1)
   (e) the engine alone on in-memory rows (the ceiling on this machine)
-and the ratios c/a, c/b, c/e. Needs the test extras (moto[server]).
+  (f) zimage-batch run as a user runs it on a dataset job: the model given as a folder (its
+      default size is 1024², so nothing is sized for small rows), no --batch-size, rows of mixed
+      sizes (aspect-ratio buckets), the whole command's wall time (start-up included), against
+      (a') the naive loop on the same rows and folder
+and the ratios c/a, c/b, c/e, f/a'. Needs the test extras (moto[server]).
 """
 
 from __future__ import annotations
@@ -44,6 +48,54 @@ def make_manifest(path: Path, rows: int) -> list[dict]:
     records = [{"id": f"bench-{i:06d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}, variation {i}", "seed": i} for i in range(rows)]
     pq.write_table(pa.Table.from_pylist(records), path)
     return records
+
+
+MIXED_SIZES = [(64, 64), (96, 64), (64, 96), (128, 64)]  # (width, height): a dataset job's buckets
+
+
+def make_mixed_manifest(path: Path, rows: int) -> list[dict]:
+    """(f): the same prompts and seeds, each row of one of MIXED_SIZES, in turn."""
+    records = [{"id": f"mixed-{i:06d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}, variation {i}", "seed": i,
+                "width": MIXED_SIZES[i % len(MIXED_SIZES)][0], "height": MIXED_SIZES[i % len(MIXED_SIZES)][1]}
+               for i in range(rows)]
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return records
+
+
+def naive_loop_rows(model_path: str, records: list[dict], out: Path, args) -> float:
+    """(a') the naive loop, each row at its own size."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(model_path)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    for r in records:
+        image = pipe(prompt=r["prompt"], guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(r["seed"]),
+                     num_inference_steps=args.steps, width=r["width"], height=r["height"]).images[0]
+        image.save(out / f"{r['id']}.png")
+    return len(records) / (time.perf_counter() - started)
+
+
+def zimage_batch_folder_run(manifest: Path, output: str, model_dir: Path, args) -> tuple[float, float, str]:
+    """(f) the CLI as a user runs it: a model folder, no --batch-size; (whole command img/s,
+    steady img/s, the run's throughput line)."""
+    cmd = [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", output,
+           "--model", str(model_dir), "--shard-size", str(args.shard_size),
+           "--set", f"num_inference_steps={args.steps}", "--set", "report=false"]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"zimage-batch run failed: {result.stderr[-2000:]}")
+    from zimage_batch.storage import open_storage
+
+    storage = open_storage(output)
+    markers = [json.loads(storage.get_bytes(i.key)) for i in storage.list("_commits/")]
+    rows = sum(m["rows"] for m in markers)
+    steady = rows / (max(m["finished"] for m in markers) - min(m["started"] for m in markers))
+    return rows / wall, steady, result.stdout.strip().splitlines()[-1]
 
 
 def _steps_and_size(args) -> dict:
@@ -187,6 +239,23 @@ def s3_server_env() -> tuple[object, dict]:
     return server, env
 
 
+def folder_case(tmp_path: Path, args) -> dict[str, float]:
+    """(f) and (a'): a model folder, mixed sizes, no --batch-size, the whole command."""
+    from zimage_batch.model.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model-folder", "turbo")
+    manifest = tmp_path / "mixed.parquet"
+    records = make_mixed_manifest(manifest, args.rows)
+    sizes = ", ".join(f"{w}x{h}" for w, h in MIXED_SIZES)
+    print(f"(f) and (a'): the model as a folder (default size 1024x1024), rows of {sizes}, no --batch-size", flush=True)
+    naive = naive_loop_rows(str(model_dir), records, tmp_path / "naive-mixed", args)
+    print(f"(a') naive diffusers loop, same rows      {naive:7.1f} img/s", flush=True)
+    whole, steady, last_line = zimage_batch_folder_run(manifest, str(tmp_path / "out-folder"), model_dir, args)
+    print(f"(f) zimage-batch run, whole command        {whole:7.1f} img/s  ({steady:.1f} img/s steady; "
+          f"its last line: {last_line})", flush=True)
+    return {"f": whole, "a'": naive}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1000)
@@ -198,7 +267,7 @@ def main() -> None:
                         help="batch size of the tuned Ray Data recipe (b*); default: the same as --batch-size")
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3, help="runs of (c) and (e), in turns; medians are compared")
-    parser.add_argument("--only", default="abcde", help="which figures to measure, e.g. 'ce'")
+    parser.add_argument("--only", default="abcdef", help="which figures to measure, e.g. 'ce'")
     args = parser.parse_args()
 
     import logging
@@ -264,8 +333,11 @@ def main() -> None:
                 os.environ.clear()
                 os.environ.update(saved)
                 server.stop()
+        if "f" in args.only:
+            figures |= folder_case(tmp_path, args)
     paired = [c / e for c, e in zip(runs["c"], runs["e"])] if "c" in figures and "e" in figures else []
-    for num, den, target in (("c", "a", 2.5), ("c", "b", 2.5), ("c", "e", 0.8), ("c", "b*", None), ("d", "e", None)):
+    for num, den, target in (("c", "a", 2.5), ("c", "b", 2.5), ("c", "e", 0.8), ("c", "b*", None), ("d", "e", None),
+                             ("f", "a'", 2.5)):
         if num in figures and den in figures:
             ratio = statistics.median(paired) if (num, den) == ("c", "e") else figures[num] / figures[den]
             verdict = "" if target is None else (f"  target >= {target}: " + ("met" if ratio >= target else "NOT met"))

@@ -26,8 +26,14 @@ def read_metadata(output: str) -> list[dict]:
     return rows
 
 
-def read_images(output: str, rows: list[dict]) -> dict[str, bytes]:
-    """Image bytes by id, following each row's `image` column for every format."""
+def image_of(row: dict) -> str | tuple[str, int]:
+    """What names one image: its id, or (id, image_index) in a job that uses num_images."""
+    return row["id"] if row.get("image_index") is None else (row["id"], row["image_index"])
+
+
+def read_images(output: str, rows: list[dict]) -> dict:
+    """Image bytes by `image_of(row)` (the id, unless the job uses num_images), following each
+    row's `image` column for every format."""
     storage = open_storage(output)
     tars: dict[str, dict[str, bytes]] = {}
     parquets: dict[str, dict[str, bytes]] = {}
@@ -37,32 +43,39 @@ def read_images(output: str, rows: list[dict]) -> dict[str, bytes]:
             continue
         location = row["image"]
         if "#" not in location:
-            images[row["id"]] = storage.get_bytes(location)
+            images[image_of(row)] = storage.get_bytes(location)
             continue
         obj, member = location.split("#", 1)
         if obj.endswith(".tar"):
             if obj not in tars:
                 with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(obj))) as tar:
                     tars[obj] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-            images[row["id"]] = tars[obj][member]
+            images[image_of(row)] = tars[obj][member]
         else:
             if obj not in parquets:
                 table = pq.read_table(io.BytesIO(storage.get_bytes(obj)))
-                parquets[obj] = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
-            images[row["id"]] = parquets[obj][member]
+                images_ = [image["bytes"] for image in table.column("image").to_pylist()]
+                parquets[obj] = dict(zip(table.column("__key__").to_pylist(), images_))
+            images[image_of(row)] = parquets[obj][member]
     return images
 
 
-def check_exactly_once(output: str, ids: list[str]) -> list[dict]:
-    """Every id once across committed metadata; sha256 matches the stored bytes; no orphans."""
+def check_exactly_once(output: str, ids: list[str], num_images: int | dict[str, int] | None = None) -> list[dict]:
+    """Every id once across committed metadata (with `num_images`, an int or one per id: every
+    (id, image_index) once); sha256 matches the stored bytes; no orphans."""
     rows = read_metadata(output)
-    counts = Counter(r["id"] for r in rows)
-    assert sorted(counts) == sorted(ids), "metadata ids differ from the manifest"
-    assert max(counts.values()) == 1, f"duplicated ids: {[i for i, c in counts.items() if c > 1][:5]}"
+    counts = Counter(image_of(r) for r in rows)
+    if num_images is None:
+        expected = list(ids)
+    else:
+        per_id = num_images if isinstance(num_images, dict) else dict.fromkeys(ids, num_images)
+        expected = [(i, k) for i in ids for k in range(per_id[i])]
+    assert sorted(counts, key=str) == sorted(expected, key=str), "metadata images differ from the manifest's"
+    assert max(counts.values()) == 1, f"duplicated images: {[i for i, c in counts.items() if c > 1][:5]}"
     images = read_images(output, rows)
     for row in rows:
         if row["status"] == "ok":
-            assert hashlib.sha256(images[row["id"]]).hexdigest() == row["sha256"], row["id"]
+            assert hashlib.sha256(images[image_of(row)]).hexdigest() == row["sha256"], image_of(row)
     check_no_orphans(output, rows)
     return rows
 

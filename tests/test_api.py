@@ -23,7 +23,8 @@ def test_a_job_runs_through_the_api_and_reads_back_its_status(tmp_path):
     summary = api.run(job_file, echo=lines.append, shard_size=4, workers=1, report=False)  # settings win over the file
     assert summary.ok and summary.exit_code == 0 and summary.problem is None
     assert (summary.rows_ok, summary.rows_left, summary.shards_committed) == (8, 0, 2)
-    assert summary.output == str(tmp_path / "out") and lines[0].startswith("plan: 8 rows in 2 shards")
+    assert summary.output == str(tmp_path / "out") and lines[1].startswith("plan: 8 rows in 2 shards")
+    assert "images will be noise" in lines[0]  # a tiny model says so first
     check_exactly_once(summary.output, ids)
     figures = zimage_batch.status(tmp_path / "out")
     assert figures["state"] == "finished" and figures["rows_done"] == 8 and figures["rows_left"] == 0

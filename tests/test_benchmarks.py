@@ -49,7 +49,7 @@ def test_cpu_harness_prints_all_five_figures():
     """Every figure's code path on a handful of rows (start-ups, not images, take the time)."""
     out = _run("benchmarks/cpu.py", "--rows", "4", "--batch-size", "4", "--shard-size", "4", "--repeats", "1",
                "--steps", "2", timeout=900)
-    for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "c/a =", "c/b =", "c/e ="):
+    for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(a')", "c/a =", "c/b =", "c/e =", "f/a' ="):
         assert label in out, out
 
 
@@ -99,7 +99,7 @@ def test_gpu_worker_check_runs_on_cpu():
 
 
 def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
-    from zimage_batch.run.worker import default_batch_size
+    from zimage_batch.run.batching import default_batch_size
 
     assert default_batch_size(64, 64) == 64 and default_batch_size(1024, 1024) == 1  # CPU
     free = {"bytes": 40 * 2**30}

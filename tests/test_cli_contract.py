@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +15,7 @@ import pytest
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.images import resolve_uri
 from zimage_batch.jobspec import JobError, load_job
-from zimage_batch.run.generation import ShardGeneration
+from zimage_batch.run.generation import cut_batches
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -92,7 +91,7 @@ def test_source_uris_resolve_like_paths():
 def test_batches_hold_one_batch_key():
     """So a batch runs as one, and each row's duration_ms is that of rows like it."""
     requests = [GenerationRequest("p", i, 64 if i % 2 else 128, 64, 8, 0.0) for i in range(7)]
-    batches = list(ShardGeneration._cut(SimpleNamespace(batch_size=2, requests=requests), range(7)))
+    batches = list(cut_batches(requests, range(7), lambda request: 2))
     assert sorted(i for b in batches for i in b) == list(range(7))
     assert all(len({requests[i].batch_key() for i in b}) == 1 and len(b) <= 2 for b in batches)
 

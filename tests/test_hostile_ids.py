@@ -213,7 +213,7 @@ def test_webdataset_members_are_safe_and_readable(runs):
                 assert "/" not in m.name and "\\" not in m.name and not m.name.startswith((".", "-")), m.name
                 assert m.name.isprintable(), repr(m.name)
                 members.append(m.name)
-    assert len(members) == len(set(members)) == 2 * len(HOSTILE_IDS)
+    assert len(members) == len(set(members)) == 3 * len(HOSTILE_IDS)  # <key>.png, <key>.txt, <key>.json
 
     # read back the way a training dataloader would
     seen = Counter()
@@ -221,7 +221,8 @@ def test_webdataset_members_are_safe_and_readable(runs):
     for sample in dataset:
         meta = json.loads(sample["json"])
         seen[meta["id"]] += 1
-        image_ext = next(k for k in sample if not k.startswith("__") and k != "json")
+        assert sample["txt"].decode("utf-8") == meta["prompt"]  # the caption
+        image_ext = next(k for k in sample if not k.startswith("__") and k not in ("json", "txt"))
         image = sample[image_ext]
         assert hashlib.sha256(image).hexdigest() == sha_by_id[meta["id"]], meta["id"][:80]
         from PIL import Image

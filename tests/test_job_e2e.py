@@ -111,6 +111,14 @@ def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
                      "cfg_truncation", "cfg_normalization", "sha256", "model", "variant", "category"):
             assert sample[name] == row[name], name
         assert sample["duration_ms"] > 0
+        with tarfile.open(fileobj=io.BytesIO(open_storage(output).get_bytes(tar_key))) as tar:
+            assert tar.extractfile(member.rsplit(".", 1)[0] + ".txt").read().decode("utf-8") == row["prompt"]
+    if fmt == "parquet":  # each data row carries the image beside the prompt, settings and pass-through columns
+        data_key = by_id["row-00007"]["image"].split("#", 1)[0]
+        table = pq.read_table(io.BytesIO(open_storage(output).get_bytes(data_key)))
+        sample = next(r for r in table.to_pylist() if r["id"] == "row-00007")
+        assert sample["prompt"] == by_id["row-00007"]["prompt"] and sample["category"] == "c3"
+        assert sample["seed"] == by_id["row-00007"]["seed"] and sample["image"]["path"].endswith(".png")
     # pixels equal diffusers' reference pipeline for the same rows
     images = read_images(output, [by_id[i] for i in ("row-00000", "row-00001", "row-00010")])
     model_path = resolve_model("tiny:turbo").path

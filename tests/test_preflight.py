@@ -14,18 +14,20 @@ from zimage_batch.run.preflight import check_manifest, job_record, prepare, reso
 
 # job.json of these settings as the driver wrote it before preflight existed (less the dead
 # `dtype` setting, plus the settings added since: `unsafe_allow_overwriting_commits`, `lora`,
-# `loras`, the ControlNet's): an OUTPUT written then must resume, so the fingerprint stays put.
+# `loras`, the ControlNet's, `num_images`, `gpu_seconds_per_image`): an OUTPUT written then must
+# resume, so the fingerprint stays put.
 EARLIER_RECORD = {
     "defaults": {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "guidance_scale": 4.0, "height": 768,
-                 "negative_prompt": "blurry", "num_inference_steps": 50, "strength": 0.6, "width": 512},
+                 "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": 50, "strength": 0.6,
+                 "width": 512},
     "fingerprint": "be33fc809334206a",
     "job": {"address": None, "attention_backend": None, "batch_size": None, "canny_high": 200.0, "canny_low": 100.0,
             "cfg_normalization": 0.0, "cfg_truncation": 1.0, "compile": False, "control": None, "control_image": None,
             "control_scale": 0.75, "controlnet": None, "controlnet_id": None, "device": None, "format": "webdataset",
-            "grace_period": 60.0, "guidance_scale": None, "height": 768, "image_format": "jpeg", "lora": None,
+            "gpu_seconds_per_image": None, "grace_period": 60.0, "guidance_scale": None, "height": 768, "image_format": "jpeg", "lora": None,
             "loras": {}, "low_vram": "auto",
             "manifest": "/data/prompts", "max_attempts": 3, "max_source_pixels": 64000000, "model": "tiny:base",
-            "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_inference_steps": None,
+            "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": None,
             "output": "s3://bucket/out", "overwrite": False, "progress_interval": 10.0, "quality": 90,
             "report": True, "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "<set>"}}, "seed": 7,
             "shard_size": 1000, "strength": 0.6, "unsafe_allow_overwriting_commits": False, "variant": "base",
@@ -33,7 +35,7 @@ EARLIER_RECORD = {
     "model_draws_noise": False,
     "output_fields": ["model", "variant", "models", "format", "image_format", "quality", "seed", "width", "height",
                       "num_inference_steps", "guidance_scale", "negative_prompt", "cfg_truncation",
-                      "cfg_normalization", "strength", "lora", "loras"],
+                      "cfg_normalization", "strength", "lora", "loras", "num_images"],
 }
 
 

@@ -3,6 +3,7 @@ the report rendered in headless Chromium; progress lines when stdout is not a te
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -132,11 +133,19 @@ def test_progress_lines_and_report_location_when_piped(watched_run):
     stdout = watched_run["stdout"]
     progress = [line for line in stdout if line.startswith("progress:")]
     assert len(progress) >= 3, stdout
-    assert all(re.search(r"\d+/\d+ rows done, \d+ failed, \d+ left \| [\d.]+ img/s", line) for line in progress)
-    assert f"{RUN_ROWS}/{RUN_ROWS} rows done, 0 failed, 0 left" in progress[-1]
+    assert all(re.search(r"\d+/\d+ rows done, \d+ failed, \d+ left \| [\d.]+ img/s over wall time so far", line)
+               for line in progress[:-1])
+    assert progress[-1] == f"progress: {RUN_ROWS}/{RUN_ROWS} rows done, 0 failed, 0 left"  # the rate: on the last line
     assert not any("\r" in line or "\x1b" in line for line in stdout), "no terminal control codes in logs"
     report = watched_run["out"] / "report.html"
-    assert stdout[-1] == f"report: {report}" and report.is_file()
+    assert stdout[-2] == f"report: {report}" and report.is_file()
+    # the last line is the run's throughput, the same sentence status and the report show
+    s = json.loads(cli("status", str(watched_run["out"]), "--json").stdout)
+    assert stdout[-1] == f"throughput: {s['throughput_text']}"
+    assert re.fullmatch(r"throughput: [\d.]+ img/s over the run's wall time \(\d+ images in [\d.]+ s\); "
+                        r"[\d.]+ img/s over generation time \([\d.]+ s of device time\)", stdout[-1])
+    assert html.escape(s["throughput_text"]) in report.read_text(encoding="utf-8")
+    assert stdout[0].startswith("note: model tiny:turbo is a tiny random-init checkpoint: its images will be noise")
 
 
 def test_status_finished(watched_run):
@@ -147,7 +156,8 @@ def test_status_finished(watched_run):
     assert f"shards: {RUN_ROWS // RUN_SHARD} of {RUN_ROWS // RUN_SHARD} done, 0 left" in text.stdout
     assert f"rows: {RUN_ROWS} of {RUN_ROWS} done (100%), 0 failed, 0 left" in text.stdout
     s = json.loads(cli("status", out, "--json").stdout)
-    assert s["rows_ok"] == RUN_ROWS and s["rows_left"] == 0 and s["runs"] == 1 and s["rows_per_s"] > 0
+    assert s["rows_ok"] == RUN_ROWS and s["rows_left"] == 0 and s["runs"] == 1
+    assert s["throughput"]["images"] == RUN_ROWS and s["throughput"]["images_per_s_wall"] > 0
     assert s["eta_s"] is None and s["last_errors"] == []
 
 
@@ -225,7 +235,7 @@ def test_report_on_s3_webdataset(tmp_path, s3_bucket):
     result = cli("run", "--manifest", str(manifest), "--output", output, "--model", "tiny:turbo",
                  "--workers", "1", "--shard-size", "8", "--format", "webdataset")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == f"report: {output}/report.html"
+    assert result.stdout.splitlines()[-2] == f"report: {output}/report.html"
     page = open_storage(output).get_bytes("report.html").decode("utf-8")
     check_self_contained(page)
     assert page.count('src="data:image/jpeg;base64,') == 24

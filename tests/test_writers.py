@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import os
 import tarfile
 import tempfile
@@ -8,6 +9,7 @@ import time
 import uuid
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -226,8 +228,9 @@ def test_webdataset_roundtrip(storage, image_format, tmp_path, private_tempdir):
     got = list(wds.WebDataset(path, shardshuffle=False))
     assert [s["__key__"] for s in got] == [k for k, _, _ in samples]
     for s, (k, data, meta) in zip(got, samples):
-        assert set(s) >= {ext, "json"}
+        assert set(s) >= {ext, "txt", "json"}
         assert s[ext] == data
+        assert s["txt"].decode("utf-8") == meta["prompt"]  # the caption training loaders read
         Image.open(io.BytesIO(s[ext])).load()
         text = s["json"].decode("utf-8")
         assert "一只猫" in text  # not \u-escaped
@@ -240,7 +243,7 @@ def test_webdataset_roundtrip(storage, image_format, tmp_path, private_tempdir):
     # deterministic tar headers
     with tarfile.open(path) as tf:
         members = tf.getmembers()
-    assert [m.name for m in members] == [n for k, _, _ in samples for n in (f"{k}.{ext}", f"{k}.json")]
+    assert [m.name for m in members] == [n for k, _, _ in samples for n in (f"{k}.{ext}", f"{k}.txt", f"{k}.json")]
     for m in members:
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
         assert m.isfile()
@@ -260,7 +263,9 @@ def test_webdataset_is_deterministic(tmp_path):
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
 def test_parquet_roundtrip(storage, image_format, tmp_path, private_tempdir):
     samples = _samples(image_format=image_format, quality=85)
-    w = make_writer("parquet", storage, SHARD, image_format=image_format, quality=85)
+    fields = pa.schema([("seed", pa.int64()), ("width", pa.int64()), ("guidance_scale", pa.float64()),
+                        ("tags", pa.list_(pa.string())), ("nan_value", pa.float64())])
+    w = make_writer("parquet", storage, SHARD, image_format=image_format, quality=85, fields=fields)
     assert isinstance(w, ParquetWriter)
     w.ROW_GROUP_ROWS = 7  # exercise several row groups
     locations = [w.add(k, data, meta) for k, data, meta in samples]
@@ -274,20 +279,59 @@ def test_parquet_roundtrip(storage, image_format, tmp_path, private_tempdir):
     pf = pq.ParquetFile(local)
     assert pf.metadata.num_row_groups == 3
     table = pf.read()
-    assert table.schema.names == ["key", "id", "image", "format"]
-    assert [str(t) for t in table.schema.types] == ["string", "string", "binary", "string"]
+    assert table.schema.names == ["__key__", "id", "image", "prompt", "seed", "width", "guidance_scale", "tags",
+                                  "nan_value"]
+    assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows = table.to_pylist()
-    assert [r["key"] for r in rows] == [k for k, _, _ in samples]
+    assert [r["__key__"] for r in rows] == [k for k, _, _ in samples]
+    ext = IMAGE_FORMATS[image_format].ext
     for r, (k, data, meta) in zip(rows, samples):
-        assert r["id"] == meta["id"]
-        assert r["image"] == data
-        assert r["format"] == IMAGE_FORMATS[image_format].ext
-        Image.open(io.BytesIO(r["image"])).load()
+        assert r["id"] == meta["id"] and r["prompt"] == meta["prompt"] and r["seed"] == meta["seed"]
+        assert r["image"] == {"bytes": data, "path": f"{k}.{ext}"}
+        assert r["tags"] == meta["tags"] and math.isnan(r["nan_value"])  # a float column keeps NaN
+        Image.open(io.BytesIO(r["image"]["bytes"])).load()
+    # the Hugging Face features travel in the schema metadata: image is an Image
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"} and features["seed"] == {"dtype": "int64", "_type": "Value"}
+    assert features["tags"] == {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"}
     # also readable straight through the storage's arrow filesystem
     fs, root = storage.arrow_fs()
-    assert pq.read_table(f"{root}/data/{SHARD}.parquet", filesystem=fs).column("image").to_pylist() == [
+    assert [i["bytes"] for i in pq.read_table(f"{root}/data/{SHARD}.parquet", filesystem=fs).column("image").to_pylist()] == [
         data for _, data, _ in samples
     ]
+
+
+def test_parquet_loads_with_datasets_as_images(tmp_path):
+    """`datasets.load_dataset("parquet")` decodes the image column to PIL from the schema metadata alone."""
+    datasets = pytest.importorskip("datasets")
+    st = LocalStorage(str(tmp_path / "out"))
+    samples = _samples(4)
+    with make_writer("parquet", st, SHARD) as w:
+        for k, data, meta in samples:
+            w.add(k, data, meta)
+    ds = datasets.load_dataset("parquet", data_files=st.url(f"data/{SHARD}.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    for row, (_, data, meta) in zip(ds, samples):
+        assert isinstance(row["image"], Image.Image) and np.array_equal(np.asarray(row["image"]), _pixels_of(data))
+        assert row["prompt"] == meta["prompt"] and row["seed"] == meta["seed"] and row["guidance_scale"] == 4.5
+
+
+def _pixels_of(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_webdataset_captions_read_the_way_training_loaders_read_them(tmp_path):
+    import webdataset as wds
+
+    st = LocalStorage(str(tmp_path / "out"))
+    samples = _samples(3)
+    with make_writer("webdataset", st, SHARD) as w:
+        for k, data, meta in samples:
+            w.add(k, data, meta)
+    got = list(wds.WebDataset(st.url(f"shards/{SHARD}.tar"), shardshuffle=False).decode("pil").to_tuple("png;jpg;webp", "txt"))
+    assert [txt for _, txt in got] == [meta["prompt"] for _, _, meta in samples]
+    assert all(isinstance(img, Image.Image) for img, _ in got)
 
 
 # ------------------------------------------------------------------------------ common
@@ -331,7 +375,7 @@ def test_empty_shard_still_written(fmt, tmp_path):
     assert st.exists(key)
     if fmt == "parquet":
         t = pq.read_table(st.url(key))
-        assert t.num_rows == 0 and t.schema.names == ["key", "id", "image", "format"]
+        assert t.num_rows == 0 and t.schema.names[:4] == ["__key__", "id", "image", "prompt"]
     else:
         with tarfile.open(st.url(key)) as tf:
             assert tf.getmembers() == []

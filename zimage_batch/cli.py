@@ -89,7 +89,8 @@ def main() -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--manifest", help="Parquet file or folder, local or s3://")
 @click.option("--output", help="Output folder, local or s3://")
-@click.option("--model", help="tiny:<variant>, a hub id, a local folder or an s3:// folder")
+@click.option("--model", help="A hub id (default Tongyi-MAI/Z-Image-Turbo), a local or s3:// folder, or "
+              "tiny:<variant> (random weights: noise, for tests)")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), help="Variant of the model (inferred when omitted)")
 @click.option("--format", "format_", type=click.Choice(FORMATS), help="Output format (default files)")
 @click.option("--workers", type=int, help="Workers (default: one per GPU, or 1 on CPU)")
@@ -112,7 +113,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         click.echo("error: interrupted; run again to resume", err=True)
         sys.exit(130)
     click.echo(
-        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows; "
+        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
+        f"{_images_note(summary)}; "
         f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
     )
     for worker in summary.workers:
@@ -122,9 +124,18 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     if summary.problem:
         click.echo(f"error: {summary.problem}", err=True)
     click.echo(f"output: {summary.output}")
+    _write_card(summary.output)
     if job.report:
         _write_report(summary.output)
+    if summary.throughput is not None:  # the last line: the same figures as status and the report
+        click.echo(f"throughput: {summary.throughput.text()}")
     sys.exit(summary.exit_code)
+
+
+def _images_note(summary: Any) -> str:
+    """' (4,000 images)' when rows draw several images (then ok and error count images)."""
+    images = summary.rows_ok + summary.rows_error
+    return f" ({images:,} images)" if summary.rows_done is not None and images != summary.rows_done else ""
 
 
 def _write_report(output: str) -> None:
@@ -135,6 +146,16 @@ def _write_report(output: str) -> None:
         click.echo(f"report: {write_report(output)}")
     except Exception as exc:  # noqa: BLE001 - the job itself is done
         click.echo(f"warning: could not write the report: {first_line(exc)}", err=True)
+
+
+def _write_card(output: str) -> None:
+    """Write OUTPUT/README.md, the dataset card `load_dataset(OUTPUT)` reads; a failure is reported, not fatal."""
+    from zimage_batch.output.dataset_card import write_dataset_card
+
+    try:
+        click.echo(f"dataset card: {write_dataset_card(output)}")
+    except Exception as exc:  # noqa: BLE001 - the job itself is done
+        click.echo(f"warning: could not write the dataset card: {first_line(exc)}", err=True)
 
 
 @main.command("status")
@@ -177,6 +198,7 @@ def report_command(output: str) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
 def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     """Check MANIFEST (schema and every value) without a model or a GPU."""
+    from zimage_batch.run.estimate import count_images, estimate
     from zimage_batch.run.preflight import check_manifest
 
     try:
@@ -185,6 +207,8 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
+    images, _ = count_images(m, job.num_images)
+    click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 
 
 @main.command("make-tiny-model")

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
+from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.layout import FORMATS
 
@@ -32,7 +33,7 @@ class JobError(ValueError):
 class JobSpec:
     manifest: str | None = None
     output: str | None = None
-    model: str = "tiny:turbo"
+    model: str = "Tongyi-MAI/Z-Image-Turbo"  # tiny:<variant> only when asked (it draws noise)
     variant: str | None = None  # None: inferred from the model source
     models: dict[str, str] = field(default_factory=dict)  # other variants' sources, for rows naming them
     format: str = "files"
@@ -61,6 +62,7 @@ class JobSpec:
     canny_low: float = 100.0  # OpenCV Canny thresholds for control: canny
     canny_high: float = 200.0
     controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
+    num_images: int = 1  # images per row (a row's `num_images` overrides it); image k uses seed + k
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -75,6 +77,7 @@ class JobSpec:
     grace_period: float = 60.0
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
+    gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
     overwrite: bool = False
     # run on an S3 store that ignores If-None-Match: * (one writer at a time; no exactly-once guarantee)
     unsafe_allow_overwriting_commits: bool = False
@@ -98,6 +101,7 @@ class JobSpec:
         "strength",
         "lora",
         "loras",
+        "num_images",
     )
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
@@ -115,10 +119,13 @@ class JobSpec:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
         any (the metadata then has a `lora` column): job.json's per-adapter sha256 covers the
         files, so adding an adapter for new rows keeps the job. The ControlNet's identity is
-        `controlnet_id` (its sha256, S3 cache entry or hub commit)."""
+        `controlnet_id` (its sha256, S3 cache entry or hub commit). `num_images` counts only
+        when it is not 1, so the fingerprints of jobs from before it stay as they were."""
         payload = {}
         for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
+            if name == "num_images" and value == 1:
+                continue
             if name not in self.ADDED_OUTPUT_FIELDS or value:
                 payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -144,6 +151,8 @@ class JobSpec:
         for name in ("shard_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise JobError(f"{name} must be >= 1")
+        if not 1 <= self.num_images <= MAX_NUM_IMAGES:
+            raise JobError(f"num_images must be in 1..{MAX_NUM_IMAGES}, got {self.num_images}")
         for name in ("workers", "batch_size", "width", "height", "num_inference_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -153,7 +162,7 @@ class JobSpec:
             if value is not None and value % 16:
                 raise JobError(f"{name} must be a multiple of 16, got {value}")
         for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
-                     "progress_interval"):
+                     "progress_interval", "gpu_seconds_per_image"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -229,6 +238,7 @@ class JobSpec:
             "cfg_truncation": self.cfg_truncation,
             "cfg_normalization": float(self.cfg_normalization),
             "strength": self.strength,
+            "num_images": self.num_images,
         }
 
 

@@ -58,7 +58,7 @@ def generate_control_batch(engine: Engine, batch: list[ControlRequest]) -> list[
     texts = [r.prompt for r in batch]
     if first.guidance_scale > 0:
         texts += [r.negative_prompt or "" for r in batch]
-    embeds = engine.encode_prompt(texts)
+    embeds = engine.prompts.encode(texts, engine.encode_prompt)
     positive, negative = embeds[:n], embeds[n:]
     control = control_context(engine, batch)
     latents = engine.prepare_latents(batch)  # the rows' only random draws

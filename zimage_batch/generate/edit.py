@@ -81,7 +81,7 @@ def _img2img(engine: Engine, batch: list[EditRequest], inpaint: bool) -> list[np
     vae = pipe.vae
     use_cfg = first.guidance_scale > 0
     texts = [r.prompt for r in batch] + ([r.negative_prompt or "" for r in batch] if use_cfg else [])
-    embeds = engine.encode_prompt(texts)
+    embeds = engine.prompts.encode(texts, engine.encode_prompt)
     positive, negative = embeds[:n], embeds[n:]
     dtype = positive[0].dtype  # the reference prepares image latents and noise in the prompt dtype
 

@@ -22,6 +22,7 @@ import torch
 
 from zimage_batch.generate.lora import LoraAdapters, use_adapters
 from zimage_batch.generate.low_vram import TakingTurns
+from zimage_batch.generate.prompts import RecentPrompts
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.model.variants import Variant, get_variant
 
@@ -136,6 +137,7 @@ class Engine:
             # Regional compilation: the 34 identical blocks compile once, in seconds, not minutes.
             self.pipe.transformer.compile_repeated_blocks(fullgraph=False)
         self.busy_seconds = 0.0  # wall time spent generating, for the busy fraction
+        self.prompts = RecentPrompts()  # each distinct text of a batch encoded once: prompts.encode
 
     @property
     def swaps(self) -> int:
@@ -189,7 +191,7 @@ class Engine:
         texts = [r.prompt for r in batch]
         if use_cfg:
             texts += [r.negative_prompt or "" for r in batch]
-        embeds = self.encode_prompt(texts)
+        embeds = self.prompts.encode(texts, self.encode_prompt)  # each distinct new text once
         positive, negative = embeds[: len(batch)], embeds[len(batch) :]
         latents = self.prepare_latents(batch)
         latents = self.denoise(latents, positive, negative, first)

@@ -19,7 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from zimage_batch.inputs import lora_spec
 from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS, check_control_batch
+from zimage_batch.inputs.ids import IdDigests, find_duplicates
 from zimage_batch.inputs.lora_spec import check_lora_column
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.storage import is_s3, open_storage, split_s3_uri
@@ -44,6 +46,7 @@ PROMPT_COLUMNS = {
     "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
     "control_image": STRING,  # a ControlNet condition (with the job's `controlnet`)
     "control_scale": NUMBER,
+    "num_images": INTEGER,
 }
 # `control` derives a ControlNet condition from the row's source (canny, tile)
 EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER, "control": STRING}
@@ -70,6 +73,11 @@ METADATA_COLUMNS = {
 }
 
 
+#: The most images one row may ask for (`num_images`, column or job setting).
+MAX_NUM_IMAGES = 64
+#: The metadata column of a job that uses num_images: which of its row's images a metadata row is.
+IMAGE_INDEX_COLUMN = {"image_index": pa.int64()}
+
 # lineage columns added for edit manifests (SPEC §3): where each edited image came from
 EDIT_METADATA_COLUMNS = {
     "source": pa.string(),
@@ -82,9 +90,25 @@ EDIT_METADATA_COLUMNS = {
 }
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
 RESERVED_COLUMNS = {
-    "prompt": frozenset((METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
-    "edit": frozenset((METADATA_COLUMNS | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "prompt": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
+    "edit": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys()
+                      - KNOWN_COLUMNS.keys()),
 }
+
+
+def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
+                     control: bool = False) -> dict[str, pa.DataType]:
+    """The pipeline's own metadata columns, in order: image_index after id when the job uses
+    num_images, the edit lineage for edit manifests, `lora` in a job with adapters, the
+    ControlNet conditions in a job with a ControlNet."""
+    columns = dict(METADATA_COLUMNS)
+    if image_index:
+        columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
+    columns |= EDIT_METADATA_COLUMNS if edit else {}
+    columns |= lora_spec.METADATA_COLUMN if lora else {}
+    return columns | (CONTROL_METADATA_COLUMNS if control else {})
+
+
 MAX_LISTED = 5  # offending rows named in an error message
 
 
@@ -125,6 +149,16 @@ class Manifest:
     def passthrough(self) -> pa.Schema:
         """The columns copied into the metadata unchanged, each with one type across all files."""
         return pa.schema([f for f in self.schema if f.name not in KNOWN_COLUMNS])
+
+    def uses_num_images(self, job_num_images: int) -> bool:
+        """Whether a job on this manifest draws several images per row: a `num_images` column, or
+        a job setting other than 1. Its metadata rows then carry `image_index`."""
+        return job_num_images != 1 or "num_images" in self.schema.names
+
+    def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False) -> pa.Schema:
+        """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
+        columns = metadata_columns(self.kind == "edit", image_index, lora, control)
+        return pa.schema(list(columns.items()) + list(self.passthrough))
 
     @property
     def num_rows(self) -> int:
@@ -197,10 +231,14 @@ class Manifest:
         return self._display(f.path)
 
     # ------------------------------------------------------------------ reading
-    def iter_batches(self, f: ManifestFile, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    def iter_batches(self, f: ManifestFile, batch_size: int = 65536,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's rows batch by batch (only `columns`, when given), partition columns included."""
+        own = None if columns is None else [c for c in columns if c in f.schema.names and c not in dict(f.partition)]
         with self.fs.open_input_file(f.path) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
-                yield _decoded(f.with_partition(batch))
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=own):
+                batch = _decoded(f.with_partition(batch))
+                yield batch if columns is None else batch.select([c for c in columns if c in batch.schema.names])
 
     def read_column(self, f: ManifestFile, name: str) -> pa.Array:
         """One column of one file (nulls where the file lacks it)."""
@@ -366,6 +404,7 @@ class Limits:
     controlnet: bool = False  # the job names a ControlNet
     control: str | None = None  # the job's derived condition (canny | tile | none)
     control_image: str | None = None  # the job's condition image
+    default_num_images: int = 1
 
 
 def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
@@ -393,7 +432,7 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
                 found = f.stored.field(field.name).type if f.stored is not None else field.type
                 expected = "string or integer" if field.name == "id" else expected
                 raise ManifestError(f"{where}: column '{field.name}' must be {expected}, found {found}")
-    ids, origins = [], []  # origins[i]: (file name, first row) of ids[i]
+    digests = IdDigests(manifest.num_rows)  # 8 bytes an id, not the ids: 10^8 rows fit a small driver
     variants: set[str] = set()
     for f in manifest.files:
         row_offset = 0
@@ -402,17 +441,16 @@ def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
                 _check_batch(manifest.display_name(f), batch, row_offset, limits, manifest.kind)
             except pa.ArrowException as exc:  # e.g. values no check kernel takes: name the file
                 raise ManifestError(f"{manifest.display_name(f)}: unusable values ({_first_line(exc)})") from None
-            ids.append(pc.cast(batch.column("id"), pa.large_string()))
+            digests.add(batch.column("id"))
             if "variant" in batch.schema.names:
                 column = pc.cast(batch.column("variant"), pa.string()).fill_null(limits.default_variant)
                 variants |= set(pc.unique(column).to_pylist())
             else:
                 variants.add(limits.default_variant)
-            origins.append((f.name, row_offset))
             row_offset += batch.num_rows
     if manifest.num_rows == 0:
         raise ManifestError(f"{manifest.uri}: manifest has no rows")
-    _check_unique_ids(manifest.uri, ids, origins)
+    _check_unique_ids(manifest, digests)
     return variants
 
 
@@ -517,6 +555,22 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         fail_if("seed", pc.less(seed, 0), "must be >= 0")
     if limits.controlnet or {"control_image", "control", "control_scale"} & set(batch.schema.names):
         check_control_batch(batch, limits, fail_if)
+    _check_num_images(column("num_images"), seed, limits, fail_if)
+
+
+def _check_num_images(num_images: pa.Array | None, seed: pa.Array | None, limits: Limits,
+                      fail_if: Callable[[str, pa.Array, str], None]) -> None:
+    """1 <= num_images <= MAX_NUM_IMAGES, and image k's seed (seed + k) fits int64."""
+    if num_images is not None and not pa.types.is_null(num_images.type):
+        fail_if("num_images", pc.less(num_images, 1), "must be >= 1")
+        fail_if("num_images", pc.greater(num_images, MAX_NUM_IMAGES), f"must be <= {MAX_NUM_IMAGES} (MAX_NUM_IMAGES)")
+    if seed is None or pa.types.is_null(seed.type):
+        return
+    count = pa.array([limits.default_num_images] * len(seed), pa.int64()) if num_images is None else \
+        pc.fill_null(pc.cast(num_images, pa.int64()), limits.default_num_images)
+    room = pc.subtract(pa.scalar(2**63 - 1, pa.int64()), pc.cast(seed, pa.int64()))  # seed >= 0: no overflow
+    fail_if("seed", pc.greater(pc.subtract(count, 1), room),
+            "leaves no room for its images' seeds (image k uses seed + k, which must stay below 2**63)")
 
 
 def _check_utf8(where: str, batch: pa.RecordBatch, offset: int) -> None:
@@ -601,22 +655,26 @@ def _limits_text(variant_column: pa.Array | None, limits: Limits) -> str:
     return ", ".join(f"{n}: {VARIANTS[n].min_side}..{VARIANTS[n].max_side}" for n in sorted(names))
 
 
-def _check_unique_ids(uri: str, ids: list[pa.Array], origins: list[tuple[str, int]]) -> None:
-    """Duplicate ids are named with the file and row of each copy (they may be in different files)."""
-    counts = pc.value_counts(pa.chunked_array(ids, type=pa.large_string()))
-    dupes = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if not len(dupes):
+def _check_unique_ids(manifest: Manifest, digests: IdDigests) -> None:
+    """Duplicate ids are named with the file and row of each copy (they may be in different files).
+    Rows whose id digest repeats are compared exactly in a second pass over the id column."""
+    candidates = digests.candidates()
+    if not len(candidates):
         return
-    shown_values = dupes.field("values")[:MAX_LISTED]
-    places: dict[str, list[str]] = {v.as_py(): [] for v in shown_values}
-    for chunk, (name, offset) in zip(ids, origins):
-        for r in np.flatnonzero(np.asarray(pc.fill_null(pc.is_in(chunk, shown_values), False))):
-            value = chunk[int(r)].as_py()
-            if len(places[value]) < 3:
-                places[value].append(f"{name} row {offset + int(r)}")
-    shown = ", ".join(f"{repr(v)[:60]} ({', '.join(p)})" for v, p in places.items())
-    more = f" and {len(dupes) - MAX_LISTED} more" if len(dupes) > MAX_LISTED else ""
-    raise ManifestError(f"{uri}: column 'id' has duplicate ids: {shown}{more}")
+
+    def id_batches() -> Iterator[tuple[str, int, pa.Array]]:
+        for f in manifest.files:
+            offset = 0
+            for batch in manifest.iter_batches(f, columns=["id"]):
+                yield f.name, offset, batch.column("id")
+                offset += batch.num_rows
+
+    dupes, total = find_duplicates(candidates, id_batches, MAX_LISTED)
+    if not dupes:
+        return  # digests that collided, ids that differ
+    shown = ", ".join(f"{repr(d.id)[:60]} ({', '.join(f'{name} row {row}' for name, row in d.places)})" for d in dupes)
+    more = f" and {total - len(dupes)} more" if total > len(dupes) else ""
+    raise ManifestError(f"{manifest.uri}: column 'id' has duplicate ids: {shown}{more}")
 
 
 # ---------------------------------------------------------------------- rows

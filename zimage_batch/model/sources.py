@@ -144,10 +144,16 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def _hub_checkpoint(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline with an empty cache, unknown repo, no network
+        if constants.HF_HUB_OFFLINE:
+            raise ModelSourceError(
+                f"model {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
+                f"so it cannot be downloaded: fetch it once online (hf download {repo_id}), point HF_HOME at a cache "
+                "that holds it, or give --model a local folder"
+            ) from None
         reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
         raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}: {reason}") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["safe_key", "SLUG_MAX", "HASH_HEX", "KEY_RE"]
+__all__ = ["safe_key", "sample_key", "SLUG_MAX", "HASH_HEX", "KEY_RE"]
 
 SLUG_MAX = 64
 HASH_HEX = 16
@@ -46,3 +46,10 @@ def safe_key(row_id: str) -> str:
     slug = _UNDERSCORE_RUN.sub("_", slug)
     slug = slug.strip("_-")[:SLUG_MAX].rstrip("_-")
     return f"{slug}-{digest}" if slug else digest
+
+
+def sample_key(row_id: str, image_index: int | None = None) -> str:
+    """The key of one image: ``safe_key(id)``, then ``_<k>`` for image k of a job that uses
+    num_images. Unique per (id, image_index): a safe key ends in hex digits, never ``_<k>``."""
+    key = safe_key(row_id)
+    return key if image_index is None else f"{key}_{int(image_index)}"

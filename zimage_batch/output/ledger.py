@@ -39,8 +39,8 @@ class CommitMarker:
     start: int
     end: int
     rows: int  # manifest rows it covers
-    ok: int
-    error: int
+    ok: int  # images stored (one per row, or num_images per row)
+    error: int  # images that failed (error rows of the metadata)
     digest: str  # of the manifest rows, to tell whether they changed since
     fingerprint: str  # of the job
     format: str
@@ -51,6 +51,7 @@ class CommitMarker:
     started: float = 0.0
     finished: float = 0.0
     busy_s: float = 0.0  # model time
+    images: int = 0  # images the shard draws (ok + error); 0 in markers written before num_images: one per row
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # the attempt: names its staging folder
 
     @property

@@ -22,6 +22,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zimage_batch.jobspec import redact_env_vars
@@ -36,7 +37,7 @@ MAX_SAMPLE_SHARDS = 20
 MAX_ERRORS = 500
 THUMB_PX = 256
 PROMPT_CHARS = 300
-SAMPLE_COLUMNS = ["id", "status", "error", "image", "prompt", "seed", "width", "height"]
+SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "seed", "width", "height"]
 
 
 def write_report(output: str | Storage) -> str:
@@ -108,11 +109,12 @@ def gallery_sample(state: OutputState) -> tuple[list[dict[str, Any]], str]:
 
 
 def thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Data URIs of JPEG thumbnails by row id; rows whose image cannot be read are left out."""
-    images = read_images(storage, rows)
+    """Data URIs of JPEG thumbnails by image location (a row's `image`: one per image, also when
+    a row drew several); rows whose image cannot be read are left out."""
+    images = read_images(storage, rows, key="image")
     with ThreadPoolExecutor(max_workers=4) as pool:
         uris = pool.map(_thumbnail, images.values())
-        return {row_id: uri for row_id, uri in zip(images, uris) if uri}
+        return {location: uri for location, uri in zip(images, uris) if uri}
 
 
 def _thumbnail(data: bytes) -> str | None:
@@ -129,8 +131,9 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Image bytes by id, following each row's `image` location for every output format:
+def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id") -> dict[str, bytes]:
+    """Image bytes by each row's `key` column (id, or image for one entry per image), following
+    each row's `image` location for every output format:
 
         images/<shard>/<key>.png      (files)     the object itself
         shards/<shard>.tar#<key>.png  (webdataset) a member of the tar
@@ -142,9 +145,9 @@ def read_images(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, bytes
     for row in rows:
         obj, sep, member = row["image"].partition("#")
         if sep:
-            containers.setdefault(obj, {})[member] = row["id"]
+            containers.setdefault(obj, {})[member] = row[key]
         else:
-            singles[row["id"]] = obj
+            singles[row[key]] = obj
     found: dict[str, bytes] = {}
 
     def read_single(item: tuple[str, str]) -> None:
@@ -184,11 +187,14 @@ def _parquet_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, 
     out: dict[str, bytes] = {}
     with storage.open_read(obj) as f:
         pf = pq.ParquetFile(f)
+        key = "__key__" if "__key__" in pf.schema_arrow.names else "key"  # "key": outputs written before the datasets layout
+        image = ["image.bytes"] if pa.types.is_struct(pf.schema_arrow.field("image").type) else ["image"]
         for group in range(pf.num_row_groups):
-            keys = pf.read_row_group(group, columns=["key"]).column("key").to_pylist()
+            keys = pf.read_row_group(group, columns=[key]).column(key).to_pylist()
             if wanted.intersection(keys):
-                table = pf.read_row_group(group, columns=["key", "image"])
-                out |= {k: v for k, v in zip(keys, table.column("image").to_pylist()) if k in wanted}
+                column = pf.read_row_group(group, columns=image).column("image")
+                values = column.combine_chunks().field("bytes") if pa.types.is_struct(column.type) else column
+                out |= {k: v for k, v in zip(keys, values.to_pylist()) if k in wanted}
     return out
 
 
@@ -227,27 +233,34 @@ def _figures_section(f: dict[str, Any]) -> str:
         ("rows left", _num(f["rows_left"])),
         ("shards done", f"{f['shards_done']} of {_num(f['total_shards'])}"),
         ("shards failed", len(f["shards_failed"])),
-        ("throughput", f"{f['rows_per_s']:.2f} rows/s"),
+        ("img/s over the run's wall time", f"{f['throughput']['images_per_s_wall']:.2f}"),
+        ("img/s over generation time", f"{f['throughput']['images_per_s_generation']:.2f}"),
         ("elapsed", _num(f["elapsed_s"], "{:.1f} s")),
         ("model", f["model"]),
         ("format", f["format"]),
         ("runs ended", f["runs"]),
     ]
     cells = "".join(f"<div class=fig><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in items)
-    return f"<section><h2>Figures</h2><div class=figs>{cells}</div></section>"
+    return (f"<section><h2>Figures</h2><div class=figs>{cells}</div>"
+            f"<p class=muted>Latest run: {_e(f['throughput_text'])}.</p></section>")
+
+
+def _image_index(row: dict[str, Any]) -> str:
+    """' image 2' for image 2 of a row that drew several."""
+    return f" image {_e(row['image_index'])}" if row.get("image_index") is not None else ""
 
 
 def _gallery_section(sample: list[dict[str, Any]], thumbs: dict[str, str], note: str) -> str:
     cards = []
     for row in sample:
-        uri = thumbs.get(row["id"])
+        uri = thumbs.get(row["image"])
         prompt = row["prompt"] or ""
         short = prompt if len(prompt) <= PROMPT_CHARS else prompt[:PROMPT_CHARS] + "…"
         img = (f'<img src="{uri}" alt="{_e(row["id"])}" width="{row["width"]}" height="{row["height"]}">'
                if uri else "<div class=missing>image not readable</div>")
         cards.append(
             f"<figure>{img}<figcaption><p class=prompt title=\"{_e(prompt)}\">{_e(short)}</p>"
-            f"<p class=muted>id <code>{_e(row['id'])}</code> &middot; seed {_e(row['seed'])} &middot; "
+            f"<p class=muted>id <code>{_e(row['id'])}</code>{_image_index(row)} &middot; seed {_e(row['seed'])} &middot; "
             f"{_e(row['width'])}&times;{_e(row['height'])}</p></figcaption></figure>"
         )
     missing = len(sample) - len(thumbs)

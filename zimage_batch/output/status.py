@@ -21,6 +21,7 @@ from typing import Any
 
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker, Ledger
+from zimage_batch.output.throughput import markers_of_run, run_throughput
 from zimage_batch.storage import Storage, StorageError, open_storage
 
 LAST_ERRORS = 5
@@ -90,15 +91,6 @@ def run_state(state: OutputState) -> str:
     return "running" if plan is not None else "unknown"
 
 
-def throughput(markers: list[CommitMarker]) -> tuple[float, float]:
-    """(rows per second, seconds) over the span from the first start to the last finish."""
-    if not markers:
-        return 0.0, 0.0
-    span = max(m.finished for m in markers) - min(m.started for m in markers)
-    rows = sum(m.rows for m in markers)
-    return (rows / span if span > 0 else 0.0), span
-
-
 def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     """The figures `status` prints (and `--json` emits)."""
     now = time.time() if now is None else now
@@ -106,25 +98,27 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     current = run_state(state)
     markers = state.markers
     rows_done = sum(m.rows for m in markers)
-    rows_ok = sum(m.ok for m in markers)
+    rows_ok = sum(m.ok for m in markers)  # metadata rows: one per image
+    rows_failed = sum(m.error for m in markers)
+    images_done = sum(m.images or m.rows for m in markers)
     total_rows = plan.get("total_rows") if plan else (run.get("rows_total") if run else None)
     total_shards = plan.get("total_shards") if plan else None
     if total_shards is None and run is not None:  # outputs written before plan records
         total_shards = run.get("shards_committed", 0) + len(run.get("failed") or {})
     started = plan.get("started") if plan else (run["finished"] - run.get("elapsed_s", 0) if run else None)
-    # throughput of the latest run: the shards it committed (all shards if it committed none)
-    since = plan.get("started", 0) if plan else 0
-    recent = [m for m in markers if m.finished >= since] or markers
-    rate, span = throughput(recent)
     if current == "running":
         elapsed = now - plan["started"]
     elif run is not None:
         elapsed = run.get("elapsed_s", 0.0)
     else:
         elapsed = None
+    # the latest run's throughput, as its last line said (or, while it runs, would say now)
+    rate = run_throughput(markers, started or 0.0, elapsed or 0.0)
+    recent = markers_of_run(markers, started or 0.0)
     rows_left = max(total_rows - rows_done, 0) if total_rows is not None else None
     quiet = _quiet_for(plan, recent, now) if current == "running" else None
     stalled = quiet is not None and quiet > max(STALL_AFTER_S, STALL_SHARDS * _slowest_shard(recent))
+    rows_per_s = rate.rows / rate.wall_s if rate.wall_s > 0 else 0.0
     errors = [
         {"shard": m.shard, "error": e, "finished": m.finished}
         for m in sorted(markers, key=lambda m: m.finished, reverse=True)
@@ -151,14 +145,17 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
         "total_rows": total_rows,
         "rows_done": rows_done,
         "rows_ok": rows_ok,
-        "rows_failed": rows_done - rows_ok,
+        "rows_failed": rows_failed,
         "rows_left": rows_left,
-        "rows_per_s": rate,
-        "rate_span_s": span,
+        "images_done": images_done,
+        "images_ok": rows_ok,
+        "images_failed": rows_failed,
+        "throughput": rate.to_dict(),
+        "throughput_text": rate.text(),
         "quiet_s": quiet,
         "stalled": stalled,
-        "eta_s": rows_left / rate if current == "running" and not stalled and rate > 0 and rows_left is not None
-        else None,
+        "eta_s": rows_left / rows_per_s if current == "running" and not stalled and rows_per_s > 0
+        and rows_left is not None else None,
         "last_errors": errors[:LAST_ERRORS],
     }
 
@@ -207,9 +204,9 @@ def format_status(s: dict[str, Any]) -> list[str]:
         f"{s['shards_left'] if s['shards_left'] is not None else '?'} left"
         + (f", {len(s['shards_failed'])} failed" if s["shards_failed"] else ""),
         f"rows: {_of(s['rows_done'], s['total_rows'])} done{pct}, {s['rows_failed']} failed, "
-        f"{s['rows_left'] if s['rows_left'] is not None else '?'} left",
-        f"throughput: {s['rows_per_s']:.2f} rows/s over {_duration(s['rate_span_s'])} of committed shards"
-        + (f"; ETA {_duration(s['eta_s'])}" if s["eta_s"] is not None else ""),
+        f"{s['rows_left'] if s['rows_left'] is not None else '?'} left"
+        + (f"; images: {s['images_ok']} ok, {s['images_failed']} failed" if s["images_done"] != s["rows_done"] else ""),
+        f"throughput: {s['throughput_text']}" + (f"; ETA {_duration(s['eta_s'])}" if s["eta_s"] is not None else ""),
     ]
     if s["last_errors"]:
         lines.append("last errors:")

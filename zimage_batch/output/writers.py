@@ -3,8 +3,11 @@
 A writer stores the images of one shard under OUTPUT, through a :class:`~zimage_batch.storage.Storage`:
 
 ``files``       ``images/<shard>/<key>.<ext>``, one object per image, uploaded as samples arrive.
-``webdataset``  ``shards/<shard>.tar`` with ``<key>.<ext>`` + ``<key>.json`` per sample.
-``parquet``     ``data/<shard>.parquet`` with columns ``key``, ``id``, ``image``, ``format``.
+``webdataset``  ``shards/<shard>.tar`` with ``<key>.<ext>``, ``<key>.txt`` (the prompt, the caption
+                training loaders read) and ``<key>.json`` (the settings) per sample.
+``parquet``     ``data/<shard>.parquet``: ``__key__``, ``id``, ``image`` (a struct of ``bytes`` and
+                ``path``, declared as a Hugging Face ``Image`` in the schema metadata), ``prompt``
+                and the rest of the sample's metadata.
 
 Usage: ``add()`` each sample (it returns the value of the metadata ``image`` column), then
 ``close()``; only when ``close()`` returns is everything durable. ``abort()`` (or leaving a
@@ -30,11 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
+from zimage_batch.inputs.manifest import METADATA_COLUMNS
 from zimage_batch.output import layout
+from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features
 from zimage_batch.output.keys import KEY_RE
 from zimage_batch.run.threads import background_pool
+from zimage_batch.storage import Storage
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -144,7 +151,7 @@ class ShardWriter(ABC):
 
     output_format: str = ""
 
-    def __init__(self, storage, shard: str, image_format: str = "png", quality: int = 95):
+    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95) -> None:
         self.storage = storage
         self.shard = _check_shard(shard)
         self.image_format = get_image_format(image_format)
@@ -212,7 +219,7 @@ class ShardWriter(ABC):
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if exc_type is None and self._state == "open":
             self.close()
         else:
@@ -272,7 +279,8 @@ class FilesWriter(ShardWriter):
 
     output_format = "files"
 
-    def __init__(self, storage, shard, image_format="png", quality=95, *, upload_threads: int = 8, max_pending: int = 32):
+    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95, *,
+                 upload_threads: int = 8, max_pending: int = 32) -> None:
         super().__init__(storage, shard, image_format, quality)
         if upload_threads < 1 or max_pending < 1:
             raise ValueError("upload_threads and max_pending must be >= 1")
@@ -287,7 +295,7 @@ class FilesWriter(ShardWriter):
     def object_key(self, key: str) -> str:
         return layout.image_key(self.shard, key, self.ext)
 
-    def _add(self, key, data, meta):
+    def _add(self, key: str, data: bytes, meta: dict) -> str:
         self._raise_error()
         obj = self.object_key(key)
         self._slots.acquire()
@@ -382,6 +390,12 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _caption(meta: dict) -> bytes:
+    """The ``<key>.txt`` member: the prompt, UTF-8 (empty when a sample has none)."""
+    prompt = meta.get("prompt")
+    return b"" if prompt is None else str(prompt).encode("utf-8")
+
+
 class WebDatasetWriter(_TempDirMixin, ShardWriter):
     """``shards/<shard>.tar``: streamed to a local temp tar, uploaded by ``close()``.
 
@@ -391,16 +405,18 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
 
     output_format = "webdataset"
 
-    def __init__(self, storage, shard, image_format="png", quality=95):
+    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95) -> None:
         super().__init__(storage, shard, image_format, quality)
         self.object = layout.tar_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-wds-"), f"{self.shard}.tar")
         self._tar: tarfile.TarFile | None = tarfile.open(self._path, "w", format=tarfile.PAX_FORMAT)
 
-    def _add(self, key, data, meta):
+    def _add(self, key: str, data: bytes, meta: dict) -> str:
         js = meta_json(meta)  # fail on bad metadata before anything is written
+        caption = _caption(meta)
         img_name = f"{key}.{self.ext}"
         self._tar.addfile(_tar_member(img_name, len(data)), io.BytesIO(data))
+        self._tar.addfile(_tar_member(f"{key}.txt", len(caption)), io.BytesIO(caption))
         self._tar.addfile(_tar_member(f"{key}.json", len(js)), io.BytesIO(js))
         return f"{self.object}#{img_name}"
 
@@ -426,37 +442,38 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
 
 # ---------------------------------------------------------------------------------------------
 class ParquetWriter(_TempDirMixin, ShardWriter):
-    """``data/<shard>.parquet``: columns ``key``, ``id``, ``image`` (bytes), ``format`` (extension).
+    """``data/<shard>.parquet``: one row per sample, ready for ``datasets.load_dataset("parquet")``.
 
-    Rows are flushed to a local temp file in row groups (bounded memory), uploaded by
-    ``close()``. The rest of the metadata lives in ``metadata/<shard>.parquet`` only.
+    Columns: ``__key__`` (the sample key, as WebDataset loaders name it), ``id``, ``image`` (a
+    struct of ``bytes`` and ``path`` = ``<key>.<ext>``: how `datasets` stores an ``Image``,
+    declared so in the schema metadata), ``prompt``, then the other ``fields`` of the sample's
+    metadata (the settings, then pass-through columns; by default the settings only). Rows are
+    flushed to a local temp file in row groups (bounded memory), uploaded by ``close()``.
     """
 
     output_format = "parquet"
     ROW_GROUP_BYTES = 64 << 20
     ROW_GROUP_ROWS = 1024
+    KEY_COLUMN = "__key__"
 
-    def __init__(self, storage, shard, image_format="png", quality=95):
-        import pyarrow as pa
-
+    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95, *,
+                 fields: pa.Schema | None = None) -> None:
         super().__init__(storage, shard, image_format, quality)
         self.object = layout.parquet_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-pq-"), f"{self.shard}.parquet")
-        self.schema = pa.schema(
-            [("key", pa.string()), ("id", pa.string()), ("image", pa.binary()), ("format", pa.string())]
-        )
+        self.schema = parquet_schema(fields)
         self._pq_writer = None
-        self._rows: dict[str, list] = {name: [] for name in self.schema.names}
+        self._rows: list[dict[str, Any]] = []
         self._buffered = 0
 
-    def _add(self, key, data, meta):
+    def _add(self, key: str, data: bytes, meta: dict) -> str:
+        row = {name: meta.get(name) for name in self.schema.names[3:]}
         row_id = meta.get("id")
-        self._rows["key"].append(key)
-        self._rows["id"].append(None if row_id is None else str(row_id))
-        self._rows["image"].append(data)
-        self._rows["format"].append(self.ext)
+        row |= {self.KEY_COLUMN: key, "id": None if row_id is None else str(row_id),
+                "image": {"bytes": data, "path": f"{key}.{self.ext}"}}
+        self._rows.append(row)
         self._buffered += len(data)
-        if self._buffered >= self.ROW_GROUP_BYTES or len(self._rows["key"]) >= self.ROW_GROUP_ROWS:
+        if self._buffered >= self.ROW_GROUP_BYTES or len(self._rows) >= self.ROW_GROUP_ROWS:
             self._flush()
         return f"{self.object}#{key}"
 
@@ -464,22 +481,17 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
         if self._pq_writer is None:
             import pyarrow.parquet as pq
 
-            self._pq_writer = pq.ParquetWriter(
-                self._path,
-                self.schema,
-                compression={"key": "zstd", "id": "zstd", "image": "none", "format": "zstd"},
-                use_dictionary=["format"],
-            )
+            # image bytes are already compressed (PNG, JPEG, WebP): zstd would only cost time
+            compression = {name: "zstd" for name in self.schema.names} | {"image.path": "zstd", "image.bytes": "none"}
+            self._pq_writer = pq.ParquetWriter(self._path, self.schema, compression=compression)
         return self._pq_writer
 
     def _flush(self):
-        import pyarrow as pa
-
-        if not self._rows["key"]:
+        if not self._rows:
             return
-        table = pa.Table.from_pydict(self._rows, schema=self.schema)
-        self._writer().write_table(table, row_group_size=len(self._rows["key"]))
-        self._rows = {name: [] for name in self.schema.names}
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        self._writer().write_table(table, row_group_size=len(self._rows))
+        self._rows = []
         self._buffered = 0
 
     def _close(self):
@@ -496,7 +508,7 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
             except Exception:
                 pass
             self._pq_writer = None
-        self._rows = {name: [] for name in self._rows}
+        self._rows = []
         self._remove_tmpdir()
 
     def stored_keys(self) -> set[str]:
@@ -504,18 +516,33 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
         return {self.object}
 
 
+def parquet_schema(fields: pa.Schema | None = None) -> pa.Schema:
+    """The schema of a ``data/<shard>.parquet``: key, id, image and prompt first, then `fields`
+    (a sample's metadata columns; default: the settings every sample has), with the
+    ``huggingface`` features metadata that makes ``image`` an ``Image``."""
+    if fields is None:
+        fields = sample_fields(pa.schema(list(METADATA_COLUMNS.items())))
+    first = [pa.field(ParquetWriter.KEY_COLUMN, pa.string()), pa.field("id", pa.string()),
+             pa.field("image", IMAGE_STRUCT), pa.field("prompt", pa.string())]
+    taken = {f.name for f in first}
+    return with_features(pa.schema(first + [f for f in fields if f.name not in taken]), images={"image"})
+
+
 # ---------------------------------------------------------------------------------------------
 _WRITERS = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetWriter}
 
 
-def make_writer(fmt: str, storage, shard: str, image_format: str = "png", quality: int = 95, **kwargs) -> ShardWriter:
+def make_writer(fmt: str, storage: Storage, shard: str, image_format: str = "png", quality: int = 95, **kwargs) -> ShardWriter:
     """The writer for output format ``fmt`` (``files`` | ``webdataset`` | ``parquet``).
 
-    ``upload_threads`` / ``max_pending`` (keyword only) tune the files writer; the others ignore them.
+    ``upload_threads`` / ``max_pending`` (keyword only) tune the files writer; ``fields`` (the
+    sample's metadata columns, pass-through ones included) are the Parquet writer's columns. Each
+    writer ignores the others' keywords.
     """
     cls = _WRITERS.get(fmt)
     if cls is None:
         raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
-    if cls is not FilesWriter:  # upload tuning only concerns the files writer
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("upload_threads", "max_pending")}
+    own = {FilesWriter: ("upload_threads", "max_pending"), ParquetWriter: ("fields",)}.get(cls, ())
+    known = ("upload_threads", "max_pending", "fields")
+    kwargs = {k: v for k, v in kwargs.items() if k in own or k not in known}
     return cls(storage, shard, image_format, quality, **kwargs)

@@ -22,8 +22,10 @@ from zimage_batch.inputs.manifest import Manifest
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker, Ledger
+from zimage_batch.output.throughput import Throughput, run_throughput
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
+from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.pool import RayWorkerPool
 from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
@@ -38,20 +40,24 @@ class RunSummary:
 
     output: str
     rows_total: int
-    rows_ok: int = 0
-    rows_error: int = 0
+    rows_ok: int = 0  # metadata rows (images) stored ok, in every committed shard
+    rows_error: int = 0  # metadata rows (images) that failed
+    rows_done: int | None = None  # manifest rows of the committed shards (None: rows_ok + rows_error)
     shards_committed: int = 0
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
+    started: float = 0.0
     elapsed_s: float = 0.0
-    images_per_s: float = 0.0
+    throughput: Throughput | None = None  # of this run: images/s over wall time and over generation time
+    device: str | None = None  # GPU or CPU, once workers ran
     workers: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
 
     @property
     def rows_left(self) -> int:
         """Rows of the manifest committed neither as ok nor as error."""
-        return max(self.rows_total - self.rows_ok - self.rows_error, 0)
+        done = self.rows_ok + self.rows_error if self.rows_done is None else self.rows_done
+        return max(self.rows_total - done, 0)
 
     @property
     def exit_code(self) -> int:
@@ -83,6 +89,8 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     storage = open_storage(absolute(job.output))
     prepared = prepare(job, check_output=lambda: check_output_store(storage, job.unsafe_allow_overwriting_commits))
     resolved = prepared.job
+    if prepared.model.draws_noise:  # said at the start, not only in the report
+        echo(NOISE_NOTE.format(model=resolved.spec.model))
     cluster = RayCluster(resolved.spec.address, resolved.spec.runtime_env)
     if not cluster.external:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(resolved))
@@ -98,16 +106,18 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
             echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
         plan = make_plan(prepared.manifest, committed, resolved.spec.shard_size, resolved.variant)
         _write_plan_record(storage, resolved, plan, started)
-        summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done))
+        summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done),
+                             started=started)
         echo(
             f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
             f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
         )
+        echo(cost_line(resolved, prepared.manifest, plan, storage))
         if plan.todo:
             cluster.connect()
             _run_plan(resolved, plan, summary, echo)
-    _count_committed(ledger, summary)
     summary.elapsed_s = time.time() - started
+    _count_committed(ledger, summary)
     _write_run_record(storage, resolved, summary)
     return summary
 
@@ -129,7 +139,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
         by_variant: dict[str, list[Shard]] = {}
         for shard in plan.todo:
             by_variant.setdefault(shard.variant or job.variant, []).append(shard)
-        progress = Progress(plan.rows_todo, 0, spec.progress_interval, echo)
+        progress = Progress(plan.rows_todo, 0, spec.progress_interval, echo, started=summary.started)
 
         def tick(queued: int, in_flight: int, workers: int) -> None:
             progress.tick(queued, in_flight, workers)
@@ -139,6 +149,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
             if len(by_variant) > 1:
                 echo(f"variant {variant}: {len(shards)} shards")
             pool = RayWorkerPool(job.worker_settings(variant), spec.workers, spec.device)
+            summary.device = "GPU" if pool.use_gpu else "CPU"
             try:
                 finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, result),
                                    on_tick=tick, echo=echo, stop=stop).run()
@@ -149,7 +160,6 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
             summary.stopped = finish.stopped
             if finish.stopped:
                 break
-        summary.images_per_s = progress.rate()
         progress.finish()
     finally:
         stop.uninstall()
@@ -159,14 +169,17 @@ def _account(progress: Progress, marker: CommitMarker | None) -> None:
     """A finished shard's result (its commit marker; None when another attempt had committed it)
     into the progress figures."""
     if marker is not None:
-        progress.shard_done(marker.rows, marker.error)
+        progress.shard_done(marker.rows, marker.error, marker.ok)
 
 
 def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
+    """Totals over every committed shard, and this run's throughput from the shards it committed."""
     markers = ledger.committed()
     summary.rows_ok = sum(m.ok for m in markers.values())
     summary.rows_error = sum(m.error for m in markers.values())
+    summary.rows_done = sum(m.rows for m in markers.values())
     summary.shards_committed = len(markers)
+    summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s)
 
 
 def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float) -> None:
@@ -186,7 +199,17 @@ def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: 
 def _write_run_record(storage: Storage, job: ResolvedJob, summary: RunSummary) -> None:
     """`_runs/<time>.json`: the summary's figures when the run ends."""
     record = dict(summary.__dict__)
+    record["throughput"] = summary.throughput.to_dict() if summary.throughput else None
+    record["run_key"] = run_key(job.spec.model, job.spec.defaults())  # what later cost lines compare against
     record["fingerprint"] = job.fingerprint
     record["finished"] = time.time()
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     storage.put_bytes(layout.run_record_key(name), json.dumps(record, indent=2, default=str).encode())
+
+
+def cost_line(job: ResolvedJob, manifest: Manifest, plan: Plan, storage: Storage) -> str:
+    """What the job will cost, said before any work: rows, images, GPU-hours when known."""
+    spec = job.spec
+    images, images_todo = count_images(manifest, spec.num_images, plan.todo, job.variant)
+    return estimate(plan.total_rows, images, images_todo, spec.gpu_seconds_per_image, storage,
+                    run_key(spec.model, spec.defaults())).line()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import groupby
@@ -25,9 +25,10 @@ from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import load_row
-from zimage_batch.output.keys import safe_key
+from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
+from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.rows import Request, error_outcome, row_record
 from zimage_batch.run.settings import WorkerSettings
 
@@ -57,6 +58,7 @@ class WorkerModel:
     sources: ThreadPoolExecutor | None  # edit manifests: source fetches and decodes
     passthrough_names: frozenset[str]  # manifest columns copied into each sample's JSON
     worker_id: str
+    batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
 
 
 class ShardGeneration:
@@ -69,11 +71,13 @@ class ShardGeneration:
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
+        self.batch_sizes = model.batch_sizes
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
         self.confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
+        self.busy_s = 0.0  # model time of this shard's own batches (not of a shard beside it)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
@@ -81,7 +85,7 @@ class ShardGeneration:
         encoded_ahead = self.engine.low_vram and self._encode_ahead()
         try:
             for batch in self._batches():
-                self._confirm(STORE_BACKLOG_BATCHES * self.batch_size)
+                self._confirm(STORE_BACKLOG_BATCHES * max(self.batch_size, len(batch)))
                 started = time.perf_counter()
                 pixels = self._generate([self.requests[i] for i in batch])
                 duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
@@ -143,13 +147,12 @@ class ShardGeneration:
                     release_pixels(self.requests[i])
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
-        """Batches of at most batch_size rows, each of one batch key (so a batch runs as one, and
-        its per-row duration is that of its own rows)."""
-        key = lambda i: self.requests[i].batch_key()  # noqa: E731
-        for _, same in groupby(sorted(indices, key=key), key=key):
-            same = list(same)
-            for b in range(0, len(same), self.batch_size):
-                yield same[b : b + self.batch_size]
+        return cut_batches(self.requests, indices, self._size_of)
+
+    def _size_of(self, request: Request) -> int:
+        if self.batch_sizes is None:
+            return self.batch_size
+        return self.batch_sizes.size(request.width, request.height)
 
     def _load_edit(self, i: int) -> images.EditRow:
         """A row's source and mask, or its ControlNet condition, fetched and decoded (on the
@@ -162,7 +165,7 @@ class ShardGeneration:
     def _generate(self, batch: list[Request]) -> list[np.ndarray | BaseException]:
         """One batch on the model thread; if it fails, retry row by row so one bad row fails alone."""
         try:
-            return self.model_thread.submit(self.engine.generate, batch, len(batch)).result()
+            return self.model_thread.submit(self._timed_generate, batch).result()
         except ROW_ERRORS as exc:
             if len(batch) == 1:
                 # Only the message: the exception's traceback holds the failed call's frames,
@@ -175,6 +178,15 @@ class ShardGeneration:
         for request in batch:
             results.extend(self._generate([request]))
         return results
+
+    def _timed_generate(self, batch: list[Request]) -> list[np.ndarray]:
+        """On the model thread: one batch, its time added to this shard's model time (a shard
+        beside it waits for the model thread meanwhile, and its time is not counted here)."""
+        started = time.perf_counter()
+        try:
+            return self.engine.generate(batch, len(batch))
+        finally:
+            self.busy_s += time.perf_counter() - started
 
     def _encode_ahead(self) -> bool:
         """low_vram: the text encoder's one turn on the device for this shard. If it fails, each
@@ -203,5 +215,16 @@ class ShardGeneration:
         meta = row_record(row, self.requests[i], self.settings) | {"sha256": digest, "duration_ms": duration_ms}
         meta |= self.lineage.get(i) or {}
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
-        location = self.writer.add(safe_key(row["id"]), data, meta)
+        location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
+
+
+def cut_batches(requests: Sequence[Request], indices: Sequence[int], size_of: Callable[[Request], int]) -> Iterator[list[int]]:
+    """Batches of one batch key each (so a batch runs as one, and its per-row duration is that
+    of its own rows), each as large as `size_of` its key's first request allows."""
+    key = lambda i: requests[i].batch_key()  # noqa: E731
+    for _, same in groupby(sorted(indices, key=key), key=key):
+        same = list(same)
+        size = size_of(requests[same[0]])
+        for b in range(0, len(same), size):
+            yield same[b : b + size]

@@ -130,7 +130,7 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
                        f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
-                    control_image=spec.control_image)
+                    control_image=spec.control_image, default_num_images=d["num_images"])
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
 
 

@@ -8,37 +8,41 @@ from typing import Callable
 
 
 class Progress:
-    """Rows done / failed / left, images/s, ETA and active workers."""
+    """Rows done / failed / left, images/s over the run's wall time so far, ETA and active workers."""
 
-    def __init__(self, rows_todo: int, workers: int, interval: float, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, rows_todo: int, workers: int, interval: float, echo: Callable[[str], None] = print,
+                 started: float | None = None) -> None:
         self.rows_todo = rows_todo
         self.workers = workers
         self.interval = interval
         self.echo = echo
         self.tty = sys.stdout.isatty()
-        self.started = time.time()
-        self.last_print = self.started
+        self.started = time.time() if started is None else started  # the run's start: same clock as its last line
+        self.last_print = time.time()
         self.done = 0
         self.failed = 0
+        self.images = 0
         self.queued = 0
         self.in_flight = 0
 
-    def shard_done(self, rows: int, errors: int) -> None:
+    def shard_done(self, rows: int, errors: int, images: int | None = None) -> None:
         self.done += rows
         self.failed += errors
+        self.images += rows - errors if images is None else images
 
     def rate(self) -> float:
-        """Rows per second since the run started dispatching."""
-        return self.done / max(time.time() - self.started, 1e-9)
+        """Images per second over the run's wall time so far."""
+        return self.images / max(time.time() - self.started, 1e-9)
 
-    def line(self) -> str:
-        rate = self.rate()
+    def line(self, final: bool = False) -> str:
         left = max(self.rows_todo - self.done, 0)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        return (
-            f"progress: {self.done}/{self.rows_todo} rows done, {self.failed} failed, {left} left | "
-            f"{rate:.1f} img/s | ETA {eta} | {self.workers} workers, {self.in_flight} shards in flight"
-        )
+        counts = f"progress: {self.done}/{self.rows_todo} rows done, {self.failed} failed, {left} left"
+        if final:  # the run's throughput follows on its own line, measured once
+            return counts
+        rows_per_s = self.done / max(time.time() - self.started, 1e-9)
+        eta = f"{left / rows_per_s:.0f}s" if rows_per_s > 0 else "?"
+        return (f"{counts} | {self.rate():.1f} img/s over wall time so far | ETA {eta} | "
+                f"{self.workers} workers, {self.in_flight} shards in flight")
 
     def tick(self, queued: int, in_flight: int, workers: int) -> None:
         self.queued, self.in_flight, self.workers = queued, in_flight, workers
@@ -53,4 +57,4 @@ class Progress:
     def finish(self) -> None:
         if self.tty:
             sys.stdout.write("\n")
-        self.echo(self.line())
+        self.echo(self.line(final=True))

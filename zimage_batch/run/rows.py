@@ -1,4 +1,8 @@
-"""From manifest rows to what the engine draws, and back to what the metadata records."""
+"""From manifest rows to what the engine draws, and back to what the metadata records.
+
+A row draws `num_images` images (its column, else the job's setting); image k uses the row's
+seed (given, or derived from the job seed and the id) plus k, so each one is reproducible alone.
+A job that uses num_images carries `image_index` on every image and in every key."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from zimage_batch.model.variants import Variant
 from zimage_batch.run.settings import WorkerSettings
 
 Request = GenerationRequest | EditRequest | ControlRequest
+SEED_LIMIT = 2**63  # seeds are int64 in the metadata
 
 
 def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Variant, edit: bool) -> Request:
@@ -24,9 +29,10 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         return defaults[name] if given is None else given
 
     seed = row.get("seed")
+    seed = derive_seed(settings.seed, row["id"]) if seed is None else int(seed)
     common = dict(
         prompt=row["prompt"],
-        seed=derive_seed(settings.seed, row["id"]) if seed is None else int(seed),
+        seed=(seed + row.get("image_index", 0)) % SEED_LIMIT,  # image k: seed + k (given seeds: checked to fit)
         num_inference_steps=int(value("num_inference_steps")),
         guidance_scale=float(value("guidance_scale")),
         negative_prompt=value("negative_prompt"),
@@ -47,10 +53,29 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
     return GenerationRequest(width=int(value("width")), height=int(value("height")), **common)
 
 
+def images_of_row(row: dict[str, Any], settings: WorkerSettings) -> int:
+    """How many images a manifest row draws."""
+    given = row.get("num_images")
+    return int(settings.defaults.get("num_images", 1) if given is None else given)
+
+
+def expand_rows(rows: list[dict[str, Any]], settings: WorkerSettings,
+                image_index: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """One entry per image to draw, in row order then image order: the row (with its
+    `image_index` when the job uses num_images) and the position of the manifest row it comes from."""
+    images, origin = [], []
+    for position, row in enumerate(rows):
+        for k in range(images_of_row(row, settings)):
+            images.append({**row, "image_index": k} if image_index else row)
+            origin.append(position)
+    return images, origin
+
+
 def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) -> dict[str, Any]:
     """What made a row's image: the metadata's settings columns, and each sample's JSON."""
     return {
         "id": row["id"],
+        **({"image_index": row["image_index"]} if "image_index" in row else {}),
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "seed": request.seed,

@@ -31,13 +31,15 @@ from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
+from zimage_batch.output.features import sample_fields
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
 from zimage_batch.output.metadata import metadata_table, parquet_bytes
 from zimage_batch.output.writers import make_writer
 from zimage_batch.run import metrics
+from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.generation import ShardGeneration, WorkerModel
 from zimage_batch.run.plan import Shard
-from zimage_batch.run.rows import request_for_row, row_record
+from zimage_batch.run.rows import expand_rows, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
 from zimage_batch.run.threads import background_pool
 from zimage_batch.storage import open_storage
@@ -57,6 +59,7 @@ class ShardRunner:
         self.manifest = open_manifest(settings.manifest)
         self.files = {f.name: f for f in self.manifest.files}
         self.edit = self.manifest.kind == "edit"  # the edit path draws edit requests too
+        self.image_index = self.manifest.uses_num_images(settings.defaults.get("num_images", 1))
         # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
         model_path = resolve_model(settings.model, settings.variant).path
         device = settings.device or default_device()
@@ -66,6 +69,8 @@ class ShardRunner:
         # names; its engine draws every kind of request.
         control = settings.control
         self.controlnet = resolve_pinned(control.controlnet, control.controlnet_id) if control else None
+        self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
+            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -76,10 +81,11 @@ class ShardRunner:
             adapters=adapters,
             **({"controlnet_path": self.controlnet.path} if self.controlnet else {}),
         )
-        defaults = settings.defaults
-        self.batch_size = settings.batch_size or default_batch_size(
-            defaults["width"], defaults["height"], device, self.engine.low_vram
-        )
+        # Each batch is sized from its own shape (rows x pixels) against the device's memory,
+        # measured once with the model loaded; warm-up runs on a shape the job will run.
+        self.batch_sizes = BatchSizer.measure(settings.batch_size, device, self.engine.low_vram)
+        self.warm_shape = self._first_shape()
+        self.batch_size = self.batch_sizes.size(*self.warm_shape)
         # Every model call runs on this one thread: shards run on the actor's threads side by
         # side, and CPU thread pools (OpenMP) keep one team per calling thread, so calls from
         # several threads would leave idle teams spinning against the busy one.
@@ -102,15 +108,26 @@ class ShardRunner:
             sources=background_pool(SOURCE_THREADS, "source") if self.edit or self.controlnet else None,
             passthrough_names=frozenset(self.manifest.passthrough.names),
             worker_id=self.worker_id,
+            batch_sizes=self.batch_sizes,
         )
         self.first_shard_started: float | None = None
 
-    def _warm_up(self) -> None:
-        """One short generation at the default size, so first-call costs (kernel selection,
-        lazy initialisation, compilation) do not land on the first shard."""
+    def _first_shape(self) -> tuple[int, int]:
+        """(width, height) of the manifest's first row (the job's defaults where it has none, and
+        for edit rows, whose size follows their source)."""
         d = self.settings.defaults
-        self.engine.generate([GenerationRequest("warm-up", 0, d["width"], d["height"], 2, 0.0)], batch_size=1)
+        first = self.manifest.files[0]
+        rows = [] if self.edit or not first.num_rows else self.manifest.read_rows(first, 0, 1).to_pylist()
+        row = rows[0] if rows else {}
+        return int(row.get("width") or d["width"]), int(row.get("height") or d["height"])
+
+    def _warm_up(self) -> None:
+        """One short generation on a shape the job runs, so first-call costs (kernel selection,
+        lazy initialisation, compilation) do not land on the first shard."""
+        width, height = self.warm_shape
+        self.engine.generate([GenerationRequest("warm-up", 0, width, height, 2, 0.0)], batch_size=1)
         self.engine.busy_seconds = 0.0
+        self.engine.prompts.encoded = 0
 
     # ------------------------------------------------------------------ one shard
     def run_shard(self, shard: Shard, attempt: int = 1) -> CommitMarker | None:
@@ -126,23 +143,28 @@ class ShardRunner:
         if shard.variant is not None:
             table = rows_of_variant(table, shard.variant, self.settings.job_variant)
         rows = table.to_pylist()
-        requests = [request_for_row(row, self.settings, self.engine.variant, self.edit) for row in rows]
+        images, origin = expand_rows(rows, self.settings, self.image_index)  # one entry per image to draw
+        requests = [request_for_row(row, self.settings, self.engine.variant, self.edit) for row in images]
         base = posixpath.dirname(self.manifest.display_name(file))  # for relative sources
-        busy_before = self.engine.busy_seconds
         marker = CommitMarker(
             shard=shard.name, file=shard.file, start=shard.start, end=shard.end, variant=shard.variant,
-            rows=len(rows), ok=0, error=0, digest=rows_digest(table), fingerprint=self.settings.fingerprint,
-            format=self.settings.format, attempt=attempt, worker=self.worker_id, started=started,
+            rows=len(rows), images=len(images), ok=0, error=0, digest=rows_digest(table),
+            fingerprint=self.settings.fingerprint, format=self.settings.format, attempt=attempt, worker=self.worker_id,
+            started=started,
         )
         staged = self.storage.child(marker.staging.prefix)
-        writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality)
+        writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
+                             fields=self.sample_fields)  # a Parquet row carries its metadata
         try:
-            outcomes = ShardGeneration(self.model, rows, requests, writer, base).run()
+            generation = ShardGeneration(self.model, images, requests, writer, base)
+            outcomes = generation.run()
             writer.close()
             records = [row_record(row, request, self.settings) | outcome
-                       for row, request, outcome in zip(rows, requests, outcomes)]
-            metadata = metadata_table(records, table, self.manifest.passthrough, self.edit, lora=bool(self.settings.loras),
-                                      control=self.controlnet is not None)
+                       for row, request, outcome in zip(images, requests, outcomes)]
+            rows_of_images = table if len(images) == len(rows) else table.take(origin)
+            metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
+                                      lora=bool(self.settings.loras), control=self.controlnet is not None,
+                                      image_index=self.image_index)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
@@ -150,15 +172,15 @@ class ShardRunner:
             raise
         ok = sum(1 for o in outcomes if o["status"] == "ok")
         errors = tuple(o["error"] for o in outcomes if o["error"])[:MAX_MARKER_ERRORS]
-        marker = dataclasses.replace(marker, ok=ok, error=len(rows) - ok, errors=errors, finished=time.time(),
-                          busy_s=self.engine.busy_seconds - busy_before)
+        marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok, errors=errors, finished=time.time(),
+                          busy_s=generation.busy_s)
         _inject_fault(FAIL_BEFORE_COMMIT_ENV, shard.name)
         if not self.ledger.commit(marker):  # another attempt of this shard won while we worked
             self._give_up(marker)
             self._committed_marker(shard)  # finish its publishing, if it was cut short
             return None
         self.ledger.publish(marker)
-        metrics.rows_done(self.worker_id, ok, len(rows) - ok)
+        metrics.rows_done(self.worker_id, ok, len(images) - ok)
         return marker
 
     def _committed_marker(self, shard: Shard) -> CommitMarker | None:
@@ -199,19 +221,3 @@ def _inject_fault(variable: str, shard: str) -> None:
     if variable == CRASH_ENV:
         os._exit(86)
     raise RuntimeError(f"injected failure before the commit of shard {shard}")
-
-
-def default_batch_size(width: int, height: int, device: str = "cpu", low_vram: bool = False) -> int:
-    """A batch size from free device memory (model loaded) and the image size.
-
-    Measured on an H200 in bf16 at 1024x1024: a row needs about 2.4 GiB of activations when the
-    VAE decodes the whole batch (3 GiB is assumed, with 2 GiB free as headroom); with low_vram,
-    where the VAE decodes one row at a time, about 0.1 GiB a row on top of 2 GiB for the decode.
-    """
-    pixels = width * height
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        per_image, headroom = (0.25, 2.5) if low_vram else (3.0, 2.0)
-        per_image_bytes = per_image * 2**30 * pixels / (1024 * 1024)
-        return int(max(1, min(16, (free - headroom * 2**30) // max(per_image_bytes, 1))))
-    return int(max(1, min(64, (256 * 256 * 16) // max(pixels, 1))))
