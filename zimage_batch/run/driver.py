@@ -108,8 +108,6 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         _write_plan_record(storage, resolved, plan, started)
         summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done),
                              started=started)
-        if prepared.model.draws_noise:  # the first line once nothing refused the job, not only in the report
-            echo(NOISE_NOTE.format(model=resolved.spec.model))
         echo(
             f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
             f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
