@@ -62,22 +62,6 @@ def make_mixed_manifest(path: Path, rows: int) -> list[dict]:
     return records
 
 
-def naive_loop_rows(model_path: str, records: list[dict], out: Path, args) -> float:
-    """(a') the naive loop, each row at its own size."""
-    import torch
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(model_path)
-    pipe.set_progress_bar_config(disable=True)
-    out.mkdir(parents=True)
-    started = time.perf_counter()
-    for r in records:
-        image = pipe(prompt=r["prompt"], guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(r["seed"]),
-                     num_inference_steps=args.steps, width=r["width"], height=r["height"]).images[0]
-        image.save(out / f"{r['id']}.png")
-    return len(records) / (time.perf_counter() - started)
-
-
 def zimage_batch_folder_run(manifest: Path, output: str, model_dir: Path, args) -> tuple[float, float, str]:
     """(f) the CLI as a user runs it: a model folder, no --batch-size; (whole command img/s,
     steady img/s, the run's throughput line)."""
@@ -103,7 +87,8 @@ def _steps_and_size(args) -> dict:
 
 
 def naive_loop(model_path: str, records: list[dict], out: Path, args) -> float:
-    """(a) one pipeline call per prompt, then save the PNG."""
+    """(a) one pipeline call per prompt, then save the PNG; (a') the same, each row at its own
+    size where the record gives one."""
     import torch
     from diffusers import ZImagePipeline
 
@@ -112,8 +97,9 @@ def naive_loop(model_path: str, records: list[dict], out: Path, args) -> float:
     out.mkdir(parents=True)
     started = time.perf_counter()
     for r in records:
+        size = {"width": r.get("width", args.size), "height": r.get("height", args.size)}
         image = pipe(prompt=r["prompt"], guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(r["seed"]),
-                     **_steps_and_size(args)).images[0]
+                     num_inference_steps=args.steps, **size).images[0]
         image.save(out / f"{r['id']}.png")
     return len(records) / (time.perf_counter() - started)
 
@@ -248,7 +234,7 @@ def folder_case(tmp_path: Path, args) -> dict[str, float]:
     records = make_mixed_manifest(manifest, args.rows)
     sizes = ", ".join(f"{w}x{h}" for w, h in MIXED_SIZES)
     print(f"(f) and (a'): the model as a folder (default size 1024x1024), rows of {sizes}, no --batch-size", flush=True)
-    naive = naive_loop_rows(str(model_dir), records, tmp_path / "naive-mixed", args)
+    naive = naive_loop(str(model_dir), records, tmp_path / "naive-mixed", args)
     print(f"(a') naive diffusers loop, same rows      {naive:7.1f} img/s", flush=True)
     whole, steady, last_line = zimage_batch_folder_run(manifest, str(tmp_path / "out-folder"), model_dir, args)
     print(f"(f) zimage-batch run, whole command        {whole:7.1f} img/s  ({steady:.1f} img/s steady; "
