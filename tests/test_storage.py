@@ -224,6 +224,25 @@ def test_s3_client_is_shared(s3_server):
     assert s3_client().meta.endpoint_url == s3_server
 
 
+def test_s3_retries_follow_the_aws_settings(s3_server, monkeypatch, tmp_path):
+    """AWS_MAX_ATTEMPTS / AWS_RETRY_MODE (or the profile's max_attempts / retry_mode) win over
+    the default, as in every AWS tool; a bad value is one clear error."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    retries = s3_client().meta.config.retries
+    assert retries["total_max_attempts"] == 2 and retries["mode"] == "standard"
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    config = tmp_path / "config"
+    config.write_text("[default]\nmax_attempts = 3\nretry_mode = legacy\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    retries = s3_client().meta.config.retries
+    assert retries["total_max_attempts"] == 3 and retries["mode"] == "legacy"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS .* must be a whole number"):
+        s3_client()
+
+
 def _record(fingerprint: str) -> dict:
     return {"fingerprint": fingerprint, "job": {"model": fingerprint}, "output_fields": ["model"]}
 

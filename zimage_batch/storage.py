@@ -400,6 +400,7 @@ _clients: dict[tuple, object] = {}
 _CLIENT_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION",
     "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
 )
 
 
@@ -408,6 +409,7 @@ def s3_client() -> Any:
     AWS environment changes). Endpoint, region and credentials come from the AWS chain."""
     import boto3
     import botocore.config
+    import botocore.session
 
     key = (os.getpid(),) + tuple(os.environ.get(name) for name in _CLIENT_ENV)
     client = _clients.get(key)
@@ -415,16 +417,29 @@ def s3_client() -> Any:
         with _client_lock:
             client = _clients.get(key)
             if client is None:
+                core = botocore.session.get_session()
                 config = botocore.config.Config(
-                    retries={"mode": "adaptive", "max_attempts": 10},
+                    retries=_retries(core),
                     connect_timeout=10,
                     read_timeout=60,
                     max_pool_connections=32,
                 )
-                client = boto3.session.Session().client("s3", config=config)
+                client = boto3.session.Session(botocore_session=core).client("s3", config=config)
                 _clients.clear()
                 _clients[key] = client
     return client
+
+
+def _retries(core: Any) -> dict[str, Any]:
+    """botocore's retries as the AWS chain sets them (``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` or
+    the profile's ``retry_mode``/``max_attempts``, counting the first try), else adaptive mode,
+    10 retries: a busy S3 endpoint answers SlowDown, and adaptive mode slows the whole client down."""
+    mode = os.environ.get("AWS_RETRY_MODE") or core.get_scoped_config().get("retry_mode") or "adaptive"
+    try:
+        attempts = int(core.get_config_variable("max_attempts") or 11)
+    except ValueError as e:
+        raise StorageError(f"AWS_MAX_ATTEMPTS (or the profile's max_attempts) must be a whole number: {e}") from None
+    return {"mode": mode, "total_max_attempts": attempts}
 
 
 def _error_code(e: Exception) -> str:
