@@ -156,7 +156,8 @@ def test_multipart_upload_through_faults(flaky_s3, s3_bucket, tmp_path):
 
 
 # ------------------------------------------------------------------ a whole run through faults
-ROWS = 150
+ROWS = 100
+SHARDS = ROWS // 25
 
 
 def _manifest_table(n: int) -> pa.Table:
@@ -168,7 +169,9 @@ def _manifest_table(n: int) -> pa.Table:
     })
 
 
-@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+# One image per object (the most requests, so the most faults); a container format (tars)
+# goes through faults in test_num_images.py.
+@pytest.mark.parametrize("fmt", ["files"])
 def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path, ray_tmpdir, fmt):
     local = tmp_path / "manifest.parquet"
     table = _manifest_table(ROWS)
@@ -188,7 +191,7 @@ def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path
     requests, counts = flaky_s3.stats()
     flaky_s3.set_faults(0.0)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert f"done: {ROWS} ok, 0 error of {ROWS} rows; 6 shards committed" in result.stdout
+    assert f"done: {ROWS} ok, 0 error of {ROWS} rows; {SHARDS} shards committed" in result.stdout
 
     assert requests > 100 and sum(counts.values()) >= 0.1 * requests, (requests, counts)
     assert all(counts.get(kind, 0) > 0 for kind in KINDS), counts
@@ -198,7 +201,7 @@ def test_run_through_flaky_storage_is_exactly_once(flaky_s3, s3_bucket, tmp_path
         rows = check_exactly_once(output, table.column("id").to_pylist())
         markers = Ledger(open_storage(output)).committed()
     assert all(r["status"] == "ok" for r in rows) and {r["topic"] for r in rows} == {"t0", "t1", "t2"}
-    assert len(markers) == 6 and all(m.ok == 25 for m in markers.values())
+    assert len(markers) == SHARDS and all(m.ok == 25 for m in markers.values())
     # The report read every image back through the faults (for webdataset: members of the tars).
     assert "could not write the report" not in result.stdout + result.stderr
     with endpoint_env(flaky_s3.upstream):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -131,62 +128,20 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True, **kwargs)
 
 
-def test_sigkill_then_resume_is_exactly_once(tmp_path):
-    manifest = tmp_path / "m.parquet"
-    ids = make_manifest(manifest, 240)
-    out, ref = tmp_path / "out", tmp_path / "ref"
-    args = ["run", "--manifest", str(manifest), "--model", "tiny:turbo", "--workers", "2", "--shard-size", "12"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zimage_batch.cli", *args, "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "_commits").glob("*.json"))) < 3:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = len(list((out / "_commits").glob("*.json")))
-    assert 3 <= committed < 20, "the kill should land mid-run"
-    resumed = _cli(*args, "--output", str(out))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{committed} shards already committed" in resumed.stdout or "already committed" in resumed.stdout
-    rows = check_exactly_once(str(out), ids)
-    assert _cli(*args, "--output", str(ref)).returncode == 0
-    ref_rows = {r["id"]: r for r in read_metadata(str(ref))}
-    for row in rows:
-        if row["sha256"] != ref_rows[row["id"]]["sha256"]:
-            a = pixels((out / row["image"]).read_bytes()).astype(int)
-            b = pixels((ref / ref_rows[row["id"]]["image"]).read_bytes()).astype(int)
-            assert np.abs(a - b).max() <= 1, row["id"]
-
-
-def test_different_job_refused_and_appended_rows_picked_up(tmp_path):
+def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path):
     manifest = tmp_path / "m.parquet"
     ids = make_manifest(manifest, 50)
     out = tmp_path / "out"
     base = ["run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo", "--shard-size", "20"]
     first = _cli(*base)
     assert first.returncode == 0, first.stderr
-    markers = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    assert len(markers) == 3
+    assert len(list((out / "_commits").glob("*.json"))) == 3
 
     refused = _cli(*base, "--set", "guidance_scale=1.5")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "different job" in refused.stderr and "guidance_scale" in refused.stderr
 
-    table = pq.read_table(manifest)
-    extra = tmp_path / "extra.parquet"
-    new_ids = make_manifest(extra, 25, start=50)
-    pq.write_table(pa.concat_tables([table, pq.read_table(extra)]), manifest)
-    again = _cli(*base)
-    assert again.returncode == 0, again.stderr
-    assert "3 shards already committed" in again.stdout
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    assert {k: after[k] for k in markers} == markers, "committed shards must not be redone"
-    assert len(after) == 5  # the short last shard [40, 50) stays; [50, 70) and [70, 75) are new
-    check_exactly_once(str(out), ids + new_ids)
-
-    grown = pq.read_table(manifest)
+    grown = pq.read_table(manifest)  # appended rows: tests/test_num_images.py (a kill, a resume, then more rows)
     changed = grown.set_column(1, "prompt", pa.array(["changed"] * grown.num_rows))
     pq.write_table(changed, manifest)
     refused = _cli(*base)
@@ -194,7 +149,7 @@ def test_different_job_refused_and_appended_rows_picked_up(tmp_path):
 
     overwrite = _cli(*base, "--set", "guidance_scale=1.5", "--overwrite")
     assert overwrite.returncode == 0, overwrite.stderr
-    rows = check_exactly_once(str(out), ids + new_ids)
+    rows = check_exactly_once(str(out), ids)
     assert {r["guidance_scale"] for r in rows} == {1.5} and {r["prompt"] for r in rows} == {"changed"}
 
 

@@ -127,12 +127,15 @@ def test_exactly_once_per_image_through_a_driver_kill_a_resume_and_appended_rows
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and "already committed" in stdout, stderr[-2000:]
     check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] for r in rows})
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
     rows += [{"id": f"p{i:03d}", "prompt": "appended", "seed": i, "width": None, "height": None,
               "num_images": None, "topic": "new"} for i in range(40, 47)]  # the job's 2 images each
     _write(manifest, rows)
     appended = _start_run(manifest, out, *args)
     stdout, stderr = appended.communicate(timeout=600)
     assert appended.returncode == 0 and "(14 to generate)" in stdout, stdout + stderr[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
+    assert {name: after[name] for name in markers} == markers, "committed shards must not be redone"
     check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] or 2 for r in rows})
 
 
@@ -173,7 +176,7 @@ def test_exactly_once_per_image_through_flaky_storage(flaky_s3, s3_bucket, tmp_p
     flaky_s3.set_faults(0.15, KINDS, seed=5)
     result = subprocess.run(
         [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", f"s3://{s3_bucket}/manifests/m.parquet",
-         "--output", output, "--model", "tiny:turbo", "--format", "parquet", "--workers", "2", "--shard-size", "10",
+         "--output", output, "--model", "tiny:turbo", "--format", "webdataset", "--workers", "2", "--shard-size", "10",
          "--set", "num_images=2", "--set", "report=false"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_tmpdir},
     )

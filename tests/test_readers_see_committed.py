@@ -15,11 +15,13 @@ import tarfile
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
-from output_check import check_exactly_once
+from output_check import check_exactly_once, pixels, read_images
 from test_fault_tolerance import _start_run, _wait_for_commits, _worker_processes
-from test_job_e2e import make_manifest
+from test_job_e2e import make_manifest, reference_pixels
 
+from zimage_batch.model.sources import resolve_model
 from zimage_batch.output.ledger import Ledger
 from zimage_batch.run.worker import FAIL_BEFORE_COMMIT_ENV
 from zimage_batch.storage import open_storage
@@ -29,18 +31,19 @@ def committed(out: Path) -> dict:
     return Ledger(open_storage(str(out))).committed()
 
 
-def globbed_metadata(out: Path) -> list[tuple[str, str]]:
-    """(id, status) of every row DuckDB finds under metadata/ (empty when there is none)."""
-    if not glob.glob(f"{out}/metadata/*.parquet"):
+def globbed_metadata(out: Path, files: list[str] | None = None) -> list[tuple[str, str]]:
+    """(id, status) of every row DuckDB finds under metadata/ (or in `files`, globbed there)."""
+    files = sorted(glob.glob(f"{out}/metadata/*.parquet")) if files is None else files
+    if not files:
         return []
-    return duckdb.sql(f"SELECT id, status FROM read_parquet('{out}/metadata/*.parquet')").fetchall()
+    return duckdb.sql(f"SELECT id, status FROM read_parquet({files!r})").fetchall()
 
 
-def globbed_samples(out: Path) -> list[str]:
-    """Keys of every sample webdataset finds in shards/*.tar; every tar must read whole."""
+def globbed_samples(out: Path, urls: list[str] | None = None) -> list[str]:
+    """Keys of every sample webdataset finds in shards/*.tar (or `urls`); every tar must read whole."""
     import webdataset as wds
 
-    urls = sorted(glob.glob(f"{out}/shards/*.tar"))
+    urls = sorted(glob.glob(f"{out}/shards/*.tar")) if urls is None else urls
     for url in urls:
         with tarfile.open(url) as tar:  # a partial tar raises here
             for member in tar.getmembers():
@@ -50,11 +53,10 @@ def globbed_samples(out: Path) -> list[str]:
     return [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
 
 
-def globbed_dataset_rows(out: Path, cache: Path) -> int:
-    """Rows Hugging Face `datasets` loads from data/*.parquet."""
+def loaded_dataset_rows(files: list[str], cache: Path) -> int:
+    """Rows Hugging Face `datasets` loads from these data/*.parquet files."""
     import datasets
 
-    files = sorted(glob.glob(f"{out}/data/*.parquet"))
     if not files:
         return 0
     return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache)).num_rows
@@ -62,26 +64,30 @@ def globbed_dataset_rows(out: Path, cache: Path) -> int:
 
 def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
     """Every row a globbing reader sees belongs to a committed shard, once, with all of its
-    shard's rows; returns how many rows it sees."""
+    shard's rows; returns how many rows it sees. The readers go first and the commit markers are
+    read after them: a run may still be publishing (a worker outlives its killed driver for a
+    moment), and a shard is committed before it is published, so whatever a reader found must
+    be committed by the time the markers are read."""
+    metadata_files = sorted(glob.glob(f"{out}/metadata/*.parquet"))
+    rows = globbed_metadata(out, metadata_files)
+    container_files = sorted(glob.glob(f"{out}/shards/*.tar" if fmt == "webdataset" else f"{out}/data/*.parquet"))
+    samples = globbed_samples(out, container_files) if fmt == "webdataset" else []
+    loaded = loaded_dataset_rows(container_files, cache) if fmt == "parquet" else 0
     markers = committed(out)
-    rows = globbed_metadata(out)
+
     ids = [row_id for row_id, _ in rows]
     assert len(ids) == len(set(ids)), "a row appears twice under metadata/"
-    assert len(ids) <= sum(m.rows for m in markers.values())
-    seen_shards = {Path(p).stem for p in glob.glob(f"{out}/metadata/*.parquet")}
+    seen_shards = {Path(p).stem for p in metadata_files}
     assert seen_shards <= set(markers), f"metadata of uncommitted shards: {seen_shards - set(markers)}"
     assert len(ids) == sum(markers[s].rows for s in seen_shards), "a shard's metadata is partial"
-    ok = sum(1 for _, status in rows if status == "ok")
+    containers = {Path(p).stem for p in container_files}
+    if fmt in ("webdataset", "parquet"):
+        assert containers <= set(markers), f"{fmt} files of uncommitted shards: {containers - set(markers)}"
     if fmt == "webdataset":
-        containers = {Path(p).stem for p in glob.glob(f"{out}/shards/*.tar")}
-        assert containers <= set(markers), f"tars of uncommitted shards: {containers - set(markers)}"
-        samples = globbed_samples(out)
         assert len(samples) == len(set(samples)) == sum(markers[s].ok for s in containers)
     if fmt == "parquet":
-        containers = {Path(p).stem for p in glob.glob(f"{out}/data/*.parquet")}
-        assert containers <= set(markers), f"data of uncommitted shards: {containers - set(markers)}"
-        assert globbed_dataset_rows(out, cache) == sum(markers[s].ok for s in containers)
-    return ok
+        assert loaded == sum(markers[s].ok for s in containers)
+    return sum(1 for _, status in rows if status == "ok")
 
 
 def rerun(manifest: Path, out: Path, fmt: str) -> None:
@@ -113,7 +119,7 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = make_manifest(manifest, 120)
     fmt = "parquet" if victim == "driver" else "webdataset"
-    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
+    proc = _start_run(manifest, out, "--format", fmt, "--workers", "2", "--shard-size", "10", "--set", "report=false")
     try:
         _wait_for_commits(out, 2, proc)
         if victim == "driver":
@@ -126,12 +132,19 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
         seen = check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf")
         assert seen < 120 and len(committed(out)) >= 2
         if victim == "worker":
-            proc.communicate(timeout=400)
-            assert proc.returncode == 0
+            stdout, stderr = proc.communicate(timeout=400)
+            assert proc.returncode == 0, stderr[-2000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if victim == "driver":
         rerun(manifest, out, fmt)
-    check_exactly_once(str(out), ids)
+    rows = {r["id"]: r for r in check_exactly_once(str(out), ids)}
     assert check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf") == 120
+    if victim == "worker":
+        assert "retrying" in stdout  # the killed worker's shard ran again on its replacement
+    # rows of shards committed before the stop and after it draw what diffusers draws
+    model_path = resolve_model("tiny:turbo").path
+    for row_id, data in read_images(str(out), [rows[i] for i in ("row-00000", "row-00061", "row-00119")]).items():
+        diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, rows[row_id]).astype(int)).max()
+        assert diff <= 1, f"{row_id}: max pixel difference {diff}"
