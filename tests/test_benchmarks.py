@@ -45,11 +45,13 @@ def test_plan_scale_benchmark_small():
     assert "shards committed=10 todo=10" in out and "driver peak RSS" in out
 
 
-def test_cpu_harness_prints_all_five_figures():
-    """Every figure's code path on a handful of rows (start-ups, not images, take the time)."""
+def test_cpu_harness_prints_the_figures_it_is_quoted_for():
+    """The figures behind the README's ratios (c/a, c/e, f/a') on a handful of rows: start-ups,
+    not images, take the time. (b) Ray Data and (d) S3 add a minute of start-ups to this suite
+    for code that is the baselines', not the product's; `--only bd` runs them."""
     out = _run("benchmarks/cpu.py", "--rows", "4", "--batch-size", "4", "--shard-size", "4", "--repeats", "1",
-               "--steps", "2", timeout=900)
-    for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(a')", "c/a =", "c/b =", "c/e =", "f/a' ="):
+               "--steps", "2", "--only", "acef", timeout=900)
+    for label in ("(a)", "(c)", "(e)", "(f)", "(a')", "c/a =", "c/e =", "f/a' ="):
         assert label in out, out
 
 

@@ -69,7 +69,7 @@ def test_sigterm_stops_within_grace_period_and_resumes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "stopping" in stdout
     assert _commits(out) < 12, "the stop should land mid-run"
-    rerun = _start_run(manifest, out, "--workers", "2", "--shard-size", "10")
+    rerun = _start_run(manifest, out, "--shard-size", "10")  # the worker count is not part of the job
     rerun.communicate(timeout=300)
     assert rerun.returncode == 0
     check_exactly_once(str(out), ids)

@@ -176,7 +176,7 @@ def test_exactly_once_per_image_through_flaky_storage(flaky_s3, s3_bucket, tmp_p
     flaky_s3.set_faults(0.15, KINDS, seed=5)
     result = subprocess.run(
         [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", f"s3://{s3_bucket}/manifests/m.parquet",
-         "--output", output, "--model", "tiny:turbo", "--format", "webdataset", "--workers", "2", "--shard-size", "10",
+         "--output", output, "--model", "tiny:turbo", "--format", "webdataset", "--shard-size", "10",
          "--set", "num_images=2", "--set", "report=false"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_tmpdir},
     )

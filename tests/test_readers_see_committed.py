@@ -119,7 +119,7 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = make_manifest(manifest, 120)
     fmt = "parquet" if victim == "driver" else "webdataset"
-    proc = _start_run(manifest, out, "--format", fmt, "--workers", "2", "--shard-size", "10", "--set", "report=false")
+    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
     try:
         _wait_for_commits(out, 2, proc)
         if victim == "driver":

@@ -60,7 +60,7 @@ def runs(s3_server, tmp_path_factory):
     manifests.put_file("dup.parquet", tmp / "dup.parquet")
 
     env = {**os.environ, **SECRETS, CANARY[0]: CANARY[1], "RAY_TMPDIR": ray_tmp, "TMPDIR": str(scratch)}
-    base = ["--model", "tiny:turbo", "--workers", "2", "--shard-size", "20", "--set", "max_attempts=1"]
+    base = ["--model", "tiny:turbo", "--shard-size", "20", "--set", "max_attempts=1"]
     jobs = {
         "partly_failing": ["--manifest", f"s3://{bucket}/manifests/good.parquet", "--output", f"s3://{bucket}/out"],
         "missing_bucket": ["--manifest", f"s3://{bucket}/manifests/good.parquet",
