@@ -48,6 +48,23 @@ def outcome_of(ref: Any) -> Outcome:
         return ShardFailed(short_error(exc))
 
 
+class ShardRunnerActor:
+    """The Ray actor around a `run.worker.ShardRunner`. The model stack (torch, diffusers) is
+    imported on the worker only: the driver, which creates the actors from this class, never
+    loads it (1-2 s of start-up and a few hundred MB per run otherwise)."""
+
+    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+        from zimage_batch.run.worker import ShardRunner
+
+        self.runner = ShardRunner(settings, threads)
+
+    def run_shard(self, shard: Shard, attempt: int = 1) -> Any:
+        return self.runner.run_shard(shard, attempt)
+
+    def stats(self) -> dict[str, Any]:
+        return self.runner.stats()
+
+
 class RayWorkerPool:
     """The Ray actors of one job and variant, replaced when they die.
 
@@ -57,15 +74,13 @@ class RayWorkerPool:
     def __init__(self, settings: WorkerSettings, workers: int | None = None, device: str | None = None) -> None:
         import ray
 
-        from zimage_batch.run.worker import ShardRunner
-
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0 and device != "cpu"
         self.size = workers or (gpus if self.use_gpu else 1)
         threads = None if self.use_gpu else max(1, (os.cpu_count() or 2) // self.size)
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
-        self._actor_class = ray.remote(ShardRunner).options(**options)
+        self._actor_class = ray.remote(ShardRunnerActor).options(**options)
         self._args = (settings, threads)
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
