@@ -75,8 +75,9 @@ def _pipeline(model_path: str):
     return _PIPES[model_path]
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+# Each format once, two of them on S3 (webdataset on S3: test_num_images.py through faults, and
+# test_status_report.py; files and parquet on local disk: most CLI drills and test_num_images.py).
+@pytest.mark.parametrize("fmt, where", [("files", "s3"), ("webdataset", "local"), ("parquet", "s3")])
 def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
     from zimage_batch.model.sources import resolve_model
     from zimage_batch.run.driver import run_job

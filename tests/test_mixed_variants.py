@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from output_check import check_exactly_once, pixels, read_images
 
@@ -32,7 +33,7 @@ def _run(manifest, out, *extra) -> subprocess.CompletedProcess:
     )
 
 
-def test_rows_run_on_their_variant_and_resume(tmp_path):
+def test_rows_run_on_their_variant(tmp_path):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = _manifest(manifest, 0, 30)
     first = _run(manifest, out)
@@ -58,16 +59,53 @@ def test_rows_run_on_their_variant_and_resume(tmp_path):
     assert row["guidance_scale"] == 4.0
     assert np.abs(got.astype(int) - (ref * 255).round().astype(int)).max() <= 1
 
-    # appended rows of both variants: only they run
+
+
+def _commit_everything(manifest_path) -> dict:
+    """Commit markers for every shard of a fresh plan, as workers write them (no Ray)."""
+    from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+    from zimage_batch.output.ledger import CommitMarker
+    from zimage_batch.run.plan import make_plan
+
+    manifest = open_manifest(str(manifest_path))
+    committed = {}
+    for shard in make_plan(manifest, {}, 10, "turbo").todo:
+        table = manifest.read_rows(manifest.files[0], shard.start, shard.end)
+        if shard.variant is not None:
+            table = rows_of_variant(table, shard.variant, "turbo")
+        committed[shard.name] = CommitMarker(
+            shard=shard.name, file=shard.file, start=shard.start, end=shard.end, variant=shard.variant,
+            rows=table.num_rows, ok=table.num_rows, error=0, digest=rows_digest(table), fingerprint="f", format="files")
+    return committed
+
+
+def test_a_resumed_mixed_variant_plan_runs_only_the_new_rows_of_each_variant(tmp_path):
+    """The resume of the drill above, planned without Ray: with every shard of both variants
+    committed, appended rows of both variants are all that is planned, each on its variant, in
+    new shards; a committed base row that changed is refused."""
+    from zimage_batch.inputs.manifest import open_manifest
+    from zimage_batch.run.plan import JobMismatch, make_plan
+
+    manifest = tmp_path / "m.parquet"
+    _manifest(manifest, 0, 30)
+    committed = _commit_everything(manifest)
+    assert sorted(n for n in committed if n.endswith("-base")) and len(committed) == 6
+    assert make_plan(open_manifest(str(manifest)), committed, 10, "turbo").todo == []
+
     extra = tmp_path / "extra.parquet"
-    new_ids = _manifest(extra, 30, 12)
+    _manifest(extra, 30, 12)
     pq.write_table(pa.concat_tables([pq.read_table(manifest), pq.read_table(extra)]), manifest)
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    again = _run(manifest, out)
-    assert again.returncode == 0, again.stderr[-2000:]
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    assert {k: after[k] for k in before} == before
-    check_exactly_once(str(out), ids + new_ids)
+    todo = make_plan(open_manifest(str(manifest)), committed, 10, "turbo").todo
+    assert not {s.name for s in todo} & set(committed)
+    assert [(s.start, s.end, s.variant, s.num_rows) for s in todo] == [
+        (30, 40, "turbo", 8), (40, 42, "turbo", 1), (30, 40, "base", 2), (40, 42, "base", 1)]
+
+    table = pq.read_table(manifest)
+    prompts = table.column("prompt").to_pylist()
+    prompts[4] = "a changed base row"  # m-0004 runs on base
+    pq.write_table(table.set_column(1, "prompt", pa.array(prompts)), manifest)
+    with pytest.raises(JobMismatch, match="changed since shard"):
+        make_plan(open_manifest(str(manifest)), committed, 10, "turbo")
 
 
 def test_a_variant_without_a_model_is_refused(tmp_path):
