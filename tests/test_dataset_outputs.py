@@ -155,6 +155,13 @@ def test_the_last_line_status_and_report_show_one_throughput(runs):
     assert html.escape(text, quote=True) in render(load_output(str(run["dir"])))
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_the_report_shows_every_image_read_from_the_containers(runs, fmt):
+    """The report's gallery reads images back out of tars and out of Parquet `image` cells."""
+    page = render(load_output(str(runs[fmt]["dir"])))
+    assert page.count('src="data:image/jpeg;base64,') == ROWS and f"All {ROWS} images." in page
+
+
 def test_the_run_says_at_the_start_that_a_tiny_model_draws_noise_and_what_it_costs(runs):
     lines = runs["webdataset"]["lines"]
     assert "images will be noise" in lines[0]

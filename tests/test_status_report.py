@@ -228,36 +228,27 @@ def test_error_rows_in_status_and_report(watched_run, tmp_path):
 
 
 # ------------------------------------------------------------------ S3, and the other formats
-def test_report_on_s3_webdataset(tmp_path, s3_bucket):
+def test_report_command_on_s3_webdataset_with_report_off(tmp_path, s3_bucket):
+    """`--set report=false` writes no report; `zimage-batch report` makes it afterwards, here from
+    the tars of a webdataset output on S3 (a Parquet output's report: test_dataset_outputs.py)."""
     manifest = tmp_path / "m.parquet"
     make_manifest(manifest, 24)
     output = f"s3://{s3_bucket}/jobs/wds"
     result = cli("run", "--manifest", str(manifest), "--output", output, "--model", "tiny:turbo",
-                 "--workers", "1", "--shard-size", "8", "--format", "webdataset")
+                 "--workers", "1", "--shard-size", "8", "--format", "webdataset", "--set", "report=false")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-2] == f"report: {output}/report.html"
+    assert "report:" not in result.stdout and not open_storage(output).exists("report.html")
+    made = cli("report", output)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == f"report: {output}/report.html"
     page = open_storage(output).get_bytes("report.html").decode("utf-8")
     check_self_contained(page)
-    assert page.count('src="data:image/jpeg;base64,') == 24
+    assert page.count('src="data:image/jpeg;base64,') == 24 and "All 24 images." in page
     _, loaded, images, _ = render_in_chromium(page, tmp_path / "view")
     assert loaded == images == 24
     status = cli("status", output, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["rows_ok"] == 24
-
-
-def test_report_command_parquet_and_report_off(tmp_path):
-    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    make_manifest(manifest, 12)
-    result = cli("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
-                 "--workers", "1", "--shard-size", "5", "--format", "parquet", "--set", "report=false")
-    assert result.returncode == 0, result.stderr
-    assert "report:" not in result.stdout and not (out / "report.html").exists()
-    made = cli("report", str(out))
-    assert made.returncode == 0, made.stderr
-    assert made.stdout.strip() == f"report: {out / 'report.html'}"
-    page = (out / "report.html").read_text(encoding="utf-8")
-    assert page.count('src="data:image/jpeg;base64,') == 12 and "All 12 images." in page
 
 
 # ------------------------------------------------------------------ metrics
