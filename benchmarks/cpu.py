@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import socket
 import statistics
@@ -62,24 +61,29 @@ def make_mixed_manifest(path: Path, rows: int) -> list[dict]:
     return records
 
 
-def zimage_batch_folder_run(manifest: Path, output: str, model_dir: Path, args) -> tuple[float, float, str]:
-    """(f) the CLI as a user runs it: a model folder, no --batch-size; (whole command img/s,
-    steady img/s, the run's throughput line)."""
+def timed_cli_run(manifest: Path, output: str, *options: str) -> tuple[float, float, str]:
+    """`zimage-batch run` as a whole command: (img/s over its wall time, steady img/s from the
+    commit markers, its last line)."""
+    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.storage import open_storage
+
     cmd = [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", output,
-           "--model", str(model_dir), "--shard-size", str(args.shard_size),
-           "--set", f"num_inference_steps={args.steps}", "--set", "report=false"]
+           *options, "--set", "report=false"]
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"zimage-batch run failed: {result.stderr[-2000:]}")
-    from zimage_batch.storage import open_storage
-
-    storage = open_storage(output)
-    markers = [json.loads(storage.get_bytes(i.key)) for i in storage.list("_commits/")]
-    rows = sum(m["rows"] for m in markers)
-    steady = rows / (max(m["finished"] for m in markers) - min(m["started"] for m in markers))
+    markers = list(Ledger(open_storage(output)).committed().values())
+    rows = sum(m.rows for m in markers)
+    steady = rows / (max(m.finished for m in markers) - min(m.started for m in markers))
     return rows / wall, steady, result.stdout.strip().splitlines()[-1]
+
+
+def zimage_batch_folder_run(manifest: Path, output: str, model_dir: Path, args) -> tuple[float, float, str]:
+    """(f) the CLI as a user runs it: a model folder, no --batch-size."""
+    return timed_cli_run(manifest, output, "--model", str(model_dir), "--shard-size", str(args.shard_size),
+                         "--set", f"num_inference_steps={args.steps}")
 
 
 def _steps_and_size(args) -> dict:
@@ -172,23 +176,12 @@ def ray_data(model_path: str, records: list[dict], out: Path, args, tuned: bool)
 
 
 def zimage_batch_run(manifest: Path, output: str, args) -> tuple[float, float]:
-    """(c)/(d): the CLI, end to end; steady state from the commit markers, and the whole command's wall time."""
-    from zimage_batch.storage import open_storage
-
-    cmd = [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", output,
-           "--model", "tiny:turbo", "--workers", str(args.workers), "--batch-size", str(args.batch_size),
-           "--shard-size", str(args.shard_size), "--set", f"num_inference_steps={args.steps}",
-           "--set", f"width={args.size}", "--set", f"height={args.size}", "--set", "report=false"]
-    started = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"zimage-batch run failed: {result.stderr[-2000:]}")
-    storage = open_storage(output)
-    markers = [json.loads(storage.get_bytes(i.key)) for i in storage.list("_commits/")]
-    rows = sum(m["rows"] for m in markers)
-    steady = rows / (max(m["finished"] for m in markers) - min(m["started"] for m in markers))
-    return steady, rows / wall
+    """(c)/(d): the CLI end to end with the tiny model: (steady img/s, img/s over the whole command)."""
+    whole, steady, _ = timed_cli_run(
+        manifest, output, "--model", "tiny:turbo", "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+        "--shard-size", str(args.shard_size), "--set", f"num_inference_steps={args.steps}",
+        "--set", f"width={args.size}", "--set", f"height={args.size}")
+    return steady, whole
 
 
 def make_engine(model_path: str):
