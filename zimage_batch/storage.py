@@ -39,8 +39,6 @@ UPLOAD_ATTEMPTS = 3
 #: Reads of an object whose body was cut off midway (botocore retries only until the headers).
 READ_ATTEMPTS = 5
 READ_BLOCK = 256 * 1024  # bytes fetched at a time by open_read on S3
-#: Request attempts of pyarrow's S3 filesystem (manifests), as for botocore.
-ARROW_S3_ATTEMPTS = 10
 #: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
 DELETE_BATCH = 1000
 PROBE_PREFIX = "_probe/"
@@ -703,7 +701,11 @@ class S3Storage(Storage):
         if region:
             kwargs["region"] = region
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
+        import botocore.session
+
+        # the same attempts as the boto3 client's (the AWS settings, else the default)
+        attempts = _retries(botocore.session.get_session())["total_max_attempts"]
+        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
         return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
     def supports_create_only(self) -> bool:
