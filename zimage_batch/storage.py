@@ -440,6 +440,13 @@ def _retries(core: Any) -> dict[str, Any]:
     return {"mode": mode, "total_max_attempts": attempts}
 
 
+def _arrow_attempts() -> int:
+    """Request attempts of pyarrow's S3 filesystem (manifests): the same as the boto3 client's."""
+    import botocore.session
+
+    return _retries(botocore.session.get_session())["total_max_attempts"]
+
+
 def _error_code(e: Exception) -> str:
     response = getattr(e, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -701,11 +708,7 @@ class S3Storage(Storage):
         if region:
             kwargs["region"] = region
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        import botocore.session
-
-        # the same attempts as the boto3 client's (the AWS settings, else the default)
-        attempts = _retries(botocore.session.get_session())["total_max_attempts"]
-        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
+        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=_arrow_attempts())
         return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
     def supports_create_only(self) -> bool:
