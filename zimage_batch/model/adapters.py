@@ -14,15 +14,16 @@ Pickle weights (.bin, .pt, .ckpt, ...) are refused before anything is fetched or
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_batch.model.addons import file_sha256
 from zimage_batch.model.cache import fetch_s3_file, fetch_s3_folder
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
 from zimage_batch.model.sources import cache_root
+from zimage_batch.text import first_line
 
 SUFFIX = ".safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -121,27 +122,10 @@ def _hub_file(source: str, what: str) -> Path:
     except ModelSourceError:
         raise
     except Exception as exc:  # offline with an empty cache, unknown repo or file, no network
-        reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+        reason = first_line(exc, 300)
         raise ModelSourceError(
             f"{what} is not a local file, and the hub cannot give it: {type(exc).__name__}: {reason}"
         ) from None
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (remembered per path, size and mtime: the driver and a worker in
-    one process, or several jobs, hash a file once)."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def adapter_files(loras: dict[str, str], recorded: dict[str, Any]) -> dict[str, str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from zimage_batch.model.cache import fetch_s3_file, fetch_s3_folder
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
+from zimage_batch.text import first_line
 
 SAFETENSORS = ".safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
@@ -117,7 +118,7 @@ def _from_hub(source: str, what: str) -> tuple[Path, str]:
         else:
             path = Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline with an empty cache, unknown repo or file, no network
-        reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+        reason = first_line(exc, 300)
         raise ModelSourceError(f"cannot fetch {what} {source!r} from the hub: {type(exc).__name__}: {reason}") from None
     snapshot = next((p for p in [path, *path.parents] if p.parent.name == "snapshots"), None)
     commit = snapshot.name if snapshot else sha256_of(path)
@@ -131,15 +132,18 @@ def sha256_of(path: str | os.PathLike) -> str:
     in the cache per (path, size, mtime) so that large weights are hashed once."""
     path = Path(path).resolve()
     if path.is_dir():
-        entries = sorted((str(p.relative_to(path)), _file_sha256(p)) for p in path.rglob("*")
+        entries = sorted((str(p.relative_to(path)), file_sha256(p)) for p in path.rglob("*")
                          if p.is_file() and not p.name.startswith("."))
         return "sha256:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-    return "sha256:" + _file_sha256(path)
+    return "sha256:" + file_sha256(path)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, remembered in the cache per (path, size, mtime, inode) so that
+    large weights are hashed once per node, whichever process asks (the driver, the workers)."""
     from zimage_batch.model.sources import cache_root
 
+    path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}\x00{stat.st_size}\x00{stat.st_mtime_ns}\x00{stat.st_ino}".encode()).hexdigest()
     memo = cache_root() / "sha256" / f"{key[:32]}.txt"

@@ -19,6 +19,7 @@ from zimage_batch.model.checkpoint import ModelSourceError, check_checkpoint, ch
 from zimage_batch.model.tiny import TINY_README, make_tiny_model
 from zimage_batch.model.variants import VARIANTS, variant_for_hub_id
 from zimage_batch.storage import StorageError, open_storage
+from zimage_batch.text import first_line
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
 TINY_VERSION = "v1"  # bump when the tiny layout changes so stale caches are rebuilt
@@ -155,5 +156,5 @@ def _hub_checkpoint(repo_id: str) -> Path:
                 f"so it cannot be downloaded: fetch it once online (hf download {repo_id}), point HF_HOME at a cache "
                 "that holds it, or give --model a local folder"
             ) from None
-        reason = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+        reason = first_line(exc, 300)
         raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}: {reason}") from None
