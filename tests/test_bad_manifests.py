@@ -1,9 +1,10 @@
 """SPEC §6: a malformed manifest fails before any GPU work (before Ray starts), with one line
 naming the file, the column and the first offending rows, and writes nothing.
 
-Every case below is run through both ``zimage-batch validate`` and ``zimage-batch run`` as real
-subprocesses (so a traceback or a stray line on stderr is caught). The subprocesses of all cases
-run concurrently in one module-scoped fixture; each test then checks one case's results.
+Every case below is run through both ``zimage-batch validate`` and ``zimage-batch run`` in this
+process (click's CliRunner; a traceback or a stray line on stderr is caught, and a command that
+starts Ray fails the case), all in one module-scoped fixture; each test then checks one case's
+results. The job-default refusals and a good manifest run the real command in a subprocess.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_in_process import cli_in_process
 
 RUN_DEADLINE_S = 15.0  # a refused run must not get as far as starting Ray
 CLI = shutil.which("zimage-batch") or "zimage-batch"
@@ -306,18 +307,14 @@ def _cli(*args: str, timeout: float = 120) -> Result:
 
 
 def _cli_in_process(*args: str) -> Result:
-    """The command through click's CliRunner (no interpreter start-up); an escaping exception
-    is reported as a traceback, as the real command would print one."""
-    from click.testing import CliRunner
-
-    from zimage_batch.cli import main
-
+    """The command in this process (click's CliRunner: no interpreter start-up). A refusal comes
+    before Ray starts, so a command that starts it here has gone too far."""
     started = time.monotonic()
-    result = CliRunner().invoke(main, list(args))
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return Result(result.exit_code, result.stdout, stderr, time.monotonic() - started)
+    result = cli_in_process(*args)
+    elapsed = time.monotonic() - started
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), f"{args[0]} started Ray: {result.stdout}{result.stderr}"
+    return Result(result.returncode, result.stdout, result.stderr, elapsed)
 
 
 def _listing(root: Path) -> set[str]:
@@ -334,18 +331,13 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
         manifest = case.build(d)
         prepared.append((case, manifest, d / "out", d, _listing(d)))
 
-    validations = {case.name: _cli_in_process("validate", str(manifest)) for case, manifest, *_ in prepared}
-
-    def go(item):
-        case, manifest, output, d, before = item
-        run = _cli("run", "--manifest", str(manifest), "--output", str(output), "--model", "tiny:turbo",
-                   "--workers", "1")
-        return Outcome(case, manifest, output, d, before, validations[case.name], run)
-
-    # Each refused run is a short CPU-bound process; run a few at once.
-    parallel = max(2, min(4, os.cpu_count() or 2))
-    with ThreadPoolExecutor(parallel) as pool:
-        return {o.case.name: o for o in pool.map(go, prepared)}
+    outcomes = {}
+    for case, manifest, output, d, before in prepared:
+        validate = _cli_in_process("validate", str(manifest))
+        run = _cli_in_process("run", "--manifest", str(manifest), "--output", str(output), "--model", "tiny:turbo",
+                              "--workers", "1")
+        outcomes[case.name] = Outcome(case, manifest, output, d, before, validate, run)
+    return outcomes
 
 
 def _check_error(result: Result, outcome: Outcome, command: str) -> str:

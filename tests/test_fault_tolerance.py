@@ -1,6 +1,6 @@
 """The job outlives its parts, end to end on real Ray: SIGTERM and its grace period. A killed
 worker (replaced, its shard retried, every row once) and a killed driver (resumed) are drilled
-in test_readers_see_committed.py and test_num_images.py, which also read what they left.
+in test_readers_see_committed.py (rows of several images each), which also reads what they left.
 
 The rules behind them (retries, suspects, give-up, the grace period, workers that cannot start,
 a lost node's workers) are unit-tested against a fake pool in test_scheduler.py."""

@@ -143,7 +143,7 @@ def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path):
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "different job" in refused.stderr and "guidance_scale" in refused.stderr
 
-    grown = pq.read_table(manifest)  # appended rows: tests/test_num_images.py (a kill, a resume, then more rows)
+    grown = pq.read_table(manifest)  # appended rows: tests/test_readers_see_committed.py (a kill, then a resume with more rows)
     changed = grown.set_column(1, "prompt", pa.array(["changed"] * grown.num_rows))
     pq.write_table(changed, manifest)
     refused = _cli(*base)

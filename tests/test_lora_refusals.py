@@ -2,8 +2,8 @@
 malformed spec, a pickle or missing source, an adapter file that does not fit the model. Each is
 one `error:` line on stderr, exit status 2, before a model loads, and nothing is written.
 
-The subprocesses of all cases run side by side in one module-scoped fixture (as in
-test_bad_manifests.py); each test checks one case.
+All cases run in one module-scoped fixture, in this process through click's CliRunner (the
+hub-offline case in a subprocess); each test checks one case.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_in_process import cli_in_process
 from safetensors.torch import load_file, save_file
 
 from zimage_batch.model.tiny import make_tiny_model
@@ -111,13 +111,17 @@ def _cases(d: Path, tiny: Path, style: Path) -> dict[str, Case]:
 
 
 def _run(case: Case, d: Path, tiny: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """The case's command: in this process, or in a subprocess where the case sets environment
+    that a library reads when it is imported (HF_HUB_OFFLINE)."""
     output = d / f"out-{name}"
     args = [case.command, *case.args]
     if case.command == "run":
         args += ["--output", str(output), "--model", str(tiny), "--set", "width=64", "--set", "height=64"]
-    env = {**os.environ, "RAY_ADDRESS": "", "ZIMAGE_BATCH_CACHE": str(d / "cache"), **(case.env or {})}
+    env = {"RAY_ADDRESS": "", "ZIMAGE_BATCH_CACHE": str(d / "cache"), **(case.env or {})}
+    if not case.env:
+        return cli_in_process(*args, env=env), output
     result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True,
-                            env=env, timeout=600)
+                            env={**os.environ, **env}, timeout=600)
     return result, output
 
 
@@ -127,9 +131,7 @@ def results(tmp_path_factory):
     tiny = make_tiny_model(d / "tiny", "turbo")
     style = make_tiny_adapter(tiny, d / "style.safetensors", "style")
     cases = _cases(d, tiny, style)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_run, case, d, tiny, name) for name, case in cases.items()}
-        return {name: (cases[name], *future.result()) for name, future in futures.items()}
+    return {name: (case, *_run(case, d, tiny, name)) for name, case in cases.items()}
 
 
 CASES = ["undeclared", "nan_scale", "word_scale", "huge_scale", "malformed", "twice", "validate", "default_undeclared",

@@ -1,13 +1,13 @@
 """Several images per prompt (SPEC §3 `num_images`): image k of a row is diffusers' ZImagePipeline at
 seed + k, one metadata row per image with `image_index`, keys unique per (id, image_index), exactly
-once through a driver SIGKILL, a resume and appended rows; one text encoding per distinct prompt;
-batches sized from their own shape."""
+once through flaky storage; one text encoding per distinct prompt; batches sized from their own
+shape. Exactly once per image through a driver SIGKILL, a resume with appended rows and a worker
+SIGKILL: tests/test_readers_see_committed.py, whose kill drills run rows of 1 to 3 images."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from output_check import check_exactly_once, pixels, read_images, read_metadata
-from test_fault_tolerance import _start_run, _wait_for_commits
 
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES, Limits, ManifestError, open_manifest, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, load_job
@@ -107,57 +106,6 @@ def test_one_metadata_row_per_image_with_unique_keys(outputs):
         if fmt == "parquet":
             data = pq.read_table(Path(output) / "data").to_pylist()
             assert sorted((d["id"], d["image_index"]) for d in data) == sorted((r["id"], r["image_index"]) for r in rows)
-
-
-def test_exactly_once_per_image_through_a_driver_kill_a_resume_and_appended_rows(tmp_path):
-    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    rows = [{"id": f"p{i:03d}", "prompt": f"a kite, view {i % 3}", "seed": i, "width": None, "height": None,
-             "num_images": 1 + i % 3, "topic": None} for i in range(40)]
-    _write(manifest, rows)
-    args = ("--shard-size", "5", "--set", "num_images=2", "--set", "report=false")
-    proc = _start_run(manifest, out, *args)
-    try:
-        _wait_for_commits(out, 2, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    resumed = _start_run(manifest, out, *args)
-    stdout, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0 and "already committed" in stdout, stderr[-2000:]
-    check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] for r in rows})
-    markers = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    rows += [{"id": f"p{i:03d}", "prompt": "appended", "seed": i, "width": None, "height": None,
-              "num_images": None, "topic": "new"} for i in range(40, 47)]  # the job's 2 images each
-    _write(manifest, rows)
-    appended = _start_run(manifest, out, *args)
-    stdout, stderr = appended.communicate(timeout=600)
-    assert appended.returncode == 0 and "(14 to generate)" in stdout, stdout + stderr[-2000:]
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
-    assert {name: after[name] for name in markers} == markers, "committed shards must not be redone"
-    check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] or 2 for r in rows})
-
-
-def test_exactly_once_per_image_when_a_worker_is_killed(tmp_path):
-    from test_fault_tolerance import _worker_processes
-
-    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    rows = [{"id": f"w{i:03d}", "prompt": f"a tram, view {i}", "seed": i, "width": None, "height": None,
-             "num_images": 1 + i % 3, "topic": None} for i in range(60)]
-    _write(manifest, rows)
-    proc = _start_run(manifest, out, "--workers", "2", "--shard-size", "5", "--set", "report=false")
-    try:
-        _wait_for_commits(out, 2, proc)
-        victims = _worker_processes(proc.pid)
-        assert victims, "no worker actor process found"
-        victims[0].send_signal(signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-2000:]
-    check_exactly_once(str(out), [r["id"] for r in rows], {r["id"]: r["num_images"] for r in rows})
 
 
 def test_exactly_once_per_image_through_flaky_storage(flaky_s3, s3_bucket, tmp_path, ray_tmpdir):

@@ -3,7 +3,8 @@
 Training loaders and query engines do not read `_commits/`: they glob `metadata/*.parquet`,
 `shards/*.tar` and `data/*.parquet`. Each scenario stops a run part-way (a shard that fails at
 its last step, the driver and its cluster killed, a worker killed), reads OUTPUT with the real
-clients (DuckDB, webdataset, Hugging Face `datasets`), then reruns and reads again.
+clients (DuckDB, webdataset, Hugging Face `datasets`), then reruns and reads again. The kill
+drills run rows of 1 to 3 images (SPEC §3 `num_images`): exactly once holds per image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from output_check import check_exactly_once, pixels, read_images
 from test_fault_tolerance import _start_run, _wait_for_commits, _worker_processes
@@ -31,12 +35,15 @@ def committed(out: Path) -> dict:
     return Ledger(open_storage(str(out))).committed()
 
 
-def globbed_metadata(out: Path, files: list[str] | None = None) -> list[tuple[str, str]]:
-    """(id, status) of every row DuckDB finds under metadata/ (or in `files`, globbed there)."""
+def globbed_metadata(out: Path, files: list[str] | None = None) -> list[tuple[str, int, str]]:
+    """(id, image_index, status) of every row DuckDB finds under metadata/ (or in `files`, globbed
+    there); image_index is 0 in a job without num_images."""
     files = sorted(glob.glob(f"{out}/metadata/*.parquet")) if files is None else files
     if not files:
         return []
-    return duckdb.sql(f"SELECT id, status FROM read_parquet({files!r})").fetchall()
+    index = "image_index" if "image_index" in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet({files!r})").df()[
+        "column_name"].tolist() else "0"
+    return duckdb.sql(f"SELECT id, {index}, status FROM read_parquet({files!r})").fetchall()
 
 
 def globbed_samples(out: Path, urls: list[str] | None = None) -> list[str]:
@@ -63,8 +70,8 @@ def loaded_dataset_rows(files: list[str], cache: Path) -> int:
 
 
 def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
-    """Every row a globbing reader sees belongs to a committed shard, once, with all of its
-    shard's rows; returns how many rows it sees. The readers go first and the commit markers are
+    """Every image a globbing reader sees belongs to a committed shard, once, with all of its
+    shard's images; returns how many stored images it sees. The readers go first and the commit markers are
     read after them: a run may still be publishing (a worker outlives its killed driver for a
     moment), and a shard is committed before it is published, so whatever a reader found must
     be committed by the time the markers are read."""
@@ -75,11 +82,11 @@ def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
     loaded = loaded_dataset_rows(container_files, cache) if fmt == "parquet" else 0
     markers = committed(out)
 
-    ids = [row_id for row_id, _ in rows]
-    assert len(ids) == len(set(ids)), "a row appears twice under metadata/"
+    images = [(row_id, index) for row_id, index, _ in rows]
+    assert len(images) == len(set(images)), "an image appears twice under metadata/"
     seen_shards = {Path(p).stem for p in metadata_files}
     assert seen_shards <= set(markers), f"metadata of uncommitted shards: {seen_shards - set(markers)}"
-    assert len(ids) == sum(markers[s].rows for s in seen_shards), "a shard's metadata is partial"
+    assert len(images) == sum(markers[s].ok + markers[s].error for s in seen_shards), "a shard's metadata is partial"
     containers = {Path(p).stem for p in container_files}
     if fmt in ("webdataset", "parquet"):
         assert containers <= set(markers), f"{fmt} files of uncommitted shards: {containers - set(markers)}"
@@ -87,13 +94,23 @@ def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
         assert len(samples) == len(set(samples)) == sum(markers[s].ok for s in containers)
     if fmt == "parquet":
         assert loaded == sum(markers[s].ok for s in containers)
-    return sum(1 for _, status in rows if status == "ok")
+    return sum(1 for *_, status in rows if status == "ok")
 
 
-def rerun(manifest: Path, out: Path, fmt: str) -> None:
-    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
+def rerun(manifest: Path, out: Path, *args: str) -> str:
+    proc = _start_run(manifest, out, *args)
     stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-2000:]
+    return stdout
+
+
+def several_images_manifest(path: Path, n: int, appended: int = 0) -> dict[str, int | None]:
+    """make_manifest's first `n` rows with num_images 1, 2, 3, 1, ... and `appended` rows after them
+    with a null num_images (the job's); returns each id's num_images."""
+    ids = make_manifest(path, n + appended)
+    counts = [1 + i % 3 for i in range(n)] + [None] * appended
+    pq.write_table(pq.read_table(path).append_column("num_images", pa.array(counts, pa.int64())), path)
+    return dict(zip(ids, counts))
 
 
 def test_a_shard_failing_at_its_last_step_is_never_seen(tmp_path):
@@ -106,7 +123,7 @@ def test_a_shard_failing_at_its_last_step_is_never_seen(tmp_path):
     assert proc.returncode != 0 and "injected failure before the commit" in stdout + stderr
     assert check_only_committed_rows_are_seen(out, "webdataset", tmp_path / "hf") == 20
     assert not glob.glob(f"{out}/shards/*-0000000010.tar") and not glob.glob(f"{out}/metadata/*-0000000010.parquet")
-    rerun(manifest, out, "webdataset")
+    rerun(manifest, out, "--format", "webdataset", "--shard-size", "10", "--set", "report=false")
     check_exactly_once(str(out), ids)
     assert len(globbed_samples(out)) == len(globbed_metadata(out)) == 30
 
@@ -115,14 +132,17 @@ def test_a_shard_failing_at_its_last_step_is_never_seen(tmp_path):
 def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
     """The driver with its whole local cluster (SIGKILL to its process group), or one worker
     (SIGKILL, the run goes on): at that moment and after, a reader sees whole committed shards
-    only; a rerun completes the output exactly once."""
+    only. After the driver's kill, rows are appended and the rerun does them and the rest of the
+    output without redoing a committed shard; every image is there exactly once."""
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    ids = make_manifest(manifest, 120)
+    images = several_images_manifest(manifest, 60)  # 120 images
     fmt = "parquet" if victim == "driver" else "webdataset"
-    proc = _start_run(manifest, out, "--format", fmt, "--shard-size", "10", "--set", "report=false")
+    args = ("--format", fmt, "--shard-size", "5", "--set", "num_images=2", "--set", "report=false")
+    proc = _start_run(manifest, out, *args, *(("--workers", "2") if victim == "worker" else ()))
     try:
         _wait_for_commits(out, 2, proc)
         if victim == "driver":
+            workers = _worker_processes(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         else:
@@ -134,17 +154,25 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
         if victim == "worker":
             stdout, stderr = proc.communicate(timeout=400)
             assert proc.returncode == 0, stderr[-2000:]
+            assert "retrying" in stdout  # the killed worker's shard ran again on its replacement
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if victim == "driver":
-        rerun(manifest, out, fmt)
-    rows = {r["id"]: r for r in check_exactly_once(str(out), ids)}
-    assert check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf") == 120
-    if victim == "worker":
-        assert "retrying" in stdout  # the killed worker's shard ran again on its replacement
-    # rows of shards committed before the stop and after it draw what diffusers draws
+        psutil.wait_procs(workers, timeout=60)  # a worker may outlive its driver for a moment, and commit
+        before = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
+        done = sum(marker.ok + marker.error for marker in committed(out).values())
+        images = several_images_manifest(manifest, 60, appended=7)  # the job's 2 images each
+        stdout = rerun(manifest, out, *args)
+        assert "already committed" in stdout and f"({120 + 14 - done:,} to generate)" in stdout, stdout
+        after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
+        assert {name: after[name] for name in before} == before, "committed shards must not be redone"
+    per_id = {row_id: n or 2 for row_id, n in images.items()}
+    rows = {(r["id"], r["image_index"]): r for r in check_exactly_once(str(out), list(per_id), per_id)}
+    assert check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf") == sum(per_id.values())
+    # images of shards committed before the stop and after it draw what diffusers draws at seed + k
     model_path = resolve_model("tiny:turbo").path
-    for row_id, data in read_images(str(out), [rows[i] for i in ("row-00000", "row-00061", "row-00119")]).items():
-        diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, rows[row_id]).astype(int)).max()
-        assert diff <= 1, f"{row_id}: max pixel difference {diff}"
+    chosen = [rows[key] for key in rows if key[0] in ("row-00000", "row-00031", "row-00059", "row-00066")]
+    for key, data in read_images(str(out), chosen).items():
+        diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, rows[key]).astype(int)).max()
+        assert diff <= 1, f"{key}: max pixel difference {diff}"
