@@ -126,6 +126,16 @@ def ray_tmpdir():
 
 
 @pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One fresh local Ray cluster for a module's in-process runs (`run_job`, or the CLI through
+    tests/cli_in_process.py), started after the S3 settings are exported, for its workers."""
+    from cli_in_process import local_ray
+
+    with local_ray():
+        yield
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads
     only fight other processes (10x slower under load). Used by in-process engine tests."""

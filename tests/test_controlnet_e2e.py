@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 from PIL import Image
 from test_edit_e2e import encode, gray_png, pattern
@@ -40,14 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def _own_ray_cluster(monkeypatch, ray_tmpdir):
-    """Each CLI run starts its own local Ray cluster, in a private temp folder."""
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmpdir)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True, timeout=900)
+    """The CLI in this process, on the module's local cluster (fixture `ray_local`)."""
+    return cli_in_process(*args)
 
 
 def _pipelines(controlnet: str = "tiny:2.1") -> dict:
@@ -105,7 +100,7 @@ def _catalogue_inputs(folder: Path) -> tuple[Path, pa.Table]:
     return manifest, table
 
 
-def test_catalogue_reshot_with_canny_control(tmp_path):
+def test_catalogue_reshot_with_canny_control(tmp_path, ray_local):
     """jobs/catalogue-controlnet.yaml on tiny models and local files, as its header documents."""
     manifest, table = _catalogue_inputs(tmp_path / "catalogue")
     output = tmp_path / "reshot"
@@ -181,7 +176,7 @@ def _prompt_rows(start: int, n: int, bucket: str) -> pa.Table:
     })
 
 
-def test_prompt_job_with_control_images_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket):
+def test_prompt_job_with_control_images_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket, ray_local):
     store = open_storage(f"s3://{s3_bucket}")
     for i in range(3):
         store.put_bytes(f"conditions/{i}.png", _condition(i))

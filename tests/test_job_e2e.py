@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once, load_json, pixels, read_images, read_metadata
 from PIL import Image
 
@@ -35,17 +36,6 @@ def make_manifest(path: Path, n: int, start: int = 0) -> list[str]:
     )
     pq.write_table(table, path, row_group_size=64)
     return ids
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray cluster for the in-process runs of this module (S3 settings already exported)."""
-    import ray
-
-    # address="local": a fresh cluster of its own, never one that `ray start` left on the machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def reference_pixels(model_path: str, row: dict) -> np.ndarray:
@@ -127,29 +117,30 @@ def test_run_every_format(tmp_path, ray_local, s3_bucket, fmt, where):
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The real command in a subprocess (it starts its own local cluster)."""
     return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True, **kwargs)
 
 
-def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path):
+def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path, ray_local):
     manifest = tmp_path / "m.parquet"
     ids = make_manifest(manifest, 50)
     out = tmp_path / "out"
     base = ["run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo", "--shard-size", "20"]
-    first = _cli(*base)
+    first = cli_in_process(*base)
     assert first.returncode == 0, first.stderr
     assert len(list((out / "_commits").glob("*.json"))) == 3
 
-    refused = _cli(*base, "--set", "guidance_scale=1.5")
+    refused = cli_in_process(*base, "--set", "guidance_scale=1.5")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "different job" in refused.stderr and "guidance_scale" in refused.stderr
 
     grown = pq.read_table(manifest)  # appended rows: tests/test_readers_see_committed.py (a kill, then a resume with more rows)
     changed = grown.set_column(1, "prompt", pa.array(["changed"] * grown.num_rows))
     pq.write_table(changed, manifest)
-    refused = _cli(*base)
+    refused = cli_in_process(*base)
     assert refused.returncode != 0 and "changed since shard" in refused.stderr
 
-    overwrite = _cli(*base, "--set", "guidance_scale=1.5", "--overwrite")
+    overwrite = cli_in_process(*base, "--set", "guidance_scale=1.5", "--overwrite")
     assert overwrite.returncode == 0, overwrite.stderr
     rows = check_exactly_once(str(out), ids)
     assert {r["guidance_scale"] for r in rows} == {1.5} and {r["prompt"] for r in rows} == {"changed"}
@@ -165,7 +156,7 @@ def test_quickstart_job_file(tmp_path):
     assert open_storage(str(tmp_path / "qs")).exists("job.json")
 
 
-def test_low_vram_profile_through_the_cli(tmp_path):
+def test_low_vram_profile_through_the_cli(tmp_path, ray_local):
     """`--set low_vram=on`: the workers encode each shard's prompts ahead, then denoise from the
     cache; every row exactly once, pixels as diffusers draws them. A bad value is refused."""
     from zimage_batch.model.sources import resolve_model
@@ -173,7 +164,7 @@ def test_low_vram_profile_through_the_cli(tmp_path):
     manifest = tmp_path / "m.parquet"
     ids = make_manifest(manifest, 30)
     out = tmp_path / "out"
-    result = _cli("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
+    result = cli_in_process("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
                   "--shard-size", "10", "--set", "low_vram=on", "--set", "report=false")
     assert result.returncode == 0, result.stderr
     assert load_json(str(out), "job.json")["job"]["low_vram"] == "on"
@@ -182,13 +173,13 @@ def test_low_vram_profile_through_the_cli(tmp_path):
     for row_id, data in read_images(str(out), [by_id[i] for i in ("row-00001", "row-00010", "row-00025")]).items():
         diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, by_id[row_id]).astype(int)).max()
         assert diff <= 1, f"{row_id}: max pixel difference {diff}"
-    refused = _cli("run", "--manifest", str(manifest), "--output", str(tmp_path / "bad"), "--model", "tiny:turbo",
+    refused = cli_in_process("run", "--manifest", str(manifest), "--output", str(tmp_path / "bad"), "--model", "tiny:turbo",
                    "--set", "low_vram=sometimes")
     assert refused.returncode != 0 and "low_vram must be on, off or auto" in refused.stderr
     assert not (tmp_path / "bad").exists()
 
 
-def test_hive_partitioned_folder(tmp_path):
+def test_hive_partitioned_folder(tmp_path, ray_local):
     """A folder written by Spark's partitionBy: the key=value folder names are columns of the
     rows under them (strings, URL-decoded, Hive's null marker as null), passed through into the
     metadata; a `variant=` folder picks the rows' variant like a column would."""
@@ -199,21 +190,21 @@ def test_hive_partitioned_folder(tmp_path):
         pq.write_table(pa.table({"id": ids, "prompt": [f"a photo {i}" for i in ids]}),
                        folder / sub / "part-00000-abc.snappy.parquet")
     (folder / "_SUCCESS").write_text("")
-    assert _cli("validate", str(folder)).returncode == 0
+    assert cli_in_process("validate", str(folder)).returncode == 0
     out = tmp_path / "out"
-    run = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-               "--set", "report=false", timeout=600)
+    run = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+               "--set", "report=false")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["id"]: r for r in check_exactly_once(str(out), ["a", "b", "c", "d", "e"])}
     assert {i: (r["date"], r["variant"], r["status"]) for i, r in rows.items()} == {
         "a": ("2026-11-26", "turbo", "ok"), "b": ("2026-11-26", "turbo", "ok"), "c": ("2026-11-27", "base", "ok"),
         "d": (None, "turbo", "ok"), "e": ("2026-11-27/28", "turbo", "ok")}
-    rerun = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-                 "--set", "report=false", timeout=600)
+    rerun = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+                 "--set", "report=false")
     assert rerun.returncode == 0 and "0 to run" in rerun.stdout, rerun.stdout  # the plan's digests agree
 
 
-def test_folder_of_files_with_different_types_and_columns(tmp_path):
+def test_folder_of_files_with_different_types_and_columns(tmp_path, ray_local):
     """Files written by different tools: a categorical prompt, an int guidance in one file and a
     float in the other, a pass-through column that widens (int32, int64), one only the second
     file has, a variant column only the second file has, and width and seed as whole floats with
@@ -238,10 +229,10 @@ def test_folder_of_files_with_different_types_and_columns(tmp_path):
         "width": [128.0, None],
         "seed": [7.0, None],
     }), folder / "part-1.parquet")
-    assert _cli("validate", str(folder)).returncode == 0
+    assert cli_in_process("validate", str(folder)).returncode == 0
     out = tmp_path / "out"
-    run = _cli("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-               "--set", "report=false", timeout=600)
+    run = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
+               "--set", "report=false")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["id"]: r for r in check_exactly_once(str(out), ["a0", "a1", "b0", "b1"])}
     assert all(r["status"] == "ok" for r in rows.values()), rows

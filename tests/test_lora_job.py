@@ -6,8 +6,6 @@ as another job."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -15,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 
 from zimage_batch.inputs.lora_spec import resolve_lora
@@ -29,11 +28,6 @@ DEFAULT = "detail:0.7"
 SIZE, STEPS = 64, 4
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900)
 
 
 def _part(path, start: int, specs: list) -> list[str]:
@@ -69,8 +63,8 @@ def _reference(pipes: dict, row: dict) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket, ray_tmpdir):
-    env = {"RAY_TMPDIR": ray_tmpdir, "ZIMAGE_BATCH_CACHE": str(tmp_path / "cache")}
+def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket, ray_local):
+    # the CLI runs in this process, on the module's local cluster (fixture ray_local)
     tiny = make_tiny_model(tmp_path / "tiny", "turbo")  # the CLI's make-tiny-model --lora: test_lora_demo.py
     for name in ("style", "detail"):
         make_tiny_adapter(tiny, tiny / f"{name}.safetensors", name)
@@ -85,12 +79,12 @@ def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_buc
             "--shard-size", "4", "--set", f"width={SIZE}", "--set", f"height={SIZE}", "--set", f"num_inference_steps={STEPS}",
             "--set", f"loras.style={tiny / 'style.safetensors'}", "--set", f"loras.detail={tiny / 'detail.safetensors'}",
             "--set", f"lora={DEFAULT}", "--set", "report=false"]
-    first = _cli(*base, env=env)
+    first = cli_in_process(*base)
     assert first.returncode == 0, first.stderr
 
     # New rows choose a new adapter (from S3): the same job, resumed
     ids += _part(manifest / "part-1.parquet", 100, SECOND)
-    second = _cli(*base, "--set", f"loras.ink={ink_uri}", env=env)
+    second = cli_in_process(*base, "--set", f"loras.ink={ink_uri}")
     assert second.returncode == 0, second.stderr
     assert "2 shards already committed, 2 to run" in second.stdout
 
@@ -116,7 +110,7 @@ def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_buc
     # Another file under a recorded adapter's name is another job: refused, nothing written
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     make_tiny_adapter(tiny, tiny / "style.safetensors", "another-style")
-    refused = _cli(*base, "--set", f"loras.ink={ink_uri}", env=env)
+    refused = cli_in_process(*base, "--set", f"loras.ink={ink_uri}")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "LoRA adapter 'style' was another file" in refused.stderr and "--overwrite" in refused.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
