@@ -8,7 +8,6 @@ import hashlib
 import io
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 from PIL import Image
 
@@ -124,7 +124,8 @@ def test_output_size_follows_the_source():
 
 # ---------------------------------------------------------------------- end to end
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True, timeout=600)
+    """The CLI in this process (on the module's local cluster, fixture `ray_local`)."""
+    return cli_in_process(*args)
 
 
 def _reference(mode: str, model: str, request, source: Image.Image, mask: Image.Image | None) -> np.ndarray:
@@ -147,7 +148,7 @@ def _reference(mode: str, model: str, request, source: Image.Image, mask: Image.
     return (out * 255).round().astype(np.uint8)
 
 
-def test_catalogue_edit_on_s3(tmp_path, s3_bucket):
+def test_catalogue_edit_on_s3(tmp_path, s3_bucket, ray_local):
     """img2img and inpaint on tiny:turbo: sources of every kind, local, s3:// and relative."""
     store = open_storage(f"s3://{s3_bucket}/catalogue")
     uploads = {
@@ -249,7 +250,7 @@ def test_catalogue_edit_on_s3(tmp_path, s3_bucket):
     assert np.abs(pixels(stored["SKU-008"]).astype(int) - want.astype(int)).max() <= 1
 
 
-def test_catalogue_edit_job_file_with_omni(tmp_path, s3_bucket):
+def test_catalogue_edit_job_file_with_omni(tmp_path, s3_bucket, ray_local):
     """jobs/catalogue-edit.yaml (omni, instruction editing), pointed at a tiny omni model."""
     store = open_storage(f"s3://{s3_bucket}/shop")
     ids = ["prod/0001", "prod/0002", "prod/0003"]

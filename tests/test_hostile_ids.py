@@ -10,19 +10,16 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-CLI = shutil.which("zimage-batch") or "zimage-batch"
+from cli_in_process import cli_in_process
 
 HOSTILE_IDS = [
     "../../etc/passwd",
@@ -75,20 +72,15 @@ def _listing(root: Path) -> set[str]:
 
 
 def _run(manifest: Path, output: Path, fmt: str) -> subprocess.CompletedProcess:
+    """The CLI in this process, on the module's local cluster (fixture `ray_local`)."""
     workers = "2" if fmt == "files" else "1"  # two workers once; the second run only checks the format
-    # RAY_ADDRESS=local: always a private local cluster. Without it, ray.init() joins any cluster
-    # that `ray start` left on this machine (another test's), and the driver's num_cpus is refused.
-    env = dict(os.environ, RAY_ADDRESS="local")
-    return subprocess.run(
-        [CLI, "run", "--manifest", str(manifest), "--output", str(output), "--model", "tiny:turbo",
-         "--format", fmt, "--workers", workers, "--shard-size", "10"],
-        capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL, env=env,
-    )
+    return cli_in_process("run", "--manifest", str(manifest), "--output", str(output), "--model", "tiny:turbo",
+                          "--format", fmt, "--workers", workers, "--shard-size", "10")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Both runs, side by side (each mostly waits for its Ray cluster to start)."""
+def runs(tmp_path_factory, ray_local):
+    """Both runs, one after the other on the module's cluster."""
     assert len(set(HOSTILE_IDS)) == len(HOSTILE_IDS)
     base = tmp_path_factory.mktemp("hostile")
     manifest = base / "manifest.parquet"
@@ -105,8 +97,7 @@ def runs(tmp_path_factory):
     passwd = Path("/etc/passwd").read_bytes() if Path("/etc/passwd").exists() else None
 
     started = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
-        procs = dict(zip(outputs, pool.map(lambda f: _run(manifest, outputs[f], f), outputs)))
+    procs = {fmt: _run(manifest, output, fmt) for fmt, output in outputs.items()}
     elapsed = time.monotonic() - started
 
     return {

@@ -10,13 +10,13 @@ pyarrow (>= 16) writes `string_view` columns to Parquet and reads them back as `
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once
 
 from zimage_batch.inputs.manifest import Limits, digest_matches, open_manifest, rows_digest, validate_manifest
@@ -133,8 +133,8 @@ def test_integer_and_text_ids_share_one_namespace(tmp_path):
 
 # ---------------------------------------------------------------------- end to end, through the CLI
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    """The CLI in this process (on the module's local cluster, fixture `ray_local`)."""
+    return cli_in_process(*args)
 
 
 def _run_twice(manifest: Path, out: Path) -> None:
@@ -152,7 +152,7 @@ def _duckdb(query: str) -> list[tuple]:
         return db.execute(query).fetchall()
 
 
-def test_string_view_manifest_end_to_end(tmp_path):
+def test_string_view_manifest_end_to_end(tmp_path, ray_local):
     """`string_view` ids and pass-through columns (as Polars writes them) run, and the metadata
     globbed with DuckDB holds every row once, ok, with its pass-through values as text."""
     manifest = tmp_path / "m.parquet"
@@ -181,7 +181,7 @@ def test_string_view_manifest_end_to_end(tmp_path):
         assert pq.read_schema(path).field("caption").type == pa.string()
 
 
-def test_integer_id_manifest_end_to_end(tmp_path):
+def test_integer_id_manifest_end_to_end(tmp_path, ray_local):
     """int64 ids (as DuckDB and pandas write them) run; keys and metadata use the decimal text."""
     manifest = tmp_path / "m.parquet"
     ids = [10, 2, 2**40, -4]

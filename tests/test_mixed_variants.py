@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 
 from zimage_batch.model.sources import resolve_model
@@ -26,14 +26,12 @@ def _manifest(path, start: int, n: int) -> list[str]:
 
 
 def _run(manifest, out, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", str(out),
-         "--model", "tiny:turbo", "--shard-size", "10", "--set", "report=false", *extra],
-        capture_output=True, text=True, timeout=600,
-    )
+    """The CLI in this process (on the module's local cluster, fixture `ray_local`)."""
+    return cli_in_process("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
+                          "--shard-size", "10", "--set", "report=false", *extra)
 
 
-def test_rows_run_on_their_variant(tmp_path):
+def test_rows_run_on_their_variant(tmp_path, ray_local):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = _manifest(manifest, 0, 30)
     first = _run(manifest, out)
@@ -115,10 +113,7 @@ def test_a_variant_without_a_model_is_refused(tmp_path):
     make_tiny_model(folder, "turbo")
     manifest = tmp_path / "m.parquet"
     _manifest(manifest, 0, 8)
-    result = subprocess.run(
-        [sys.executable, "-m", "zimage_batch.cli", "run", "--manifest", str(manifest), "--output", str(tmp_path / "o"),
-         "--model", str(folder)], capture_output=True, text=True, timeout=120,
-    )
+    result = cli_in_process("run", "--manifest", str(manifest), "--output", str(tmp_path / "o"), "--model", str(folder))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "variant 'base'" in result.stderr and "models.base" in result.stderr
     assert not (tmp_path / "o").exists()
