@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_in_process import cli_in_process
 
 from zimage_batch.output.report import MAX_THUMBNAILS, render
 from zimage_batch.output.status import load_output, summarize
@@ -228,17 +229,18 @@ def test_error_rows_in_status_and_report(watched_run, tmp_path):
 
 
 # ------------------------------------------------------------------ S3, and the other formats
-def test_report_command_on_s3_webdataset_with_report_off(tmp_path, s3_bucket):
+def test_report_command_on_s3_webdataset_with_report_off(tmp_path, s3_bucket, ray_local):
     """`--set report=false` writes no report; `zimage-batch report` makes it afterwards, here from
-    the tars of a webdataset output on S3 (a Parquet output's report: test_dataset_outputs.py)."""
+    the tars of a webdataset output on S3 (a Parquet output's report: test_dataset_outputs.py).
+    The commands run in this process, the run on the module's local cluster."""
     manifest = tmp_path / "m.parquet"
     make_manifest(manifest, 24)
     output = f"s3://{s3_bucket}/jobs/wds"
-    result = cli("run", "--manifest", str(manifest), "--output", output, "--model", "tiny:turbo",
+    result = cli_in_process("run", "--manifest", str(manifest), "--output", output, "--model", "tiny:turbo",
                  "--workers", "1", "--shard-size", "8", "--format", "webdataset", "--set", "report=false")
     assert result.returncode == 0, result.stderr
     assert "report:" not in result.stdout and not open_storage(output).exists("report.html")
-    made = cli("report", output)
+    made = cli_in_process("report", output)
     assert made.returncode == 0, made.stderr
     assert made.stdout.strip() == f"report: {output}/report.html"
     page = open_storage(output).get_bytes("report.html").decode("utf-8")
@@ -246,7 +248,7 @@ def test_report_command_on_s3_webdataset_with_report_off(tmp_path, s3_bucket):
     assert page.count('src="data:image/jpeg;base64,') == 24 and "All 24 images." in page
     _, loaded, images, _ = render_in_chromium(page, tmp_path / "view")
     assert loaded == images == 24
-    status = cli("status", output, "--json")
+    status = cli_in_process("status", output, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["rows_ok"] == 24
 
