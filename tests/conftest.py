@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+# One torch thread per process, in this process (before torch is imported), the CLI runs it
+# starts and their CPU workers (run/pool.cpu_threads_per_worker reads the driver's setting): the
+# suite runs several processes side by side on a small machine, and OpenMP teams of more threads
+# than cores spin against each other (a pair of 200-row runs side by side: 32 CPU-s at two
+# threads per worker, 23 at one). A value the developer set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # ============================================================================ S3 test server
 # A real S3 endpoint (moto's threaded server on 127.0.0.1) for every test that touches S3.
 # It is configured through os.environ so that subprocesses (the CLI) and Ray workers started
 # by the tests inherit it. No in-process mocking of boto3.
 import logging
-import os
 import socket
 import threading
 import uuid

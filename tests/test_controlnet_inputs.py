@@ -7,13 +7,12 @@ import hashlib
 import json
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_in_process import cli_in_process
 from PIL import Image
 from test_edit_e2e import cmyk_jpeg, encode, exif_rotated_jpeg, palette_png, pattern, png16, rgba_png
 
@@ -228,8 +227,7 @@ def test_a_derived_condition_needs_an_edit_manifest(tmp_path):
 
 def test_validate_refuses_in_one_line(tmp_path):
     manifest = _manifest(tmp_path, {**EDIT, "control": ["canny", "tile", "hed"]})
-    result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", "validate", manifest, "--set", "controlnet=tiny:2.1"],
-                            capture_output=True, text=True, timeout=300)
+    result = cli_in_process("validate", manifest, "--set", "controlnet=tiny:2.1")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "column 'control' must be one of canny|tile|none: row 2 (id='c')" in result.stderr
 
@@ -238,8 +236,7 @@ def test_make_tiny_model_writes_tiny_controlnets(tmp_path):
     from zimage_batch.model.controlnet import single_file_config
 
     for target, version in (("net-2.0.safetensors", "2.0"), ("net-1.0", "1.0")):
-        result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", "make-tiny-model", str(tmp_path / target),
-                                 "--controlnet", version], capture_output=True, text=True, timeout=300)
+        result = cli_in_process("make-tiny-model", str(tmp_path / target), "--controlnet", version)
         assert result.returncode == 0, result.stderr
         assert f"tiny ControlNet {version}" in result.stdout
     tiny = dict(n_layers=2, n_refiner_layers=1, dim=32, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,

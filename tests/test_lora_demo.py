@@ -4,13 +4,13 @@ prints its figures on a handful of rows (its numbers are read elsewhere: no spee
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from cli_in_process import cli_in_process
 from output_check import check_exactly_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +22,18 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def test_lora_dataset_job_runs_as_documented(tmp_path, ray_tmpdir):
+def test_lora_dataset_job_runs_as_documented(tmp_path, ray_local):
+    """The two commands of the job file's comment, in this process (the run on the module's cluster)."""
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     for name in ("lora-dataset.yaml", "lora-prompts.parquet"):
         shutil.copy(ROOT / "jobs" / name, jobs / name)
-    made = _run("-m", "zimage_batch.cli", "make-tiny-model", str(jobs / "tiny-lora"),
-                "--lora", "watercolor", "--lora", "ink", "--lora", "film")
+    made = cli_in_process("make-tiny-model", str(jobs / "tiny-lora"), "--lora", "watercolor", "--lora", "ink",
+                          "--lora", "film")
+    assert made.returncode == 0, made.stderr[-3000:]
     assert made.stdout.count("tiny LoRA adapter") == 3 and (jobs / "tiny-lora" / "film.safetensors").is_file()
-    result = _run("-m", "zimage_batch.cli", "run", str(jobs / "lora-dataset.yaml"), "--set", "report=false",
-                  env={**os.environ, "RAY_TMPDIR": ray_tmpdir})
+    result = cli_in_process("run", str(jobs / "lora-dataset.yaml"), "--set", "report=false")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 12 ok, 0 error of 12 rows" in result.stdout
     ids = pq.read_table(jobs / "lora-prompts.parquet").column("id").to_pylist()
     rows = {r["id"]: r for r in check_exactly_once(str(tmp_path / "out" / "lora-dataset"), ids)}

@@ -1,7 +1,8 @@
-"""ShardRunner in-process (no Ray): what a failed attempt leaves behind."""
+"""ShardRunner in-process (no Ray): what a failed attempt leaves behind; its CPU threads."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from zimage_batch.jobspec import load_job
 from zimage_batch.output.ledger import Ledger
 from zimage_batch.run.generation import ShardGeneration
 from zimage_batch.run.plan import make_plan
+from zimage_batch.run.pool import cpu_threads_per_worker
 from zimage_batch.run.preflight import job_record, prepare
 from zimage_batch.run.worker import ShardRunner
 from zimage_batch.storage import open_storage
@@ -63,3 +65,10 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
     assert finished and max(finished) <= returned, "a store of the failed attempt ran on after it returned"
     assert files() == [], "a store of the failed attempt wrote after it returned"
     assert not (tmp_path / "out" / "_commits").exists() or not any((tmp_path / "out" / "_commits").iterdir())
+
+
+def test_cpu_workers_share_the_cores_unless_omp_num_threads_says():
+    cores = os.cpu_count() or 2
+    assert cpu_threads_per_worker(1, {}) == cores and cpu_threads_per_worker(cores * 2, {}) == 1
+    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "3"}) == 3
+    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "0"}) == cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "x"}) == cores

@@ -48,6 +48,17 @@ def outcome_of(ref: Any) -> Outcome:
         return ShardFailed(short_error(exc))
 
 
+def cpu_threads_per_worker(workers: int, environ: Any = os.environ) -> int:
+    """Torch threads of each CPU worker: `OMP_NUM_THREADS` where the driver's environment sets it
+    (as PyTorch itself honours it; Ray sets its own in every worker, so the driver reads it),
+    else this machine's cores shared among the workers. More threads than cores in all leave
+    OpenMP teams spinning against each other."""
+    value = environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, (os.cpu_count() or 2) // workers)
+
+
 class ShardRunnerActor:
     """The Ray actor around a `run.worker.ShardRunner`. The model stack (torch, diffusers) is
     imported on the worker only: the driver, which creates the actors from this class, never
@@ -77,7 +88,7 @@ class RayWorkerPool:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0 and device != "cpu"
         self.size = workers or (gpus if self.use_gpu else 1)
-        threads = None if self.use_gpu else max(1, (os.cpu_count() or 2) // self.size)
+        threads = None if self.use_gpu else cpu_threads_per_worker(self.size)
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self._actor_class = ray.remote(ShardRunnerActor).options(**options)
