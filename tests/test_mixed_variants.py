@@ -117,3 +117,26 @@ def test_a_variant_without_a_model_is_refused(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "variant 'base'" in result.stderr and "models.base" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_images_to_generate_are_counted_per_variant_shard(tmp_path):
+    """The cost line's images: each row's num_images (the job's where empty), and of the planned
+    shards only their own variant's rows."""
+    from zimage_batch.inputs.manifest import open_manifest, variant_mask
+    from zimage_batch.run.estimate import count_images
+    from zimage_batch.run.plan import make_plan
+
+    manifest = tmp_path / "m.parquet"
+    _manifest(manifest, 0, 12)  # base at 0, 4, 8; the rest turbo (named or the job's)
+    table = pq.read_table(manifest)
+    counts = [1 + i % 3 if i % 2 else None for i in range(12)]  # the job's 2 where empty
+    pq.write_table(table.append_column("num_images", pa.array(counts, pa.int64())), manifest, row_group_size=5)
+    opened = open_manifest(str(manifest))  # read in batches that cut across the shards
+    base = np.asarray(variant_mask(pq.read_table(manifest), "base", "turbo"))
+    assert base.tolist() == [i % 4 == 0 for i in range(12)]
+    todo = make_plan(opened, {}, 10, "turbo").todo
+    assert sorted((s.start, s.variant) for s in todo) == [(0, "base"), (0, "turbo"), (10, "turbo")]
+    images = [c or 2 for c in counts]
+    assert count_images(opened, 2, todo, "turbo") == (sum(images), sum(images))
+    only_base = [s for s in todo if s.variant == "base"]
+    assert count_images(opened, 2, only_base, "turbo") == (sum(images), sum(images[i] for i in (0, 4, 8)))

@@ -684,13 +684,17 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+def variant_mask(rows: pa.Table | pa.RecordBatch, variant: str, job_variant: str | None) -> pa.Array | pa.ChunkedArray:
+    """True for the rows that run on `variant` (rows without one run on the job's)."""
+    if "variant" not in rows.schema.names:
+        return pa.array(np.full(rows.num_rows, variant == job_variant))
+    names = pc.fill_null(pc.cast(rows.column("variant"), pa.string()), job_variant or "")
+    return pc.equal(names, variant)
+
+
 def rows_of_variant(table: pa.Table, variant: str, job_variant: str) -> pa.Table:
     """The rows of `table` that run on `variant` (rows without one run on the job's)."""
-    if "variant" not in table.column_names:
-        return table if variant == job_variant else table.slice(0, 0)
-    column = table.column("variant")
-    column = column.cast(pa.string()) if pa.types.is_null(column.type) else column
-    return table.filter(pc.equal(pc.fill_null(column, job_variant), variant))
+    return table.filter(variant_mask(table, variant, job_variant))
 
 
 def rows_digest(table: pa.Table) -> str:

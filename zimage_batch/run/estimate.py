@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from zimage_batch.inputs.manifest import Manifest
+from zimage_batch.inputs.manifest import Manifest, variant_mask
 from zimage_batch.output import layout
 from zimage_batch.run.plan import Shard
 from zimage_batch.storage import Storage, StorageError
@@ -104,19 +104,20 @@ def count_images(manifest: Manifest, default: int, todo: list[Shard] = (), job_v
     for f in manifest.files:
         mine = sorted((s for s in todo if s.file == f.name), key=lambda s: s.start)
         starts = [s.start for s in mine]
+        span = max((s.end - s.start for s in mine), default=0)  # shards of two variants may share a start
         columns = ["num_images"] + (["variant"] if any(s.variant for s in mine) else [])
         offset = 0
         for batch in manifest.iter_batches(f, columns=columns):
             counts = _counts(batch, default)
             total += int(counts.sum())
-            first = max(bisect.bisect_right(starts, offset) - 1, 0)
+            first = bisect.bisect_left(starts, offset - span + 1)  # the first shard that can reach this batch
             for shard in mine[first:bisect.bisect_left(starts, offset + len(counts))]:
                 lo, hi = max(shard.start, offset) - offset, min(shard.end, offset + len(counts)) - offset
                 if hi <= lo:
                     continue
                 part = counts[lo:hi]
                 if shard.variant is not None:
-                    part = part[_of_variant(batch, shard.variant, job_variant)[lo:hi]]
+                    part = part[np.asarray(variant_mask(batch, shard.variant, job_variant))[lo:hi]]
                 todo_images += int(part.sum())
             offset += len(counts)
     return total, todo_images
@@ -127,9 +128,3 @@ def _counts(batch: pa.RecordBatch, default: int) -> np.ndarray:
         return np.full(batch.num_rows, default, np.int64)
     return np.asarray(pc.fill_null(pc.cast(batch.column("num_images"), pa.int64()), default))
 
-
-def _of_variant(batch: pa.RecordBatch, variant: str, job_variant: str | None) -> np.ndarray:
-    if "variant" not in batch.schema.names:
-        return np.full(batch.num_rows, variant == job_variant)
-    names = pc.fill_null(pc.cast(batch.column("variant"), pa.string()), job_variant or "")
-    return np.asarray(pc.equal(names, variant))
