@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-# One torch thread per process, in this process (before torch is imported), the CLI runs it
-# starts and their CPU workers (run/pool.cpu_threads_per_worker reads the driver's setting): the
-# suite runs several processes side by side on a small machine, and OpenMP teams of more threads
-# than cores spin against each other (a pair of 200-row runs side by side: 32 CPU-s at two
-# threads per worker, 23 at one). A value the developer set is kept.
+# One torch thread per process: in this process (set before torch is imported) and in the CPU
+# workers of every run the suite starts (run/pool.cpu_threads_per_worker reads the driver's
+# ZIMAGE_BATCH_CPU_THREADS). The suite runs several processes side by side on a small machine,
+# and OpenMP teams of more threads than cores spin against each other (a pair of 200-row runs
+# side by side: 32 CPU-s at two threads per worker, 23 at one). Values the developer set are kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("ZIMAGE_BATCH_CPU_THREADS", "1")
 
 # ============================================================================ S3 test server
 # A real S3 endpoint (moto's threaded server on 127.0.0.1) for every test that touches S3.
@@ -146,7 +147,8 @@ def ray_local(s3_server):
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads
-    only fight other processes (10x slower under load). Used by in-process engine tests."""
+    only fight other processes (10x slower under load). Used by in-process engine tests; the
+    suite's OMP_NUM_THREADS=1 does the same unless the developer set another value."""
     import torch
 
     threads = torch.get_num_threads()

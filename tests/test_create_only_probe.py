@@ -83,6 +83,7 @@ def test_opt_out_is_a_job_setting_outside_the_fingerprint():
     """Existing OUTPUTs keep their fingerprint; the setting decides nothing about what they hold."""
     assert OPT_OUT not in JobSpec.OUTPUT_FIELDS
     plain, unsafe = JobSpec(), JobSpec(**{OPT_OUT: True})
+    assert getattr(plain, OPT_OUT) is False  # what job.json records unless the job opts out
     assert plain.fingerprint() == unsafe.fingerprint()
 
 

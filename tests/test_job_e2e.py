@@ -165,7 +165,7 @@ def test_low_vram_profile_through_the_cli(tmp_path, ray_local):
     ids = make_manifest(manifest, 30)
     out = tmp_path / "out"
     result = cli_in_process("run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
-                  "--shard-size", "10", "--set", "low_vram=on", "--set", "report=false")
+                            "--shard-size", "10", "--set", "low_vram=on", "--set", "report=false")
     assert result.returncode == 0, result.stderr
     assert load_json(str(out), "job.json")["job"]["low_vram"] == "on"
     by_id = {r["id"]: r for r in check_exactly_once(str(out), ids)}
@@ -174,7 +174,7 @@ def test_low_vram_profile_through_the_cli(tmp_path, ray_local):
         diff = np.abs(pixels(data).astype(int) - reference_pixels(model_path, by_id[row_id]).astype(int)).max()
         assert diff <= 1, f"{row_id}: max pixel difference {diff}"
     refused = cli_in_process("run", "--manifest", str(manifest), "--output", str(tmp_path / "bad"), "--model", "tiny:turbo",
-                   "--set", "low_vram=sometimes")
+                             "--set", "low_vram=sometimes")
     assert refused.returncode != 0 and "low_vram must be on, off or auto" in refused.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -193,14 +193,14 @@ def test_hive_partitioned_folder(tmp_path, ray_local):
     assert cli_in_process("validate", str(folder)).returncode == 0
     out = tmp_path / "out"
     run = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-               "--set", "report=false")
+                         "--set", "report=false")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["id"]: r for r in check_exactly_once(str(out), ["a", "b", "c", "d", "e"])}
     assert {i: (r["date"], r["variant"], r["status"]) for i, r in rows.items()} == {
         "a": ("2026-11-26", "turbo", "ok"), "b": ("2026-11-26", "turbo", "ok"), "c": ("2026-11-27", "base", "ok"),
         "d": (None, "turbo", "ok"), "e": ("2026-11-27/28", "turbo", "ok")}
     rerun = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-                 "--set", "report=false")
+                           "--set", "report=false")
     assert rerun.returncode == 0 and "0 to run" in rerun.stdout, rerun.stdout  # the plan's digests agree
 
 
@@ -232,7 +232,7 @@ def test_folder_of_files_with_different_types_and_columns(tmp_path, ray_local):
     assert cli_in_process("validate", str(folder)).returncode == 0
     out = tmp_path / "out"
     run = cli_in_process("run", "--manifest", str(folder), "--output", str(out), "--model", "tiny:turbo",
-               "--set", "report=false")
+                         "--set", "report=false")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["id"]: r for r in check_exactly_once(str(out), ["a0", "a1", "b0", "b1"])}
     assert all(r["status"] == "ok" for r in rows.values()), rows

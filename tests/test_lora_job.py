@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_in_process import cli_in_process
+from cli_in_process import cli_in_process, local_ray
 from output_check import check_exactly_once, pixels, read_images
 
 from zimage_batch.inputs.lora_spec import resolve_lora
@@ -28,6 +28,15 @@ DEFAULT = "detail:0.7"
 SIZE, STEPS = 64, 4
 
 
+@pytest.fixture(scope="module")
+def own_cache_cluster(tmp_path_factory, s3_server):
+    """A local cluster whose driver and workers keep adapters fetched from S3 in a cache of this
+    module's own (ZIMAGE_BATCH_CACHE set before the cluster starts, so that its workers see it)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZIMAGE_BATCH_CACHE", cache)
+        with local_ray():
+            yield cache
 
 
 def _part(path, start: int, specs: list) -> list[str]:
@@ -63,8 +72,8 @@ def _reference(pipes: dict, row: dict) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket, ray_local):
-    # the CLI runs in this process, on the module's local cluster (fixture ray_local)
+def test_lora_job_matches_diffusers_across_batches_and_a_resume(tmp_path, s3_bucket, own_cache_cluster):
+    # the CLI runs in this process, on the module's local cluster
     tiny = make_tiny_model(tmp_path / "tiny", "turbo")  # the CLI's make-tiny-model --lora: test_lora_demo.py
     for name in ("style", "detail"):
         make_tiny_adapter(tiny, tiny / f"{name}.safetensors", name)

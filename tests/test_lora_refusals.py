@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_in_process import cli_in_process
+from cli_in_process import cli_in_process, ray_not_started
 from safetensors.torch import load_file, save_file
 
 from zimage_batch.model.tiny import make_tiny_model
@@ -119,7 +119,8 @@ def _run(case: Case, d: Path, tiny: Path, name: str) -> tuple[subprocess.Complet
         args += ["--output", str(output), "--model", str(tiny), "--set", "width=64", "--set", "height=64"]
     env = {"RAY_ADDRESS": "", "ZIMAGE_BATCH_CACHE": str(d / "cache"), **(case.env or {})}
     if not case.env:
-        return cli_in_process(*args, env=env), output
+        with ray_not_started():
+            return cli_in_process(*args, env=env), output
     result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", *args], capture_output=True, text=True,
                             env={**os.environ, **env}, timeout=600)
     return result, output

@@ -138,11 +138,12 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
     images = several_images_manifest(manifest, 60)  # 120 images
     fmt = "parquet" if victim == "driver" else "webdataset"
     args = ("--format", fmt, "--shard-size", "5", "--set", "num_images=2", "--set", "report=false")
-    proc = _start_run(manifest, out, *args, *(("--workers", "2") if victim == "worker" else ()))
+    proc = _start_run(manifest, out, *args)  # one worker: the run ends only if a killed one is replaced
     try:
         _wait_for_commits(out, 2, proc)
         if victim == "driver":
             workers = _worker_processes(proc.pid)
+            assert workers, "no worker actor process found"
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         else:
@@ -159,7 +160,8 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if victim == "driver":
-        psutil.wait_procs(workers, timeout=60)  # a worker may outlive its driver for a moment, and commit
+        _, alive = psutil.wait_procs(workers, timeout=60)  # a worker may outlive its driver for a moment, and commit
+        assert not alive, f"workers still running after their driver's kill: {alive}"
         before = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
         done = sum(marker.ok + marker.error for marker in committed(out).values())
         images = several_images_manifest(manifest, 60, appended=7)  # the job's 2 images each

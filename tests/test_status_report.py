@@ -237,7 +237,7 @@ def test_report_command_on_s3_webdataset_with_report_off(tmp_path, s3_bucket, ra
     make_manifest(manifest, 24)
     output = f"s3://{s3_bucket}/jobs/wds"
     result = cli_in_process("run", "--manifest", str(manifest), "--output", output, "--model", "tiny:turbo",
-                 "--workers", "1", "--shard-size", "8", "--format", "webdataset", "--set", "report=false")
+                            "--workers", "1", "--shard-size", "8", "--format", "webdataset", "--set", "report=false")
     assert result.returncode == 0, result.stderr
     assert "report:" not in result.stdout and not open_storage(output).exists("report.html")
     made = cli_in_process("report", output)

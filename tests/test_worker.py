@@ -67,8 +67,11 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
     assert not (tmp_path / "out" / "_commits").exists() or not any((tmp_path / "out" / "_commits").iterdir())
 
 
-def test_cpu_workers_share_the_cores_unless_omp_num_threads_says():
+def test_cpu_workers_share_the_cores_unless_the_job_environment_says():
     cores = os.cpu_count() or 2
     assert cpu_threads_per_worker(1, {}) == cores and cpu_threads_per_worker(cores * 2, {}) == 1
-    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "3"}) == 3
-    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "0"}) == cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "x"}) == cores
+    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "1"}) == cores  # Ray's, in Ray Jobs drivers
+    assert cpu_threads_per_worker(1, {"ZIMAGE_BATCH_CPU_THREADS": " 3 "}) == 3
+    for bad in ("0", "x", "²", "2,1"):
+        with pytest.raises(ValueError, match="ZIMAGE_BATCH_CPU_THREADS must be a whole number"):
+            cpu_threads_per_worker(1, {"ZIMAGE_BATCH_CPU_THREADS": bad})

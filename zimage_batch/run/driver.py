@@ -27,7 +27,7 @@ from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
 from zimage_batch.run.plan import Plan, Shard, make_plan
-from zimage_batch.run.pool import RayWorkerPool
+from zimage_batch.run.pool import RayWorkerPool, cpu_threads_per_worker
 from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
@@ -93,6 +93,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     if not cluster.external:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(resolved))
     check_reachable(cluster.address)
+    cpu_threads_per_worker(1)  # a bad ZIMAGE_BATCH_CPU_THREADS is refused before Ray starts
     with cluster:
         if cluster.external:  # its nodes may be other machines: they must see our local paths
             cluster.connect()

@@ -110,6 +110,7 @@ def count_images(manifest: Manifest, default: int, todo: list[Shard] = (), job_v
         for batch in manifest.iter_batches(f, columns=columns):
             counts = _counts(batch, default)
             total += int(counts.sum())
+            masks: dict[str, np.ndarray] = {}  # per variant, for this batch
             first = bisect.bisect_left(starts, offset - span + 1)  # the first shard that can reach this batch
             for shard in mine[first:bisect.bisect_left(starts, offset + len(counts))]:
                 lo, hi = max(shard.start, offset) - offset, min(shard.end, offset + len(counts)) - offset
@@ -117,7 +118,9 @@ def count_images(manifest: Manifest, default: int, todo: list[Shard] = (), job_v
                     continue
                 part = counts[lo:hi]
                 if shard.variant is not None:
-                    part = part[np.asarray(variant_mask(batch, shard.variant, job_variant))[lo:hi]]
+                    if shard.variant not in masks:
+                        masks[shard.variant] = np.asarray(variant_mask(batch, shard.variant, job_variant))
+                    part = part[masks[shard.variant][lo:hi]]
                 todo_images += int(part.sum())
             offset += len(counts)
     return total, todo_images

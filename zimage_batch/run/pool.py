@@ -1,6 +1,7 @@
 """The Ray actor pool: `ShardRunner` actors of one variant, the `WorkerPool` the scheduler drives.
 
-It starts the actors (one GPU each when the cluster has GPUs, else CPU threads shared out),
+It starts the actors (one GPU each when the cluster has GPUs, else CPU threads shared out, or
+ZIMAGE_BATCH_CPU_THREADS each),
 submits a shard to one of them, waits, and turns Ray's exceptions into the scheduler's typed
 outcomes. Ray is imported inside the methods: the rest of the package loads without it.
 """
@@ -48,15 +49,24 @@ def outcome_of(ref: Any) -> Outcome:
         return ShardFailed(short_error(exc))
 
 
+CPU_THREADS_ENV = "ZIMAGE_BATCH_CPU_THREADS"
+
+
 def cpu_threads_per_worker(workers: int, environ: Any = os.environ) -> int:
-    """Torch threads of each CPU worker: `OMP_NUM_THREADS` where the driver's environment sets it
-    (as PyTorch itself honours it; Ray sets its own in every worker, so the driver reads it),
-    else this machine's cores shared among the workers. More threads than cores in all leave
-    OpenMP teams spinning against each other."""
-    value = environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return max(1, (os.cpu_count() or 2) // workers)
+    """Torch threads of each CPU worker: `ZIMAGE_BATCH_CPU_THREADS` where the driver's environment
+    sets it, else this machine's cores shared among the workers. (Not OMP_NUM_THREADS: Ray sets
+    that to 1 in Ray Jobs drivers and in the commands its cluster launcher runs.) Several jobs
+    sharing a machine's cores set it, or their OpenMP teams spin against each other."""
+    value = environ.get(CPU_THREADS_ENV, "").strip()
+    if not value:
+        return max(1, (os.cpu_count() or 2) // workers)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"{CPU_THREADS_ENV} must be a whole number of threads of at least 1, not {value!r}")
+    return threads
 
 
 class ShardRunnerActor:
