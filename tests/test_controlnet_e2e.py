@@ -40,11 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process, on the module's local cluster (fixture `ray_local`)."""
-    return cli_in_process(*args)
-
-
 def _pipelines(controlnet: str = "tiny:2.1") -> dict:
     """diffusers' own pipelines on the tiny turbo model and ControlNet the jobs ran."""
     import diffusers
@@ -104,10 +99,11 @@ def test_catalogue_reshot_with_canny_control(tmp_path, ray_local):
     """jobs/catalogue-controlnet.yaml on tiny models and local files, as its header documents."""
     manifest, table = _catalogue_inputs(tmp_path / "catalogue")
     output = tmp_path / "reshot"
-    result = _cli("run", str(ROOT / "jobs" / "catalogue-controlnet.yaml"), "--manifest", str(manifest), "--output", str(output),
-                  "--model", "tiny:turbo", "--set", "controlnet=tiny:2.1", "--set", f"num_inference_steps={STEPS}",
-                  "--workers", "1", "--batch-size", "4", "--set", "report=false",
-                  "--set", "image_format=png")  # lossless, for the pixel comparison (the job file says webp)
+    result = cli_in_process("run", str(ROOT / "jobs" / "catalogue-controlnet.yaml"), "--manifest", str(manifest),
+                            "--output", str(output), "--model", "tiny:turbo", "--set", "controlnet=tiny:2.1",
+                            "--set", f"num_inference_steps={STEPS}", "--workers", "1", "--batch-size", "4",
+                            "--set", "report=false",
+                            "--set", "image_format=png")  # lossless, for the pixel comparison (the job file says webp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 ok, 3 error of 11 rows" in result.stdout, result.stdout[-2000:]
     ids = table.column("id").to_pylist()
@@ -189,7 +185,7 @@ def test_prompt_job_with_control_images_matches_diffusers_across_batches_and_a_r
     args = ["run", "--manifest", manifest, "--output", output, "--model", "tiny:turbo", "--set", "controlnet=tiny:2.1",
             "--set", f"num_inference_steps={STEPS}", "--shard-size", "4", "--batch-size", "2", "--workers", "1",
             "--set", "report=false"]
-    result = _cli(*args)
+    result = cli_in_process(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 ok, 0 error" in result.stdout, result.stdout[-2000:]
 
@@ -197,11 +193,11 @@ def test_prompt_job_with_control_images_matches_diffusers_across_batches_and_a_r
     buffer = io.BytesIO()
     pq.write_table(second, buffer)
     store.put_bytes("prompts/part-1.parquet", buffer.getvalue())
-    result = _cli(*args)
+    result = cli_in_process(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 shards already committed, 2 to run" in result.stdout and "14 ok, 0 error" in result.stdout, result.stdout[-2000:]
 
-    refused = _cli(*[a if a != "controlnet=tiny:2.1" else "controlnet=tiny:2.0" for a in args])
+    refused = cli_in_process(*[a if a != "controlnet=tiny:2.1" else "controlnet=tiny:2.0" for a in args])
     assert refused.returncode != 0 and re.search(r"differs in: controlnet_id", refused.stderr), refused.stderr[-2000:]
 
     ids = first.column("id").to_pylist() + second.column("id").to_pylist()

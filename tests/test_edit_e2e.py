@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +122,6 @@ def test_output_size_follows_the_source():
 
 
 # ---------------------------------------------------------------------- end to end
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process (on the module's local cluster, fixture `ray_local`)."""
-    return cli_in_process(*args)
-
-
 def _reference(mode: str, model: str, request, source: Image.Image, mask: Image.Image | None) -> np.ndarray:
     """The row through diffusers' own reference pipeline."""
     import diffusers
@@ -199,8 +193,8 @@ def test_catalogue_edit_on_s3(tmp_path, s3_bucket, ray_local):
     store.put_bytes("manifest.parquet", buffer.getvalue())
 
     output = f"s3://{s3_bucket}/edited"
-    result = _cli("run", "--manifest", s3 + "manifest.parquet", "--output", output, "--model", "tiny:turbo",
-                  "--shard-size", "8", "--batch-size", "4", "--set", "max_source_pixels=50000")
+    result = cli_in_process("run", "--manifest", s3 + "manifest.parquet", "--output", output, "--model", "tiny:turbo",
+                            "--shard-size", "8", "--batch-size", "4", "--set", "max_source_pixels=50000")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "9 ok" in result.stdout and "6 error" in result.stdout, result.stdout[-2000:]
 
@@ -267,9 +261,8 @@ def test_catalogue_edit_job_file_with_omni(tmp_path, s3_bucket, ray_local):
     store.put_bytes("edits/part-0.parquet", buffer.getvalue())
 
     output = f"s3://{s3_bucket}/edited"
-    result = _cli("run", str(ROOT / "jobs" / "catalogue-edit.yaml"), "--manifest", f"s3://{s3_bucket}/shop/edits/",
-                  "--output", output, "--model", "tiny:omni", "--workers", "1",
-                  "--set", "num_inference_steps=3")
+    result = cli_in_process("run", str(ROOT / "jobs" / "catalogue-edit.yaml"), "--manifest", f"s3://{s3_bucket}/shop/edits/",
+                            "--output", output, "--model", "tiny:omni", "--workers", "1", "--set", "num_inference_steps=3")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = check_exactly_once(output, ids)
     for i, r in enumerate(sorted(rows, key=lambda r: r["id"])):

@@ -9,7 +9,6 @@ pyarrow (>= 16) writes `string_view` columns to Parquet and reads them back as `
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import duckdb
@@ -132,18 +131,13 @@ def test_integer_and_text_ids_share_one_namespace(tmp_path):
 
 
 # ---------------------------------------------------------------------- end to end, through the CLI
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process (on the module's local cluster, fixture `ray_local`)."""
-    return cli_in_process(*args)
-
-
 def _run_twice(manifest: Path, out: Path) -> None:
     """Run to the end, then again: the second plan's digests agree with the commits (0 to run)."""
     args = ["run", "--manifest", str(manifest), "--output", str(out), "--model", "tiny:turbo",
             "--shard-size", "2", "--set", "report=false"]
-    first = _cli(*args)
+    first = cli_in_process(*args)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
-    again = _cli(*args)
+    again = cli_in_process(*args)
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr[-3000:]
 
 
@@ -165,7 +159,7 @@ def test_string_view_manifest_end_to_end(tmp_path, ray_local):
         "tags": pa.array([["a"], [], ["b", "c"], None], pa.list_(pa.string_view())),
     }), manifest)
     assert pq.read_schema(manifest).field("caption").type == pa.string_view()
-    assert _cli("validate", str(manifest)).returncode == 0
+    assert cli_in_process("validate", str(manifest)).returncode == 0
     out = tmp_path / "out"
     _run_twice(manifest, out)
     check_exactly_once(str(out), [f"sv-{i}" for i in range(n)])

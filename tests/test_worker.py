@@ -13,7 +13,7 @@ from zimage_batch.jobspec import load_job
 from zimage_batch.output.ledger import Ledger
 from zimage_batch.run.generation import ShardGeneration
 from zimage_batch.run.plan import make_plan
-from zimage_batch.run.pool import cpu_threads_per_worker
+from zimage_batch.run.pool import cpu_threads_per_worker, cpu_threads_setting
 from zimage_batch.run.preflight import job_record, prepare
 from zimage_batch.run.worker import ShardRunner
 from zimage_batch.storage import open_storage
@@ -69,9 +69,10 @@ def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_pa
 
 def test_cpu_workers_share_the_cores_unless_the_job_environment_says():
     cores = os.cpu_count() or 2
-    assert cpu_threads_per_worker(1, {}) == cores and cpu_threads_per_worker(cores * 2, {}) == 1
-    assert cpu_threads_per_worker(1, {"OMP_NUM_THREADS": "1"}) == cores  # Ray's, in Ray Jobs drivers
-    assert cpu_threads_per_worker(1, {"ZIMAGE_BATCH_CPU_THREADS": " 3 "}) == 3
+    unset = cpu_threads_setting({})
+    assert cpu_threads_per_worker(1, unset) == cores and cpu_threads_per_worker(cores * 2, unset) == 1
+    assert cpu_threads_per_worker(1, cpu_threads_setting({"OMP_NUM_THREADS": "1"})) == cores  # Ray's, in Ray Jobs drivers
+    assert cpu_threads_per_worker(1, cpu_threads_setting({"ZIMAGE_BATCH_CPU_THREADS": " 3 "})) == 3
     for bad in ("0", "x", "²", "2,1"):
         with pytest.raises(ValueError, match="ZIMAGE_BATCH_CPU_THREADS must be a whole number"):
-            cpu_threads_per_worker(1, {"ZIMAGE_BATCH_CPU_THREADS": bad})
+            cpu_threads_setting({"ZIMAGE_BATCH_CPU_THREADS": bad})

@@ -27,7 +27,7 @@ from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
 from zimage_batch.run.plan import Plan, Shard, make_plan
-from zimage_batch.run.pool import RayWorkerPool, cpu_threads_per_worker
+from zimage_batch.run.pool import RayWorkerPool, cpu_threads_setting
 from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
@@ -86,6 +86,7 @@ class RunSummary:
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     """Run `job` to its end (or a stop); returns the summary. Refusals raise before anything is written."""
     started = time.time()
+    cpu_threads = cpu_threads_setting()  # ZIMAGE_BATCH_CPU_THREADS: a bad value is refused first
     storage = open_storage(absolute(job.output))
     prepared = prepare(job, check_output=lambda: check_output_store(storage, job.unsafe_allow_overwriting_commits))
     resolved = prepared.job
@@ -93,7 +94,6 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     if not cluster.external:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(resolved))
     check_reachable(cluster.address)
-    cpu_threads_per_worker(1)  # a bad ZIMAGE_BATCH_CPU_THREADS is refused before Ray starts
     with cluster:
         if cluster.external:  # its nodes may be other machines: they must see our local paths
             cluster.connect()
@@ -116,7 +116,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         echo(cost_line(resolved, prepared.manifest, plan, storage))
         if plan.todo:
             cluster.connect()
-            _run_plan(resolved, plan, summary, echo)
+            _run_plan(resolved, plan, summary, echo, cpu_threads)
     summary.elapsed_s = time.time() - started
     _count_committed(ledger, summary)
     _write_run_record(storage, resolved, summary)
@@ -130,8 +130,10 @@ def _check_local_paths_shared(storage: Storage, manifest: Manifest) -> None:
     check_shared_paths(output, files)
 
 
-def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[[str], None]) -> None:
-    """Run the plan's shards: one worker pool per variant, the job's own variant first."""
+def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[[str], None],
+              cpu_threads: int | None = None) -> None:
+    """Run the plan's shards: one worker pool per variant, the job's own variant first
+    (`cpu_threads`: torch threads of each CPU worker, None to share the cores out)."""
     spec = job.spec
     rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period)
     stop = StopRequest()
@@ -149,7 +151,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
         for variant, shards in sorted(by_variant.items(), key=lambda item: item[0] != job.variant):
             if len(by_variant) > 1:
                 echo(f"variant {variant}: {len(shards)} shards")
-            pool = RayWorkerPool(job.worker_settings(variant), spec.workers, spec.device)
+            pool = RayWorkerPool(job.worker_settings(variant), spec.workers, spec.device, cpu_threads)
             summary.device = "GPU" if pool.use_gpu else "CPU"
             try:
                 finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, result),

@@ -52,14 +52,14 @@ def outcome_of(ref: Any) -> Outcome:
 CPU_THREADS_ENV = "ZIMAGE_BATCH_CPU_THREADS"
 
 
-def cpu_threads_per_worker(workers: int, environ: Any = os.environ) -> int:
-    """Torch threads of each CPU worker: `ZIMAGE_BATCH_CPU_THREADS` where the driver's environment
-    sets it, else this machine's cores shared among the workers. (Not OMP_NUM_THREADS: Ray sets
-    that to 1 in Ray Jobs drivers and in the commands its cluster launcher runs.) Several jobs
-    sharing a machine's cores set it, or their OpenMP teams spin against each other."""
+def cpu_threads_setting(environ: Any = os.environ) -> int | None:
+    """`ZIMAGE_BATCH_CPU_THREADS` of the driver's environment: torch threads of each CPU worker,
+    None where unset. Several jobs sharing a machine's cores set it, or their OpenMP teams spin
+    against each other. (Not OMP_NUM_THREADS: Ray sets that to 1 in Ray Jobs drivers and in the
+    commands its cluster launcher runs.)"""
     value = environ.get(CPU_THREADS_ENV, "").strip()
     if not value:
-        return max(1, (os.cpu_count() or 2) // workers)
+        return None
     try:
         threads = int(value)
     except ValueError:
@@ -67,6 +67,11 @@ def cpu_threads_per_worker(workers: int, environ: Any = os.environ) -> int:
     if threads < 1:
         raise ValueError(f"{CPU_THREADS_ENV} must be a whole number of threads of at least 1, not {value!r}")
     return threads
+
+
+def cpu_threads_per_worker(workers: int, setting: int | None) -> int:
+    """The setting, else this machine's cores shared among the workers."""
+    return setting or max(1, (os.cpu_count() or 2) // workers)
 
 
 class ShardRunnerActor:
@@ -90,15 +95,16 @@ class RayWorkerPool:
     """The Ray actors of one job and variant, replaced when they die.
 
     `settings` is what each `ShardRunner` is built from (one variant's); `workers` is the pool
-    size (default: one per GPU, or 1 on CPU)."""
+    size (default: one per GPU, or 1 on CPU); `cpu_threads` is `cpu_threads_setting()`."""
 
-    def __init__(self, settings: WorkerSettings, workers: int | None = None, device: str | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, workers: int | None = None, device: str | None = None,
+                 cpu_threads: int | None = None) -> None:
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.use_gpu = gpus > 0 and device != "cpu"
         self.size = workers or (gpus if self.use_gpu else 1)
-        threads = None if self.use_gpu else cpu_threads_per_worker(self.size)
+        threads = None if self.use_gpu else cpu_threads_per_worker(self.size, cpu_threads)
         options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self._actor_class = ray.remote(ShardRunnerActor).options(**options)
