@@ -14,12 +14,15 @@ from zimage_batch.inputs.manifest import ManifestError
 from zimage_batch.jobspec import FORMATS, JobError, load_job
 from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.model.variants import VARIANTS
+from zimage_batch.output.lease import LeaseHeld
 from zimage_batch.output.ledger import JobMismatch
+from zimage_batch.output.overlaps import OverlappingShards
 from zimage_batch.storage import StorageError
 from zimage_batch.text import first_line
 
 # Errors with a message meant for the user: printed as one line, no traceback.
-USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
+USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError, LeaseHeld,
+               OverlappingShards)
 
 
 def _fail(exc: BaseException) -> None:
@@ -99,6 +102,8 @@ def main() -> None:
 @click.option("--address", help="Ray cluster address (default: start a local cluster)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any job setting, e.g. --set width=512")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different job's output in OUTPUT")
+@click.option("--wait", is_flag=True, default=None,
+              help="When another run is writing OUTPUT, wait for it to end instead of refusing")
 def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
     """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
     _quiet_libraries()
@@ -176,6 +181,9 @@ def status_command(output: str, as_json: bool) -> None:
     else:
         for line in format_status(figures):
             click.echo(line)
+    if figures.get("overlaps"):
+        click.echo(f"error: {figures['overlaps']}", err=True)
+        sys.exit(1)
 
 
 @main.command("report")
@@ -183,13 +191,38 @@ def status_command(output: str, as_json: bool) -> None:
 def report_command(output: str) -> None:
     """Write OUTPUT/report.html: gallery (prompt, seed, id), errors, throughput, workers, settings."""
     from zimage_batch.output.report import write_report
-    from zimage_batch.output.status import NoJob
+    from zimage_batch.output.status import NoJob, status
 
     try:
         location = write_report(output)
+        figures = status(output)
     except (NoJob, ValueError, *USER_ERRORS) as exc:
         _fail(exc)
     click.echo(f"report: {location}")
+    if figures.get("overlaps"):
+        click.echo(f"error: {figures['overlaps']}", err=True)
+        sys.exit(1)
+
+
+@main.command("repair")
+@click.argument("output")
+@click.option("--wait", is_flag=True, help="When a run is writing OUTPUT, wait for it to end instead of refusing")
+def repair_command(output: str, wait: bool) -> None:
+    """Remove the later of overlapping committed shards (left by older versions or a run that
+    lost its lease), so that each row is in OUTPUT once; the next run redraws rows left uncovered."""
+    from zimage_batch.output.repair import NothingToRepair, repair
+    from zimage_batch.storage import open_storage
+
+    try:
+        storage = open_storage(output)
+        removed = repair(storage, echo=click.echo, wait=wait)
+    except (NothingToRepair, ValueError, *USER_ERRORS) as exc:
+        _fail(exc)
+    if not removed:
+        click.echo(f"{storage.uri}: no overlapping shards, nothing to repair")
+        return
+    click.echo(f"{storage.uri}: removed {len(removed)} overlapping shard{'s' if len(removed) > 1 else ''}; "
+               "each row is now there at most once; run the job again to generate the rows only they held")
 
 
 @main.command()

@@ -75,6 +75,11 @@ class JobSpec:
     low_vram: str = "auto"  # on | off | auto: text encoder and transformer take turns on cards under 30 GB
     max_attempts: int = 3
     grace_period: float = 60.0
+    # one writer per OUTPUT: the run's lease lasts lease_ttl seconds unless renewed, every
+    # lease_renew_interval seconds; wait: wait for another run's lease instead of refusing
+    lease_ttl: float = 120.0
+    lease_renew_interval: float = 20.0
+    wait: bool = False
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
     gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
@@ -166,6 +171,13 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("lease_ttl", "lease_renew_interval"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise JobError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.lease_renew_interval >= self.lease_ttl:
+            raise JobError(f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than "
+                           f"lease_ttl ({self.lease_ttl:g} s), or the lease expires between renewals")
         if not 0 <= self.seed < 2**63:
             raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.max_source_pixels < 1:

@@ -9,6 +9,8 @@ botocore's retry configuration. Error messages never contain credentials.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -158,6 +160,21 @@ class Storage(ABC):
     def get_bytes(self, key: str) -> bytes:
         """Contents of ``key``; FileNotFoundError if missing."""
 
+    # Compare-and-swap on one small object (the OUTPUT lease): a version tag read with the
+    # contents, and a replace or delete that happens only while the object still has it.
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Contents of ``key`` and its version tag; FileNotFoundError if missing."""
+
+    @abstractmethod
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        """Replace ``key`` only while it still has ``version`` (atomically): the new version, or
+        None when the object changed or is gone."""
+
+    @abstractmethod
+    def delete_if_match(self, key: str, version: str) -> bool:
+        """Delete ``key`` only while it still has ``version`` (atomically); False otherwise."""
+
     @abstractmethod
     def open_read(self, key: str) -> BinaryIO:
         """A seekable, buffered reader of ``key`` that fetches the parts read (a member of a tar,
@@ -294,6 +311,37 @@ class LocalStorage(Storage):
             raise FileNotFoundError(f"no such object: {path}")
         return path.read_bytes()
 
+    # Local compare-and-swap: an exclusive flock on the object's folder around read, compare and
+    # replace; every writer of a versioned object takes it. The version is the contents' sha256.
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        final = self._path(key)
+        with _folder_lock(final.parent):
+            if not self._has_version(key, version):
+                return None
+            tmp = self._write_temp(final, lambda f: f.write(data))
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if_match(self, key: str, version: str) -> bool:
+        final = self._path(key)
+        with _folder_lock(final.parent):
+            if not self._has_version(key, version):
+                return False
+            final.unlink()
+        _fsync_dir(final.parent)
+        return True
+
+    def _has_version(self, key: str, version: str) -> bool:
+        try:
+            return self.get_versioned(key)[1] == version
+        except FileNotFoundError:
+            return False
+
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         if not path.is_file():
@@ -375,6 +423,19 @@ class LocalStorage(Storage):
                     continue
                 except OSError:  # not empty: in use
                     break
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on a folder, held for the block."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _fsync_dir(path: Path) -> None:
@@ -568,6 +629,38 @@ class S3Storage(Storage):
     def get_bytes(self, key: str) -> bytes:
         return self.get_range(key)
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        import botocore.exceptions
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except botocore.exceptions.ClientError as e:
+            self._raise_read_error(e, key)
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        response = self._if_match(lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version), key)
+        return None if response is None else response["ETag"]
+
+    def delete_if_match(self, key: str, version: str) -> bool:
+        return self._if_match(lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=self._key(key), IfMatch=version), key) is not None
+
+    def _if_match(self, request: Callable[[], Any], key: str) -> Any:
+        """A conditional request's response; None when the object changed (412), is gone (404)
+        or another conditional write is in flight (409: we lost that race too)."""
+        import botocore.exceptions
+
+        try:
+            return request()
+        except botocore.exceptions.ClientError as e:
+            if _status(e) in (404, 409, 412) or _error_code(e) in ("PreconditionFailed", "NoSuchKey",
+                                                                  "ConditionalRequestConflict"):
+                return None
+            self._raise_storage_error(e, "writing to", key)
+            raise
+
     def get_range(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of ``key`` (to its end when ``end`` is None). botocore retries the
         request (5xx, throttling); a body cut off midway (outside its retries) is read again."""
@@ -690,26 +783,7 @@ class S3Storage(Storage):
                                f"e.g. {first.get('Key')!r}: {first.get('Code')}")
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
-        kwargs: dict[str, object] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            parsed = urlparse(endpoint)
-            if parsed.scheme:
-                kwargs["scheme"] = parsed.scheme
-                kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-            else:
-                kwargs["endpoint_override"] = endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not region and not endpoint:
-            try:
-                region = pafs.resolve_s3_region(self.bucket)
-            except OSError:
-                region = None
-        if region:
-            kwargs["region"] = region
-        root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=_arrow_attempts())
-        return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
+        return _s3_arrow_fs(self.bucket, self.prefix)
 
     def supports_create_only(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
@@ -724,6 +798,30 @@ class S3Storage(Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+def _s3_arrow_fs(bucket: str, prefix: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's S3 filesystem for a bucket, from the same AWS settings as the boto3 client."""
+    kwargs: dict[str, object] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme:
+            kwargs["scheme"] = parsed.scheme
+            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        else:
+            kwargs["endpoint_override"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint:
+        try:
+            region = pafs.resolve_s3_region(bucket)
+        except OSError:
+            region = None
+    if region:
+        kwargs["region"] = region
+    root = f"{bucket}/{prefix}" if prefix else bucket
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=_arrow_attempts())
+    return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
 
 
 def _probe_create_only(storage: S3Storage) -> bool:

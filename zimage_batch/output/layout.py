@@ -2,6 +2,7 @@
 
     OUTPUT/
       job.json                          the job as resolved, with its fingerprint
+      _lease.json                       the run writing OUTPUT now (one writer at a time)
       metadata/<shard>.parquet          one row per manifest row of a committed shard
       images/<shard>/<key>.<ext>        --format files
       shards/<shard>.tar                --format webdataset
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 JOB_FILE = "job.json"
+LEASE = "_lease.json"
 REPORT = "report.html"
 DATASET_CARD = "README.md"
 COMMITS = "_commits/"
@@ -77,6 +79,11 @@ def tar_key(shard: str) -> str:
 
 def parquet_key(shard: str) -> str:
     return f"{FORMAT_FOLDERS['parquet']}{shard}.parquet"
+
+
+def shard_data_key(shard: str, format: str) -> str:
+    """--format webdataset or parquet: the one file holding a shard's images."""
+    return tar_key(shard) if format == "webdataset" else parquet_key(shard)
 
 
 def run_record_key(name: str) -> str:

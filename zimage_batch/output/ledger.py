@@ -53,6 +53,7 @@ class CommitMarker:
     busy_s: float = 0.0  # model time
     images: int = 0  # images the shard draws (ok + error); 0 in markers written before num_images: one per row
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # the attempt: names its staging folder
+    run: str = ""  # the run that committed it (its lease's fencing token); "" in markers of older versions
 
     @property
     def staging(self) -> layout.StagingArea:
@@ -153,6 +154,17 @@ class Ledger:
         for name in unpublished:
             self.publish(markers[name])
         return unpublished
+
+    def remove_shard(self, marker: CommitMarker) -> None:
+        """Take a committed shard out of OUTPUT: its metadata first (readers stop seeing it), its
+        images, its staged attempts, then its marker (a cut-short removal leaves a marker to find)."""
+        self.storage.delete([layout.metadata_key(marker.shard)])
+        if marker.format == "files":
+            self.storage.delete_prefix(layout.images_prefix(marker.shard))
+        else:
+            self.storage.delete([layout.shard_data_key(marker.shard, marker.format)])
+        self.storage.delete_prefix(layout.shard_staging_prefix(marker.shard))
+        self.storage.delete([layout.commit_key(marker.shard)])
 
     def remove_staging(self, marker_or_shard: CommitMarker | str) -> None:
         """Give up an attempt (a marker not committed) or every attempt of a shard."""

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_batch.output import layout
+from zimage_batch.output.lease import LeaseRecord, read_lease
 from zimage_batch.output.ledger import CommitMarker, Ledger
+from zimage_batch.output.overlaps import Overlap, find_overlaps, overlap_line, without_extras
 from zimage_batch.output.throughput import markers_of_run, run_throughput
 from zimage_batch.storage import Storage, StorageError, open_storage
 
@@ -41,9 +43,11 @@ class OutputState:
 
     storage: Storage
     job: dict[str, Any]  # job.json
-    markers: list[CommitMarker]  # commit markers, by shard name
+    markers: list[CommitMarker]  # commit markers of published shards, by shard name, each row once
     plans: list[dict[str, Any]] = field(default_factory=list)  # plan records, oldest first
     runs: list[dict[str, Any]] = field(default_factory=list)  # run records, oldest first
+    overlaps: list[Overlap] = field(default_factory=list)  # published shards that share rows (extras left out of markers)
+    lease: LeaseRecord | None = None  # the run writing OUTPUT now, if any
 
     @property
     def latest_plan(self) -> dict[str, Any] | None:
@@ -62,7 +66,9 @@ def load_output(output: str | Storage) -> OutputState:
         raise NoJob(f"{storage.uri} holds no job (no {layout.JOB_FILE})")
     ledger = Ledger(storage)
     published = ledger.published_shards()
-    markers = sorted((m for m in ledger.committed().values() if m.shard in published), key=lambda m: m.shard)
+    markers = [m for m in ledger.committed().values() if m.shard in published]
+    overlaps = find_overlaps(markers)
+    markers = sorted(without_extras(markers, overlaps), key=lambda m: m.shard)
     keys = [info.key for info in storage.list(layout.RUNS) if info.key.endswith(".json")]
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = list(pool.map(lambda key: _read_json(storage, key), keys))
@@ -71,7 +77,7 @@ def load_output(output: str | Storage) -> OutputState:
     runs = [r for r, plan in zip(records, is_plan) if r and not plan]
     plans.sort(key=lambda r: r.get("started", 0))
     runs.sort(key=lambda r: r.get("finished", 0))
-    return OutputState(storage, job, markers, plans, runs)
+    return OutputState(storage, job, markers, plans, runs, overlaps, read_lease(storage))
 
 
 def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
@@ -113,8 +119,9 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     else:
         elapsed = None
     # the latest run's throughput, as its last line said (or, while it runs, would say now)
-    rate = run_throughput(markers, started or 0.0, elapsed or 0.0)
-    recent = markers_of_run(markers, started or 0.0)
+    run_id = (plan or {}).get("run") if current == "running" else (run or {}).get("run")
+    rate = run_throughput(markers, started or 0.0, elapsed or 0.0, run_id)
+    recent = markers_of_run(markers, started or 0.0, run_id)
     rows_left = max(total_rows - rows_done, 0) if total_rows is not None else None
     quiet = _quiet_for(plan, recent, now) if current == "running" else None
     stalled = quiet is not None and quiet > max(STALL_AFTER_S, STALL_SHARDS * _slowest_shard(recent))
@@ -157,6 +164,10 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
         "eta_s": rows_left / rows_per_s if current == "running" and not stalled and rows_per_s > 0
         and rows_left is not None else None,
         "last_errors": errors[:LAST_ERRORS],
+        "overlaps": overlap_line(state.storage.uri, state.overlaps) if state.overlaps else None,
+        "writer": None if state.lease is None else {
+            "run": state.lease.run, "host": state.lease.host, "pid": state.lease.pid,
+            "lease_expires_in_s": state.lease.expires - now, "text": state.lease.describe()},
     }
 
 
@@ -208,6 +219,12 @@ def format_status(s: dict[str, Any]) -> list[str]:
         + (f"; images: {s['images_ok']} ok, {s['images_failed']} failed" if s["images_done"] != s["rows_done"] else ""),
         f"throughput: {s['throughput_text']}" + (f"; ETA {_duration(s['eta_s'])}" if s["eta_s"] is not None else ""),
     ]
+    if s["writer"]:
+        left = s["writer"]["lease_expires_in_s"]
+        lines.append(f"writer: {s['writer']['text']}; its lease "
+                     + (f"expires in {_duration(left)} unless renewed" if left > 0 else f"expired {_duration(-left)} ago"))
+    if s["overlaps"]:
+        lines.append(f"overlaps: {s['overlaps']}")
     if s["last_errors"]:
         lines.append("last errors:")
         lines += [f"  {e['shard']}: {e['error']}" for e in s["last_errors"]]

@@ -49,9 +49,10 @@ class Throughput:
                 "images_per_s_wall": self.per_s_wall, "images_per_s_generation": self.per_s_generation}
 
 
-def markers_of_run(markers: list[CommitMarker], started: float) -> list[CommitMarker]:
-    """The markers of shards the run that started at `started` committed."""
-    return [m for m in markers if m.started >= started]
+def markers_of_run(markers: list[CommitMarker], started: float, run: str | None = None) -> list[CommitMarker]:
+    """The markers of shards the run `run` (which started at `started`) committed. Markers name
+    their run; those of versions that did not are told by their start time."""
+    return [m for m in markers if (m.run == run if m.run and run else m.started >= started)]
 
 
 def images_of(marker: CommitMarker) -> int:
@@ -59,9 +60,9 @@ def images_of(marker: CommitMarker) -> int:
     return marker.ok
 
 
-def run_throughput(markers: list[CommitMarker], started: float, wall_s: float) -> Throughput:
-    """The throughput of the run that started at `started` and has run for `wall_s` seconds."""
-    mine = markers_of_run(markers, started)
+def run_throughput(markers: list[CommitMarker], started: float, wall_s: float, run: str | None = None) -> Throughput:
+    """The throughput of the run `run` that started at `started` and has run for `wall_s` seconds."""
+    mine = markers_of_run(markers, started, run)
     return Throughput(
         images=sum(images_of(m) for m in mine),
         rows=sum(m.rows for m in mine),

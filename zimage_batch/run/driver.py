@@ -1,7 +1,7 @@
 """The driver: one job, from its settings to its records.
 
-    preflight ─► claim OUTPUT (job.json) ─► plan ─► run: cluster, a worker pool per variant,
-    the scheduler ─► records (_runs/) and the summary
+    preflight ─► lease on OUTPUT ─► claim OUTPUT (job.json) ─► overlaps ─► plan ─► run: cluster,
+    a worker pool per variant, the scheduler ─► records (_runs/) and the summary ─► release
 
 Each step has its module: `preflight` (refusals before anything is written, the job resolved
 once), `cluster` (Ray start-up, the workers' environment, shared paths), `pool` (Ray actors),
@@ -10,6 +10,7 @@ once), `cluster` (Ray start-up, the workers' environment, shared paths), `pool` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,14 +22,16 @@ from pyarrow.fs import LocalFileSystem
 from zimage_batch.inputs.manifest import Manifest
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.output import layout
+from zimage_batch.output.lease import Lease, new_run_id
 from zimage_batch.output.ledger import CommitMarker, Ledger
+from zimage_batch.output.overlaps import OverlappingShards, overlap_line, settle_overlaps, without_extras
 from zimage_batch.output.throughput import Throughput, run_throughput
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.pool import RayWorkerPool, cpu_threads_setting
-from zimage_batch.run.preflight import ResolvedJob, absolute, job_record, prepare, scratch_needed
+from zimage_batch.run.preflight import Prepared, ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
 from zimage_batch.storage import Storage, check_output_store, check_scratch_space, is_s3, open_storage
@@ -52,6 +55,9 @@ class RunSummary:
     device: str | None = None  # GPU or CPU, once workers ran
     workers: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
+    run: str = ""  # the run's id (its lease token, in the markers it commits)
+    lost_lease: str | None = None  # why the run stopped: another run took OUTPUT's lease over
+    overlaps: str | None = None  # the line naming overlapping committed shards, if OUTPUT has any
 
     @property
     def rows_left(self) -> int:
@@ -61,7 +67,9 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 only when every row is committed; 130 when stopped by a signal; else 1."""
+        """0 only when every row is committed once; 130 when stopped by a signal; else 1."""
+        if self.lost_lease or self.overlaps:
+            return 1
         if self.stopped:
             return 130
         return 1 if self.failed or self.rows_left else 0
@@ -73,6 +81,10 @@ class RunSummary:
     @property
     def problem(self) -> str | None:
         """Why the run is not complete, in one line; None when it is."""
+        if self.lost_lease:
+            return f"{self.lost_lease}; this run stopped, {self.rows_left} rows left"
+        if self.overlaps:
+            return self.overlaps
         if self.stopped:
             return f"stopped before the end with {self.rows_left} rows left; run again to resume"
         if self.failed:
@@ -94,32 +106,69 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     if not cluster.external:  # workers run here: their temporary files do too
         check_scratch_space(scratch_needed(resolved))
     check_reachable(cluster.address)
+    run = _Run(resolved, prepared, storage, cluster, new_run_id(), started, echo, cpu_threads)
+    lease = Lease(storage, run.id, resolved.spec.lease_ttl, resolved.spec.lease_renew_interval, echo)
     with cluster:
         if cluster.external:  # its nodes may be other machines: they must see our local paths
             cluster.connect()
             _check_local_paths_shared(storage, prepared.manifest)
-        ledger = Ledger(storage)
-        ledger.claim_output(job_record(resolved, prepared.model), resolved.spec.overwrite)
-        committed = ledger.committed()
-        for shard in ledger.finish_publishing(committed):
-            echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
-        plan = make_plan(prepared.manifest, committed, resolved.spec.shard_size, resolved.variant)
-        if prepared.model.draws_noise:  # said before any work (after every refusal), not only in the report
-            echo(NOISE_NOTE.format(model=resolved.spec.model))
-        _write_plan_record(storage, resolved, plan, started)
-        summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done),
-                             started=started)
-        echo(
-            f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
-            f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
-        )
-        echo(cost_line(resolved, prepared.manifest, plan, storage))
-        if plan.todo:
-            cluster.connect()
-            _run_plan(resolved, plan, summary, echo, cpu_threads)
-    summary.elapsed_s = time.time() - started
-    _count_committed(ledger, summary)
+        lease.acquire(wait=resolved.spec.wait)
+        try:
+            lease.keep_renewed(on_lost=run.lose_lease)
+            summary = _run_holding_lease(run)
+        finally:
+            lease.release()
+    summary.lost_lease = lease.lost
     _write_run_record(storage, resolved, summary)
+    return summary
+
+
+@dataclass
+class _Run:
+    """One run of a job: what its steps share."""
+
+    job: ResolvedJob
+    prepared: Prepared
+    storage: Storage
+    cluster: RayCluster
+    id: str  # the run's id: its lease's fencing token, in every marker it commits
+    started: float
+    echo: Callable[[str], None]
+    cpu_threads: int | None  # torch threads of each CPU worker (None: the cores shared out)
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    def lose_lease(self, reason: str) -> None:
+        """Another run took OUTPUT's lease over: commit nothing more, stop."""
+        self.echo(f"error: {reason}; stopping")
+        self.stop.request()
+
+
+def _run_holding_lease(run: _Run) -> RunSummary:
+    """Claim OUTPUT, settle what earlier runs left, plan, run, count: all under OUTPUT's lease."""
+    resolved, prepared, storage, echo, started = run.job, run.prepared, run.storage, run.echo, run.started
+    ledger = Ledger(storage)
+    ledger.claim_output(job_record(resolved, prepared.model), resolved.spec.overwrite)
+    committed, overlaps = settle_overlaps(ledger, ledger.committed(), echo)
+    if overlaps:
+        raise OverlappingShards(overlap_line(storage.uri, overlaps))
+    for shard in ledger.finish_publishing(committed):
+        echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
+    plan = make_plan(prepared.manifest, committed, resolved.spec.shard_size, resolved.variant)
+    if prepared.model.draws_noise:  # said before any work (after every refusal), not only in the report
+        echo(NOISE_NOTE.format(model=resolved.spec.model))
+    _write_plan_record(storage, resolved, plan, started, run.id)
+    summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done),
+                         started=started, run=run.id)
+    echo(
+        f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
+        f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
+    )
+    echo(cost_line(resolved, prepared.manifest, plan, storage))
+    if plan.todo:
+        run.cluster.connect()
+        _run_plan(resolved, plan, summary, echo, run.stop, run.cpu_threads)
+    summary.elapsed_s = time.time() - started
+    _count_committed(ledger, summary, echo)
     return summary
 
 
@@ -131,12 +180,11 @@ def _check_local_paths_shared(storage: Storage, manifest: Manifest) -> None:
 
 
 def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[[str], None],
-              cpu_threads: int | None = None) -> None:
+              stop: StopRequest, cpu_threads: int | None = None) -> None:
     """Run the plan's shards: one worker pool per variant, the job's own variant first
     (`cpu_threads`: torch threads of each CPU worker, None to share the cores out)."""
     spec = job.spec
     rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period)
-    stop = StopRequest()
     stop.install()
     try:
         by_variant: dict[str, list[Shard]] = {}
@@ -151,7 +199,8 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
         for variant, shards in sorted(by_variant.items(), key=lambda item: item[0] != job.variant):
             if len(by_variant) > 1:
                 echo(f"variant {variant}: {len(shards)} shards")
-            pool = RayWorkerPool(job.worker_settings(variant), spec.workers, spec.device, cpu_threads)
+            settings = dataclasses.replace(job.worker_settings(variant), run=summary.run)
+            pool = RayWorkerPool(settings, spec.workers, spec.device, cpu_threads)
             summary.device = "GPU" if pool.use_gpu else "CPU"
             try:
                 finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, result),
@@ -175,19 +224,24 @@ def _account(progress: Progress, marker: CommitMarker | None) -> None:
         progress.shard_done(marker.rows, marker.error, marker.ok)
 
 
-def _count_committed(ledger: Ledger, summary: RunSummary) -> None:
-    """Totals over every committed shard, and this run's throughput from the shards it committed."""
-    markers = ledger.committed()
+def _count_committed(ledger: Ledger, summary: RunSummary, echo: Callable[[str], None]) -> None:
+    """Totals over every committed shard (each row once), and this run's throughput from the
+    shards it committed."""
+    markers, overlaps = settle_overlaps(ledger, ledger.committed(), echo)
+    if overlaps:
+        summary.overlaps = overlap_line(ledger.storage.uri, overlaps)
+        markers = {m.shard: m for m in without_extras(markers.values(), overlaps)}
     summary.rows_ok = sum(m.ok for m in markers.values())
     summary.rows_error = sum(m.error for m in markers.values())
     summary.rows_done = sum(m.rows for m in markers.values())
     summary.shards_committed = len(markers)
-    summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s)
+    summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s, summary.run)
 
 
-def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float) -> None:
+def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float, run_id: str) -> None:
     """`_runs/plan-<time>.json`: totals as planned, so `status` can tell rows left while a run goes on."""
     record = {
+        "run": run_id,
         "started": started,
         "fingerprint": job.fingerprint,
         "total_rows": plan.total_rows,

@@ -37,6 +37,7 @@ class WorkerSettings:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
+    run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
 
     @classmethod
     def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,

@@ -32,6 +32,7 @@ from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
 from zimage_batch.output.features import sample_fields
+from zimage_batch.output.lease import LeaseLost, check_fence
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
 from zimage_batch.output.metadata import metadata_table, parquet_bytes
 from zimage_batch.output.writers import make_writer
@@ -150,7 +151,7 @@ class ShardRunner:
             shard=shard.name, file=shard.file, start=shard.start, end=shard.end, variant=shard.variant,
             rows=len(rows), images=len(images), ok=0, error=0, digest=rows_digest(table),
             fingerprint=self.settings.fingerprint, format=self.settings.format, attempt=attempt, worker=self.worker_id,
-            started=started,
+            started=started, run=self.settings.run or "",
         )
         staged = self.storage.child(marker.staging.prefix)
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
@@ -175,10 +176,18 @@ class ShardRunner:
         marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok, errors=errors, finished=time.time(),
                           busy_s=generation.busy_s)
         _inject_fault(FAIL_BEFORE_COMMIT_ENV, shard.name)
+        try:
+            check_fence(self.storage, self.settings.run)  # a run that lost OUTPUT's lease commits nothing
+        except LeaseLost:
+            self._give_up(marker)
+            raise
         if not self.ledger.commit(marker):  # another attempt of this shard won while we worked
             self._give_up(marker)
             self._committed_marker(shard)  # finish its publishing, if it was cut short
             return None
+        # Lost the lease between the look and the commit (paused meanwhile): the marker stays
+        # unpublished for the lease's holder to judge (docs/architecture.md, "One writer per OUTPUT").
+        check_fence(self.storage, self.settings.run)
         self.ledger.publish(marker)
         metrics.rows_done(self.worker_id, ok, len(images) - ok)
         return marker
