@@ -62,7 +62,8 @@ def test_settling_removes_unpublished_extras_whole_and_returns_published_overlap
     shards = [marker("a-0", 0, 10, 1.0), marker("a-5", 5, 15, 2.0, run="stale"), marker("a-8", 8, 12, 3.0)]
     for m in shards:
         assert ledger.commit(m)
-        storage.put_bytes(layout.StagingArea(m.shard, m.token).prefix + layout.parquet_key(m.shard), b"x")
+        for key in (layout.parquet_key(m.shard), layout.metadata_key(m.shard)):
+            storage.put_bytes(layout.StagingArea(m.shard, m.token).prefix + key, b"x")
     for m in (shards[0], shards[2]):  # a-0 and a-8 published, a-5 (a run that lost its lease) never
         ledger.publish(m)
     lines = []
