@@ -100,12 +100,13 @@ def test_adapters_change_the_pixels_and_the_scale_matters(tiny, drawn):
 
     model, _, _ = tiny
     rows, images, engine = drawn
-    bare = Engine(model, "turbo", device="cpu").generate([replace(r, lora=()) for r in rows], batch_size=4)
+    # The same batches as `drawn` (2): on CPU fp32 a batch size moves pixels by up to 1/255.
+    bare = Engine(model, "turbo", device="cpu").generate([replace(r, lora=()) for r in rows], batch_size=2)
     for row, got, without in zip(rows, images, bare):
         if row.lora:
             assert max_diff(got, without) > 8, f"adapter set {row.lora} hardly changes the image"
         else:
-            assert max_diff(got, without) == 0  # `none` with adapters loaded is the bare model
+            assert max_diff(got, without) <= 1  # `none` with adapters loaded is the bare model
     row = rows[1]
     full, weaker = engine.generate([row, replace(row, lora=(("style", 0.8),))])
     assert max_diff(full, weaker) > 2
