@@ -72,6 +72,19 @@ def test_probe_fails_on_a_store_that_ignores_it(s3_bucket, ignoring_store):
     assert _bucket_keys(s3_bucket) == []
 
 
+def test_a_store_that_ignores_if_match_is_refused_for_the_lease(s3_bucket, s3_server):
+    """Compare-and-swap (PutObject If-Match) is what keeps two runs from both taking over a lease."""
+    store = S3Storage(f"s3://{s3_bucket}/out")
+    assert store.supports_compare_and_swap() is True
+    with FaultProxy(s3_server, drop_headers=("If-Match",)) as proxy, endpoint_env(proxy.url):
+        assert store.supports_compare_and_swap() is False
+        with pytest.raises(StorageError) as refused:
+            check_output_store(store)
+    message = str(refused.value)
+    assert "\n" not in message and "If-Match" in message and "lease" in message and OPT_OUT in message
+    assert _bucket_keys(s3_bucket) == []
+
+
 def test_local_storage_is_create_only(tmp_path):
     store = LocalStorage(tmp_path / "out")
     assert store.supports_create_only() is True

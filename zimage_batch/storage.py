@@ -100,15 +100,21 @@ UNSAFE_OPT_OUT = "unsafe_allow_overwriting_commits"
 
 def check_output_store(storage: Storage, allow_overwriting_commits: bool = False) -> None:
     """Preflight of an OUTPUT, once per run before any work: it must be writable, and its
-    create-only writes must hold, for commit markers to make each shard's output exactly once.
-    A store that ignores ``If-None-Match: *`` is refused in one line unless the job opts out
-    (a single writer at a time, accepting the risk), when it is only logged."""
+    conditional writes must hold: create-only for commit markers (each shard's output exactly
+    once), compare-and-swap for the lease (one run at a time). A store that ignores them is
+    refused in one line unless the job opts out (a single writer at a time, accepting the risk),
+    when it is only logged."""
     storage.check_writable()
-    if storage.supports_create_only():
+    if not storage.supports_create_only():
+        problem = (f"{_endpoint(storage)} ignores create-only writes (it accepted a second PutObject with "
+                   f"If-None-Match: * of one key under {storage.uri}), so two runs could both commit a shard "
+                   "and exactly-once output cannot be guaranteed")
+    elif not storage.supports_compare_and_swap():
+        problem = (f"{_endpoint(storage)} ignores If-Match (it accepted a PutObject naming another ETag under "
+                   f"{storage.uri}), so two runs could both hold the lease that keeps them from writing one OUTPUT "
+                   "at once, and exactly-once output cannot be guaranteed")
+    else:
         return
-    problem = (f"{_endpoint(storage)} ignores create-only writes (it accepted a second PutObject with "
-               f"If-None-Match: * of one key under {storage.uri}), so two runs could both commit a shard "
-               "and exactly-once output cannot be guaranteed")
     if not allow_overwriting_commits:
         raise StorageError(f"{problem}; use a store that enforces conditional writes, or, if only one run "
                            f"ever writes this OUTPUT at a time, accept the risk with --set {UNSAFE_OPT_OUT}=true")
@@ -230,6 +236,10 @@ class Storage(ABC):
 
     def supports_create_only(self) -> bool:
         """Whether ``put_if_absent`` refuses a key that exists (locally always: a hard link)."""
+        return True
+
+    def supports_compare_and_swap(self) -> bool:
+        """Whether ``put_if_match`` refuses a stale version (locally always: a flock)."""
         return True
 
     def __repr__(self) -> str:
@@ -537,7 +547,100 @@ def _transient(e: Exception) -> bool:
     return False
 
 
-class S3Storage(Storage):
+class _S3ConditionalWrites:
+    """S3Storage's conditional requests: create-only writes (commit markers) and compare-and-swap
+    on an object's ETag (the OUTPUT lease), and the probe that tells whether a store enforces them."""
+
+    bucket: str
+    uri: str
+    client: Any
+    _key: Callable[[str], str]
+    exists: Callable[[str], bool]
+    delete: Callable[[Iterable[str]], None]
+    _raise_storage_error: Callable[..., None]
+    _raise_read_error: Callable[..., NoReturn]
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Conditional write (``If-None-Match: *``). S3 answers 412 when the key exists and
+        409 when a concurrent conditional write is in flight; then we look again.
+
+        If botocore retries a PUT whose first attempt did land (response lost), the retry
+        sees 412 and we report False: callers that must know who won should write a unique
+        token and read the object back."""
+        import botocore.exceptions
+
+        full = self._key(key)
+        for attempt in range(10):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                return True
+            except botocore.exceptions.ClientError as e:
+                code = _error_code(e)
+                if code == "PreconditionFailed" or _status(e) == 412:
+                    return False
+                if code == "ConditionalRequestConflict" or _status(e) == 409:
+                    if self.exists(key):
+                        return False
+                    time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+                    continue
+                self._raise_storage_error(e, "writing to", key)
+                raise
+        raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        import botocore.exceptions
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except botocore.exceptions.ClientError as e:
+            self._raise_read_error(e, key)
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        response = self._if_match(lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version), key)
+        return None if response is None else response["ETag"]
+
+    def delete_if_match(self, key: str, version: str) -> bool:
+        return self._if_match(lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=self._key(key), IfMatch=version), key) is not None
+
+    def _if_match(self, request: Callable[[], Any], key: str) -> Any:
+        """A conditional request's response; None when the object changed (412), is gone (404)
+        or another conditional write is in flight (409: we lost that race too)."""
+        import botocore.exceptions
+
+        try:
+            return request()
+        except botocore.exceptions.ClientError as e:
+            if _status(e) in (404, 409, 412) or _error_code(e) in ("PreconditionFailed", "NoSuchKey",
+                                                                  "ConditionalRequestConflict"):
+                return None
+            self._raise_storage_error(e, "writing to", key)
+            raise
+
+    def supports_compare_and_swap(self) -> bool:
+        """Whether the store refuses a PutObject whose ``If-Match`` names another ETag (a probe
+        under _probe/, deleted after); a store that rejects the header outright is a StorageError."""
+        import botocore.exceptions
+
+        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-if-match"
+        try:
+            self.put_if_absent(key, b"first")
+            return self.put_if_match(key, b"second", '"00000000000000000000000000000000"') is None
+        except botocore.exceptions.ClientError as e:
+            code = _error_code(e) or str(_status(e))
+            raise StorageError(f"{_endpoint(self)} rejects conditional writes (PutObject with If-Match, {code}), "
+                               f"which the lease on {self.uri} needs") from None
+        finally:
+            self.delete([key])
+
+    def supports_create_only(self) -> bool:
+        """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
+        return _probe_create_only(self)
+
+
+class S3Storage(_S3ConditionalWrites, Storage):
     """An ``s3://bucket/prefix`` root, through the shared boto3 client."""
 
     def __init__(self, uri: str, *, multipart_threshold: int | None = None,
@@ -599,67 +702,8 @@ class S3Storage(Storage):
         self._upload(lambda: self.client.upload_file(os.fspath(path), self.bucket, full,
                                                      Config=self._transfer_config()), key)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Conditional write (``If-None-Match: *``). S3 answers 412 when the key exists and
-        409 when a concurrent conditional write is in flight; then we look again.
-
-        If botocore retries a PUT whose first attempt did land (response lost), the retry
-        sees 412 and we report False: callers that must know who won should write a unique
-        token and read the object back."""
-        import botocore.exceptions
-
-        full = self._key(key)
-        for attempt in range(10):
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
-                return True
-            except botocore.exceptions.ClientError as e:
-                code = _error_code(e)
-                if code == "PreconditionFailed" or _status(e) == 412:
-                    return False
-                if code == "ConditionalRequestConflict" or _status(e) == 409:
-                    if self.exists(key):
-                        return False
-                    time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
-                    continue
-                self._raise_storage_error(e, "writing to", key)
-                raise
-        raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
-
     def get_bytes(self, key: str) -> bytes:
         return self.get_range(key)
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        import botocore.exceptions
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return response["Body"].read(), response["ETag"]
-        except botocore.exceptions.ClientError as e:
-            self._raise_read_error(e, key)
-
-    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
-        response = self._if_match(lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version), key)
-        return None if response is None else response["ETag"]
-
-    def delete_if_match(self, key: str, version: str) -> bool:
-        return self._if_match(lambda: self.client.delete_object(
-            Bucket=self.bucket, Key=self._key(key), IfMatch=version), key) is not None
-
-    def _if_match(self, request: Callable[[], Any], key: str) -> Any:
-        """A conditional request's response; None when the object changed (412), is gone (404)
-        or another conditional write is in flight (409: we lost that race too)."""
-        import botocore.exceptions
-
-        try:
-            return request()
-        except botocore.exceptions.ClientError as e:
-            if _status(e) in (404, 409, 412) or _error_code(e) in ("PreconditionFailed", "NoSuchKey",
-                                                                  "ConditionalRequestConflict"):
-                return None
-            self._raise_storage_error(e, "writing to", key)
-            raise
 
     def get_range(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of ``key`` (to its end when ``end`` is None). botocore retries the
@@ -784,10 +828,6 @@ class S3Storage(Storage):
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         return _s3_arrow_fs(self.bucket, self.prefix)
-
-    def supports_create_only(self) -> bool:
-        """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
-        return _probe_create_only(self)
 
     def check_writable(self) -> None:
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"

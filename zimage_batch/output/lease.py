@@ -247,8 +247,12 @@ class Lease:
             self._thread.join()
         if self.version is None or self.lost:
             return
-        if not self.storage.delete_if_match(layout.LEASE, self.version):
-            version = self._version_of_mine()
-            if version is not None:
-                self.storage.delete_if_match(layout.LEASE, version)
+        try:
+            if not self.storage.delete_if_match(layout.LEASE, self.version):
+                version = self._version_of_mine()
+                if version is not None:
+                    self.storage.delete_if_match(layout.LEASE, version)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome stands; the lease expires by itself
+            self.echo(f"warning: could not release the lease on {self.storage.uri} ({exc}); "
+                      f"it expires in {self.ttl:.0f} s, or at once for a rerun on this host")
         self.version = None
