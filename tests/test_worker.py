@@ -76,3 +76,43 @@ def test_cpu_workers_share_the_cores_unless_the_job_environment_says():
     for bad in ("0", "x", "²", "2,1"):
         with pytest.raises(ValueError, match="ZIMAGE_BATCH_CPU_THREADS must be a whole number"):
             cpu_threads_setting({"ZIMAGE_BATCH_CPU_THREADS": bad})
+
+
+def test_a_worker_whose_run_lost_the_lease_commits_nothing(tmp_path, monkeypatch):
+    """The fence: before its commit, and again before publishing, an attempt reads OUTPUT's lease;
+    a run that no longer holds it (another run took it over while this one was paused) neither
+    commits nor publishes."""
+    import dataclasses
+
+    from zimage_batch.output import layout
+    from zimage_batch.output.lease import Lease, LeaseLost
+
+    rows = [{"id": f"row-{i}", "prompt": f"a cat {i}", "seed": i} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                          "model": "tiny:turbo", "shard_size": 2, "batch_size": 2}, ["report=false"])
+    prepared = prepare(job)
+    resolved = prepared.job
+    storage = open_storage(job.output)
+    Ledger(storage).claim_output(job_record(resolved), False)
+    first, second = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
+    Lease(storage, "run-b", echo=lambda line: None).acquire()  # run-b took OUTPUT over
+    runner = ShardRunner(dataclasses.replace(resolved.worker_settings(resolved.variant), run="run-a"))
+
+    with pytest.raises(LeaseLost, match="run-b"):
+        runner.run_shard(first)
+    assert Ledger(storage).committed() == {} and list(storage.list(layout.STAGING)) == []
+
+    # Lost between the look and the commit: the marker stays, unpublished, for the holder to judge.
+    checks = iter([None])
+
+    def fence_passes_once(storage_, run):
+        if next(checks, "lost") == "lost":
+            raise LeaseLost("taken over meanwhile")
+
+    monkeypatch.setattr("zimage_batch.run.worker.check_fence", fence_passes_once)
+    with pytest.raises(LeaseLost):
+        runner.run_shard(second)
+    (marker,) = Ledger(storage).committed().values()
+    assert marker.shard == second.name and marker.run == "run-a"
+    assert Ledger(storage).published_shards() == set()  # never published by the run that lost
