@@ -139,6 +139,7 @@ class Lease:
         self.echo = echo
         self.clock = clock
         self.version: str | None = None  # of the lease object as we last wrote it
+        self.record: LeaseRecord | None = None  # what we last wrote
         self.lost: str | None = None  # why the lease was lost, once it was
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -156,7 +157,7 @@ class Lease:
         while True:
             mine = self._record()
             if self.storage.put_if_absent(layout.LEASE, mine.to_json()):
-                self.version = self._version_of_mine()
+                self.version, self.record = self._version_of_mine(), mine
                 if self.version is not None:
                     return
                 continue
@@ -169,10 +170,13 @@ class Lease:
                 reason = holder.takeover_reason(self.clock())
             except (ValueError, TypeError):
                 holder, reason = None, "its file is unreadable"
+            if holder is not None and holder.run == self.run:  # our create landed, its answer was lost
+                self.version, self.record = version, holder
+                return
             if reason is not None:
                 new_version = self.storage.put_if_match(layout.LEASE, mine.to_json(), version)
                 if new_version is not None:
-                    self.version = new_version
+                    self.version, self.record = new_version, mine
                     who = holder.describe() if holder else "an unknown run"
                     self.echo(f"took over the lease on {self.storage.uri} from {who}: {reason}")
                     return
@@ -203,9 +207,9 @@ class Lease:
     # ------------------------------------------------------------------ renew
     def renew(self) -> None:
         """Push the expiry forward; LeaseLost when another run took the lease over."""
-        if self.version is None:
+        if self.version is None or self.record is None:
             raise LeaseLost("the lease was not acquired")
-        record = dataclasses.replace(self._record(), started=self._holder_started())
+        record = dataclasses.replace(self.record, expires=self.clock() + self.ttl)
         new_version = self.storage.put_if_match(layout.LEASE, record.to_json(), self.version)
         if new_version is None:
             # Changed since our last write: ours still (a lost answer to a write that landed), or taken.
@@ -216,11 +220,8 @@ class Lease:
                                 f"{holder.describe() if holder else 'another run'}")
             self.version = version
             new_version = self.storage.put_if_match(layout.LEASE, record.to_json(), self.version)
-        self.version = new_version or self.version
-
-    def _holder_started(self) -> float:
-        holder = read_lease(self.storage)
-        return holder.started if holder is not None and holder.run == self.run else self.clock()
+        if new_version is not None:
+            self.version, self.record = new_version, record
 
     def keep_renewed(self, on_lost: Callable[[str], None]) -> None:
         """Renew in a background thread until `release`; `on_lost(reason)` once it is lost.
