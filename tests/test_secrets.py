@@ -1,4 +1,4 @@
-"""Credentials are never printed or written (SPEC §4): not by the CLI, not in Ray's logs, not in OUTPUT.
+"""Credentials are never printed or written: not by the CLI, not in Ray's logs, not in OUTPUT.
 
 Recognisable secrets are planted as AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (the test S3
 server accepts any) and HF_TOKEN; then jobs run on S3 through the CLI, each with its own Ray

@@ -1,4 +1,4 @@
-"""The `zimage-batch` command line (SPEC §4)."""
+"""The `zimage-batch` command line."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _quiet_libraries(load: bool = False) -> None:
 
 
 class OneLineErrors(click.Group):
-    """Every failure ends in one `error:` line on stderr (SPEC §4): click's usage errors, which
+    """Every failure ends in one `error:` line on stderr: click's usage errors, which
     it prints as a usage block, and unexpected exceptions, which would print a traceback."""
 
     def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> None:  # type: ignore[override]

@@ -49,12 +49,12 @@ class JobSpec:
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
     strength: float = 0.6  # img2img default
-    # LoRA adapters (SPEC §2, §3): name -> source, and the spec of rows whose `lora` is empty.
+    # LoRA adapters: name -> source, and the spec of rows whose `lora` is empty.
     # The fingerprint has only whether `loras` is empty: job.json records each adapter's sha256
     # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
     loras: dict[str, str] = field(default_factory=dict)
     lora: str | None = None
-    # ControlNet Union (SPEC §2, §3): the weights, and the defaults of the rows' control columns
+    # ControlNet Union: the weights, and the defaults of the rows' control columns
     controlnet: str | None = None  # a .safetensors file or diffusers folder: local, s3://, hub, tiny:<version>
     control_image: str | None = None  # one condition image for every row
     control: str | None = None  # canny | tile: derived from each edit row's source; none

@@ -1,4 +1,4 @@
-"""Model sources (SPEC §2): one string names a checkpoint; this turns it into a local folder.
+"""Model sources: one string names a checkpoint; this turns it into a local folder.
 
     tiny:<variant>          a tiny random-init checkpoint, built once into the cache
     s3://bucket/prefix/     copied once into a local cache keyed by the objects' ETags
