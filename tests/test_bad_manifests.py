@@ -416,7 +416,7 @@ def test_good_manifest_validates(tmp_path):
     result = _cli("validate", str(folder))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok:"), result.stdout
-    assert "3 rows" in result.stdout and "2 file(s)" in result.stdout
+    assert "3 rows" in result.stdout and "2 files" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert _listing(tmp_path) == {"manifest", "manifest/part-0.parquet", "manifest/part-1.parquet",
                                   "manifest/_SUCCESS"}

@@ -80,7 +80,7 @@ def test_the_jobs_ran_as_expected(runs):
     results = runs["results"]
     partly = results["partly_failing"]
     assert partly.returncode == 1, partly.stderr
-    assert "done: 20 ok, 0 error of 40 rows; 1 shards committed" in partly.stdout, partly.stdout
+    assert "done: 20 ok, 0 error of 40 rows; 1 shard committed" in partly.stdout, partly.stdout
     assert "access denied" in partly.stderr and "failed shard" in partly.stderr
     for name in ("missing_bucket", "bad_manifest"):
         result = results[name]

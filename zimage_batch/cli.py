@@ -16,7 +16,7 @@ from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.output.ledger import JobMismatch
 from zimage_batch.storage import StorageError
-from zimage_batch.text import first_line
+from zimage_batch.text import first_line, plural
 
 # Errors with a message meant for the user: printed as one line, no traceback.
 USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError)
@@ -115,7 +115,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     click.echo(
         f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
         f"{_images_note(summary)}; "
-        f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
+        f"{plural(summary.shards_committed, 'shard')} committed in {summary.elapsed_s:.1f}s"
     )
     for worker in summary.workers:
         click.echo(f"worker {worker['worker']}: busy {worker['busy_fraction']:.0%} of {worker['wall_s']:.1f}s")
@@ -203,10 +203,10 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 
     try:
         job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
-        m, _ = check_manifest(job)
+        m, _ = check_manifest(job, warn=lambda line: click.echo(line, err=True))
     except USER_ERRORS as exc:
         _fail(exc)
-    click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
+    click.echo(f"ok: {plural(m.num_rows, 'row')} in {plural(len(m.files), 'file')}, {m.kind} manifest")
     images, _ = count_images(m, job.num_images)
     click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 

@@ -77,6 +77,7 @@ class JobSpec:
     grace_period: float = 60.0
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
+    strict_columns: bool = False  # refuse manifest columns that look like a misspelled known one
     gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
     overwrite: bool = False
     # run on an S3 store that ignores If-None-Match: * (one writer at a time; no exactly-once guarantee)
