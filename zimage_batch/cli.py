@@ -99,10 +99,14 @@ def main() -> None:
 @click.option("--address", help="Ray cluster address (default: start a local cluster)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any job setting, e.g. --set width=512")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different job's output in OUTPUT")
-def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
+@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings (they are in Ray's logs either way)")
+def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], verbose: bool, **flags: Any) -> None:
     """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
     _quiet_libraries()
+    from zimage_batch.run.cluster import quiet_ray
     from zimage_batch.run.driver import run_job
+
+    quiet_ray(verbose)
 
     try:
         job = load_job(job_file, {**flags, "format": format_}, list(settings))
@@ -258,9 +262,14 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job settings passed to the run")
 @click.option("--pip", multiple=True, help="Extra pip requirements for the job's runtime environment")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job's logs until it ends")
-def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool) -> None:
+@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings")
+def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool,
+           verbose: bool) -> None:
     """Run JOB_FILE on a Ray cluster through the Ray Jobs API."""
+    from zimage_batch.run.cluster import quiet_ray
     from zimage_batch.submit import submit_job
+
+    quiet_ray(verbose)
 
     try:
         code = submit_job(job_file, address, list(settings), wait=wait, pip=list(pip), echo=click.echo)
