@@ -95,3 +95,34 @@ def test_the_token_hint_names_what_was_sent_and_where_the_token_is(monkeypatch, 
 
 def test_plurals():
     assert [plural(n, "shard") for n in (0, 1, 2, 1000)] == ["0 shards", "1 shard", "2 shards", "1,000 shards"]
+
+
+def test_the_report_of_an_edit_job_shows_each_source_beside_its_output(tmp_path):
+    """Before and after, with the mode, strength and mask; a source that is gone shows as such."""
+    import io
+
+    from PIL import Image
+
+    from zimage_batch.output.report import _gallery_section, source_thumbnails
+
+    Image.new("RGB", (96, 64), "red").save(tmp_path / "sku.png")
+    Image.new("L", (96, 64), 255).save(tmp_path / "mask.png")
+    out = io.BytesIO()
+    Image.new("RGB", (96, 64), "blue").save(out, "PNG")
+    rows = [
+        {"id": "sku", "image": "images/s/sku.png", "prompt": "on marble", "seed": 1, "width": 96, "height": 64,
+         "source": str(tmp_path / "sku.png"), "mode": "inpaint", "strength": 0.6, "mask": str(tmp_path / "mask.png")},
+        {"id": "gone", "image": "images/s/gone.png", "prompt": "on marble", "seed": 2, "width": 96, "height": 64,
+         "source": str(tmp_path / "missing.png"), "mode": "img2img", "strength": 0.7, "mask": None},
+        {"id": "plain", "image": "images/s/plain.png", "prompt": "a cat", "seed": 3, "width": 64, "height": 64},
+    ]
+    thumbs = source_thumbnails(rows)
+    assert set(thumbs) == {str(tmp_path / "sku.png"), str(tmp_path / "mask.png")}
+    thumbs["images/s/sku.png"] = thumbs["images/s/plain.png"] = "data:image/jpeg;base64,AAAA"
+    page = _gallery_section(rows, thumbs, "All 3 images.")
+    edit, gone, plain = page.split("<figure")[1:]
+    assert "before" in edit and "after" in edit and edit.count("<img") == 3  # source, output, mask
+    assert "mode <b>inpaint</b>" in edit and "strength 0.6" in edit and str(tmp_path / "sku.png") in edit
+    assert "source not readable" in gone and "mode <b>img2img</b>" in gone and "mask" not in gone
+    assert "before" not in plain and "mode" not in plain
+    assert "1 could not be read" in page  # the output image of 'gone'
