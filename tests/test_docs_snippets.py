@@ -34,7 +34,7 @@ import yaml
 from cli_in_process import cli_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md"] or ["README.md", "docs/manifests.md", "docs/models.md", "docs/outputs.md", "docs/operations.md",
+DOCUMENTS = ["README.md", "docs/manifests.md", "docs/models.md", "docs/outputs.md", "docs/operations.md",
              "docs/performance.md", "docs/architecture.md"]
 RUN = {"python", "bash", "sh"}
 SHOWN = {"text", "yaml"}
