@@ -49,6 +49,7 @@ def test_relative_paths_on_a_cluster_started_elsewhere_give_one_output(tmp_path,
                   "--address", head["address"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "done: 12 ok, 0 error of 12 rows; 2 shards committed" in result.stdout
+    assert "gcs_client" not in result.stderr and "Token authentication" not in result.stderr, result.stderr
     out = tmp_path / "out"
     for part in ("job.json", "_runs", "metadata", "_commits", "images"):
         assert (out / part).exists(), part

@@ -128,7 +128,10 @@ def resolve_auto(address: str | None) -> str | None:
         return address
     try:
         resolved = canonicalize_bootstrap_address_or_die("auto")
-    except ConnectionError:
+    except ConnectionError as exc:
+        if "multiple" in str(exc):
+            raise JobError("--address auto found several Ray clusters on this machine and none started last by "
+                           "`ray start`: give --address HOST:PORT") from None
         raise JobError("--address auto found no Ray cluster on this machine: start one with `ray start --head`, "
                        "or give --address HOST:PORT (or leave --address out to start a local one)") from None
     except Exception:  # noqa: BLE001 - anything else: ray.init reports it
