@@ -126,3 +126,15 @@ def test_the_report_of_an_edit_job_shows_each_source_beside_its_output(tmp_path)
     assert "source not readable" in gone and "mode <b>img2img</b>" in gone and "mask" not in gone
     assert "before" not in plain and "mode" not in plain
     assert "1 could not be read" in page  # the output image of 'gone'
+
+
+def test_every_node_installs_the_torch_the_readme_installs():
+    """cluster/Dockerfile pins the PyTorch version the README (and so the test suite) installs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = set(re.findall(r"torch==([\w.+]+)", (root / "README.md").read_text(encoding="utf-8")))
+    dockerfile = (root / "cluster" / "Dockerfile").read_text(encoding="utf-8")
+    docker = re.findall(r"pip install [^\n]*?\btorch(==[\w.+]+)?\s", dockerfile)
+    assert len(readme) == 1 and docker and all(pin == f"=={next(iter(readme))}" for pin in docker), (readme, docker)
