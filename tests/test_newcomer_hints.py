@@ -138,3 +138,11 @@ def test_every_node_installs_the_torch_the_readme_installs():
     dockerfile = (root / "cluster" / "Dockerfile").read_text(encoding="utf-8")
     docker = re.findall(r"pip install [^\n]*?\btorch(==[\w.+]+)?\s", dockerfile)
     assert len(readme) == 1 and docker and all(pin == f"=={next(iter(readme))}" for pin in docker), (readme, docker)
+
+
+def test_a_misspelled_job_setting_names_the_one_it_likely_means():
+    from zimage_batch.jobspec import JobError, load_job
+
+    with pytest.raises(JobError) as caught:
+        load_job(None, {"manifest": "m.parquet", "output": "out"}, ["widht=64", "zzz=1"])
+    assert str(caught.value) == "unknown job setting(s): widht (did you mean 'width'?), zzz"

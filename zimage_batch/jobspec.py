@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from zimage_batch.inputs.columns import suggestion
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.model.variants import VARIANTS, get_variant
@@ -334,7 +335,9 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             values[key] = value
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise JobError(f"unknown job setting(s): {', '.join(unknown)}")
+        named = [f"{name} (did you mean '{meant}'?)" if (meant := suggestion(name, _FIELDS, aliases=False)) else name
+                 for name in unknown]
+        raise JobError(f"unknown job setting(s): {', '.join(named)}")
     resolved = sorted(set(values) & set(JobSpec.RESOLVED_FIELDS))
     if resolved:
         raise JobError(f"{', '.join(resolved)} is worked out by the run, not a job setting")

@@ -45,12 +45,13 @@ def distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def suggestion(name: str, known: Iterable[str]) -> str | None:
-    """The known column `name` most likely means, or None. Within 2 edits (1 for names of four
-    letters or fewer, where 2 edits make most short words alike), case ignored; aliases too."""
+def suggestion(name: str, known: Iterable[str], aliases: bool = True) -> str | None:
+    """The known name `name` most likely means, or None. Within 2 edits (1 for names of four
+    letters or fewer, where 2 edits make most short words alike), case ignored; the columns'
+    aliases too unless `aliases` is false."""
     lowered = name.strip().lower()
     best: tuple[int, str] | None = None
-    candidates = [(k, k) for k in known] + [(alias, target) for alias, target in ALIASES.items()]
+    candidates = [(k, k) for k in known] + ([(alias, target) for alias, target in ALIASES.items()] if aliases else [])
     for spelled, target in candidates:
         d = distance(lowered, spelled)
         if d <= (1 if len(spelled) <= 4 else 2) and (best is None or d < best[0]):
