@@ -97,16 +97,16 @@ def main() -> None:
 @click.option("--batch-size", type=int, help="Rows per batch (default: from device memory)")
 @click.option("--shard-size", type=int, help="Rows per shard (default 1000)")
 @click.option("--address", help="Ray cluster address (default: start a local cluster)")
+@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings (they are in Ray's logs either way)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any job setting, e.g. --set width=512")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different job's output in OUTPUT")
-@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings (they are in Ray's logs either way)")
-def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], verbose: bool, **flags: Any) -> None:
+def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
     """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
     _quiet_libraries()
     from zimage_batch.run.cluster import quiet_ray
     from zimage_batch.run.driver import run_job
 
-    quiet_ray(verbose)
+    quiet_ray(flags.pop("verbose"))
 
     try:
         job = load_job(job_file, {**flags, "format": format_}, list(settings))
