@@ -1,4 +1,4 @@
-"""Read a finished OUTPUT (SPEC §5) back as a user would, and check its guarantees."""
+"""Read a finished OUTPUT back as a user would, and check its guarantees."""
 
 from __future__ import annotations
 

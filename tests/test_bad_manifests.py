@@ -1,4 +1,4 @@
-"""SPEC §6: a malformed manifest fails before any GPU work (before Ray starts), with one line
+"""A malformed manifest fails before any GPU work (before Ray starts), with one line
 naming the file, the column and the first offending rows, and writes nothing.
 
 Every case below is run through both ``zimage-batch validate`` and ``zimage-batch run`` in this
@@ -211,7 +211,7 @@ CASES = [
     Case("passthrough_not_utf8", _not_utf8("caption"), column="caption", rows=("row 2", "'r2'")),
     Case("string_view_not_utf8", _not_utf8("caption", pa.string_view()), column="caption", rows=("row 2", "'r2'")),
     Case("prompt_as_int", _typed("prompt", [1, 2, 3, 4], pa.int64()), column="prompt"),
-    # integer ids are their decimal text (SPEC §3); other id types are refused naming the type as stored
+    # integer ids are their decimal text; other id types are refused naming the type as stored
     Case("id_as_float", _typed("id", [1.0, 2.0, 3.0, 4.0], pa.float64()), column="id", extra=("double",)),
     Case("id_as_large_binary", _typed("id", [b"a", b"b", b"c", b"d"], pa.large_binary()), column="id",
          extra=("large_binary",)),
@@ -416,7 +416,7 @@ def test_good_manifest_validates(tmp_path):
     result = _cli("validate", str(folder))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok:"), result.stdout
-    assert "3 rows" in result.stdout and "2 file(s)" in result.stdout
+    assert "3 rows" in result.stdout and "2 files" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert _listing(tmp_path) == {"manifest", "manifest/part-0.parquet", "manifest/part-1.parquet",
                                   "manifest/_SUCCESS"}

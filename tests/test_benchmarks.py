@@ -46,7 +46,7 @@ def test_plan_scale_benchmark_small():
 
 
 def test_cpu_harness_prints_the_figures_it_is_quoted_for():
-    """The figures behind the README's ratios (c/a, c/e, f/a') on a handful of rows: start-ups,
+    """The figures behind docs/performance.md's ratios (c/a, c/e, f/a') on a handful of rows: start-ups,
     not images, take the time. (b) Ray Data and (d) S3 add a minute of start-ups to this suite
     for code that is the baselines', not the product's; `--only bd` runs them."""
     out = _run("benchmarks/cpu.py", "--rows", "4", "--batch-size", "4", "--shard-size", "4", "--repeats", "1",

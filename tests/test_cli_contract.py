@@ -1,4 +1,4 @@
-"""SPEC §4's promise on failures (one line, non-zero) and §6's on bad settings, for the cases
+"""The promise on failures (one line, non-zero) and on bad settings, for the cases
 black-box passes found: click's usage errors, storage that cannot be reached, job settings
 that rows would be refused for, URIs in edit manifests, per-row variants in edit manifests."""
 

@@ -1,4 +1,4 @@
-"""ControlNet jobs end to end through the CLI and Ray (issue 18; SPEC §3, §5, §6).
+"""ControlNet jobs end to end through the CLI and Ray (issue 18).
 
 A catalogue re-shot with canny control (jobs/catalogue-controlnet.yaml on tiny models and local
 files): sources of every kind the edit tests use give ok rows, a ControlNet-inpaint row and a row

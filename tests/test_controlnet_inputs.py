@@ -1,5 +1,5 @@
 """ControlNet inputs (issue 18): where the weights come from and what names them, the rows'
-conditions (given or derived on the CPU), and what is refused before any work (SPEC §6)."""
+conditions (given or derived on the CPU), and what is refused before any work."""
 
 from __future__ import annotations
 

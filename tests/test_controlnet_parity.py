@@ -1,4 +1,4 @@
-"""The ControlNet engine against diffusers' own pipelines (SPEC §2 add-ons, §5.4; issue 18).
+"""The ControlNet engine against diffusers' own pipelines (issue 18).
 
 Rows with a given condition at scales 0.4 / 0.75 / 1.0 against `ZImageControlNetPipeline`,
 ControlNet-inpaint rows against `ZImageControlNetInpaintPipeline`, rows without a condition in

@@ -1,4 +1,4 @@
-"""SPEC §6: exactly-once commits need create-only writes (``If-None-Match: *``). A store that
+"""Exactly-once commits need create-only writes (``If-None-Match: *``). A store that
 ignores the header (s3rver, older MinIO, some Ceph and hosted stores answer 200 to both of two
 create-only PUTs) is found by a probe before any work and refused in one line, unless the job
 opts out with ``unsafe_allow_overwriting_commits``, which job.json records.

@@ -1,4 +1,4 @@
-"""Outputs that training tools load as they are (SPEC §5): WebDataset and Parquet runs read back with
+"""Outputs that training tools load as they are: WebDataset and Parquet runs read back with
 Hugging Face `datasets`, `webdataset` and DuckDB, the dataset card, one throughput figure, the cost
 line, and the default model that never draws noise silently."""
 

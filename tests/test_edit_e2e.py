@@ -1,4 +1,4 @@
-"""Edit manifests end to end (SPEC §1.2, §3, §6): a catalogue of source images on a real S3
+"""Edit manifests end to end: a catalogue of source images on a real S3
 server, edited through the CLI; good rows ok with their lineage, bad sources `error` rows with
 a specific reason, every row exactly once."""
 

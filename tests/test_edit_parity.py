@@ -1,4 +1,4 @@
-"""The edit engine against diffusers' own edit pipelines (SPEC §2, §5.4).
+"""The edit engine against diffusers' own edit pipelines.
 
 img2img and inpaint on tiny turbo and base checkpoints against `ZImageImg2ImgPipeline` and
 `ZImageInpaintPipeline`, instruction editing on a tiny omni checkpoint against

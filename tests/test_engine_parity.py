@@ -1,4 +1,4 @@
-"""The batched Engine against diffusers' own ZImagePipeline (SPEC §2, §5.4).
+"""The batched Engine against diffusers' own ZImagePipeline.
 
 For every row: the Engine's pixels, in a mixed batch and alone, are within 1/255 of
 `ZImagePipeline.from_pretrained(tiny_dir)(...)` with the same prompt, settings and seed.
@@ -145,7 +145,7 @@ def test_rows_differ(setup):
 
 
 def test_turbo_default_is_its_distilled_8_nfe_schedule(checkpoints):
-    """SPEC §2: Turbo runs "9 scheduler steps = 8 NFE". That is diffusers' count before 0.39,
+    """The model card: Turbo runs "9 scheduler steps = 8 NFE". That is diffusers' count before 0.39,
     whose 9th step sat at sigma 0 and changed nothing. The same schedule is 8 steps now, so the
     default is 8: 8 transformer passes on exactly the old 9-step sigmas, less the wasted one."""
     from zimage_batch.model.variants import get_variant

@@ -26,11 +26,13 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="zbh-", dir="/tmp"),  # short: Ray's sockets
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
-    node = start_node(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+    port, dashboard = free_port(), free_port()
+    node = start_node(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                        "--node-ip-address=127.0.0.1"], env, home, home.parent / "head.log")
     try:
-        yield {"address": f"127.0.0.1:{port}", "env": env, "home": home}
+        yield {"address": f"127.0.0.1:{port}", "port": port, "jobs_api": f"http://127.0.0.1:{dashboard}",
+               "env": env, "home": home}
     finally:
         node.stop()
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
@@ -47,6 +49,7 @@ def test_relative_paths_on_a_cluster_started_elsewhere_give_one_output(tmp_path,
                   "--address", head["address"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "done: 12 ok, 0 error of 12 rows; 2 shards committed" in result.stdout
+    assert "gcs_client" not in result.stderr and "Token authentication" not in result.stderr, result.stderr
     out = tmp_path / "out"
     for part in ("job.json", "_runs", "metadata", "_commits", "images"):
         assert (out / part).exists(), part
@@ -54,13 +57,39 @@ def test_relative_paths_on_a_cluster_started_elsewhere_give_one_output(tmp_path,
     check_exactly_once(str(out), ids)
 
 
-def test_a_run_without_the_clusters_token_is_refused_in_one_line(tmp_path, head):
+@pytest.mark.parametrize("how", ["address", "auto"])
+def test_a_run_without_the_clusters_token_is_refused_in_one_line(tmp_path, head, how):
+    """Named by its address or found by `auto`: one line naming the cluster's address, what to set
+    and where its token is, exit 2, nothing written; none of Ray's own warning lines."""
     make_manifest(tmp_path / "m.parquet", 4)
     env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    result = _run(tmp_path, env, "--manifest", "m.parquet", "--output", "out", "--address", head["address"])
+    address = head["address"] if how == "address" else "auto"
+    result = _run(tmp_path, env, "--manifest", "m.parquet", "--output", "out", "--address", address)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    found = f"{head['address']} refused" if how == "address" else f":{head['port']} (found by --address auto) refused"
+    assert found in result.stderr, result.stderr
     assert "RAY_AUTH_TOKEN" in result.stderr and "RAY_AUTH_MODE" in result.stderr
+    assert "~/.ray/auth_token" in result.stderr and "ray get-auth-token" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+def test_submit_without_the_clusters_token_is_refused_in_one_line(tmp_path, head, token):
+    """`submit` to a Jobs API that refuses the token: one line that says what to set (not Ray's
+    AuthenticationError), exit 2."""
+    make_manifest(tmp_path / "m.parquet", 4)
+    (tmp_path / "job.yaml").write_text("manifest: m.parquet\noutput: out\nmodel: tiny:turbo\n")
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if token:
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    result = subprocess.run([sys.executable, "-m", "zimage_batch.cli", "submit", "job.yaml", "--address",
+                             head["jobs_api"]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert f"the Ray cluster at {head['jobs_api']} refused the connection" in result.stderr
+    said = "RAY_AUTH_TOKEN is not the cluster's token" if token else "no token was sent"
+    assert said in result.stderr and "~/.ray/auth_token" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 

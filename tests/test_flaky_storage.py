@@ -1,4 +1,4 @@
-"""Flaky storage (SPEC §6): throttling, 5xx and dropped connections are retried and lose nothing.
+"""Flaky storage: throttling, 5xx and dropped connections are retried and lose nothing.
 
 Everything here talks to the real moto S3 server through tests/fault_proxy.py, which answers
 a share of requests with 503 SlowDown, 500 InternalError, connection resets (before the

@@ -1,4 +1,4 @@
-"""SPEC §5: ``<key>`` is derived from ``id`` so that no id can escape its folder; the metadata
+"""``<key>`` is derived from ``id`` so that no id can escape its folder; the metadata
 keeps the original ``id``. One real run per output format over a manifest of hostile ids
 (path traversal, absolute paths, NUL and control characters, bidi overrides, very long ids,
 ids differing only in case, dot names, option-like names, non-Latin scripts).

@@ -151,6 +151,8 @@ def test_quickstart_job_file(tmp_path):
     result = _cli("run", str(root / "jobs" / "quickstart.yaml"), "--output", str(tmp_path / "qs"))
     assert result.returncode == 0, result.stderr
     assert "done: 16 ok" in result.stdout
+    # Ray's own warning lines (token authentication enabled, ...) stay out of the terminal unless --verbose
+    assert "Token authentication" not in result.stderr and "WARNING" not in result.stderr, result.stderr
     rows = read_metadata(str(tmp_path / "qs"))
     assert len(rows) == 16 and {r["topic"] for r in rows} >= {"animal", "city"}
     assert open_storage(str(tmp_path / "qs")).exists("job.json")

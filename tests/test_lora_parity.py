@@ -1,4 +1,4 @@
-"""LoRA adapters in the Engine against diffusers' own ZImagePipeline (SPEC §2, issue 17).
+"""LoRA adapters in the Engine against diffusers' own ZImagePipeline (issue 17).
 
 Every adapter set a row may choose (none, one at 1.0, one at 0.8, two with their own scales)
 runs in one Engine that loaded every adapter once, in batches smaller than the rows, with sets

@@ -1,4 +1,4 @@
-"""SPEC §3: manifests written by other tools. `large_string` (pandas), `string_view` (Polars'
+"""Manifests written by other tools. `large_string` (pandas), `string_view` (Polars'
 newest compat level), dictionary strings, `large_binary` and `binary_view` are read as `string`
 and `binary` everywhere: validation, planning digests, the rows workers read and the metadata's
 pass-through columns. Integer ids are their decimal text.

@@ -1,4 +1,4 @@
-"""Several images per prompt (SPEC §3 `num_images`): image k of a row is diffusers' ZImagePipeline at
+"""Several images per prompt: image k of a row is diffusers' ZImagePipeline at
 seed + k, one metadata row per image with `image_index`, keys unique per (id, image_index), exactly
 once through flaky storage; one text encoding per distinct prompt; batches sized from their own
 shape. Exactly once per image through a driver SIGKILL, a resume with appended rows and a worker

@@ -1,10 +1,10 @@
-"""What a reader that globs OUTPUT sees (SPEC §5.5): only committed shards, never a partial one.
+"""What a reader that globs OUTPUT sees: only committed shards, never a partial one.
 
 Training loaders and query engines do not read `_commits/`: they glob `metadata/*.parquet`,
 `shards/*.tar` and `data/*.parquet`. Each scenario stops a run part-way (a shard that fails at
 its last step, the driver and its cluster killed, a worker killed), reads OUTPUT with the real
 clients (DuckDB, webdataset, Hugging Face `datasets`), then reruns and reads again. The kill
-drills run rows of 1 to 3 images (SPEC §3 `num_images`): exactly once holds per image.
+drills run rows of 1 to 3 images: exactly once holds per image.
 """
 
 from __future__ import annotations

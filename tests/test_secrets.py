@@ -1,4 +1,4 @@
-"""Credentials are never printed or written (SPEC §4): not by the CLI, not in Ray's logs, not in OUTPUT.
+"""Credentials are never printed or written: not by the CLI, not in Ray's logs, not in OUTPUT.
 
 Recognisable secrets are planted as AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (the test S3
 server accepts any) and HF_TOKEN; then jobs run on S3 through the CLI, each with its own Ray
@@ -80,7 +80,7 @@ def test_the_jobs_ran_as_expected(runs):
     results = runs["results"]
     partly = results["partly_failing"]
     assert partly.returncode == 1, partly.stderr
-    assert "done: 20 ok, 0 error of 40 rows; 1 shards committed" in partly.stdout, partly.stdout
+    assert "done: 20 ok, 0 error of 40 rows; 1 shard committed" in partly.stdout, partly.stdout
     assert "access denied" in partly.stderr and "failed shard" in partly.stderr
     for name in ("missing_bucket", "bad_manifest"):
         result = results[name]

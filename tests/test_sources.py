@@ -1,4 +1,4 @@
-"""Model sources (SPEC §2): tiny:<variant>, local folders, s3:// folders (against the real moto
+"""Model sources: tiny:<variant>, local folders, s3:// folders (against the real moto
 S3 server), hub ids; safetensors only; variant inference."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_checkpoint_of_another_variant_is_refused(checkpoints, tmp_path):
 
 
 def test_tiny_checkpoints_are_known_to_draw_noise(checkpoints, tmp_path, cache):
-    """The report says so for tiny:<variant> and for folders make-tiny-model wrote (SPEC §2)."""
+    """The report says so for tiny:<variant> and for folders make-tiny-model wrote."""
     assert resolve_model("tiny:turbo").draws_noise
     assert resolve_model(str(checkpoints["omni"])).draws_noise
     real = tmp_path / "real"

@@ -1,5 +1,5 @@
 """`zimage-batch make-tiny-model`: tiny random-init checkpoints in the official diffusers layout
-(SPEC §2, §4), loadable by diffusers' own pipelines, fast enough for tests and demos."""
+loadable by diffusers' own pipelines, fast enough for tests and demos."""
 
 from __future__ import annotations
 

@@ -59,14 +59,17 @@ class ManifestSummary:
     files: int
     kind: str  # prompt | edit
     variants: tuple[str, ...]  # the variants its rows run on
+    warnings: tuple[str, ...] = ()  # e.g. columns that look like a misspelled known one
 
 
 def validate(manifest: str | os.PathLike, **settings: Any) -> ManifestSummary:
     """Check `manifest` (schema and every value) against the job `settings` (model=, variant=,
     width=, ...) without a model or a GPU, like `zimage-batch validate`; raises ManifestError."""
     values = {"output": "-", **settings, "manifest": os.fspath(manifest)}
-    loaded, resolved = check_manifest(load_job(None, values, []))
-    return ManifestSummary(loaded.num_rows, len(loaded.files), loaded.kind, tuple(sorted(resolved.defaults)))
+    warnings: list[str] = []
+    loaded, resolved = check_manifest(load_job(None, values, []), warn=warnings.append)
+    return ManifestSummary(loaded.num_rows, len(loaded.files), loaded.kind, tuple(sorted(resolved.defaults)),
+                           tuple(warnings))
 
 
 def status(output: str | os.PathLike) -> dict[str, Any]:

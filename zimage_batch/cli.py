@@ -1,4 +1,4 @@
-"""The `zimage-batch` command line (SPEC §4)."""
+"""The `zimage-batch` command line."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from zimage_batch.output.lease import LeaseHeld
 from zimage_batch.output.ledger import JobMismatch
 from zimage_batch.output.overlaps import OverlappingShards
 from zimage_batch.storage import StorageError
-from zimage_batch.text import first_line
+from zimage_batch.text import first_line, plural
 
 # Errors with a message meant for the user: printed as one line, no traceback.
 USER_ERRORS = (JobError, ManifestError, ModelSourceError, StorageError, JobMismatch, FileExistsError, LeaseHeld,
@@ -55,7 +55,7 @@ def _quiet_libraries(load: bool = False) -> None:
 
 
 class OneLineErrors(click.Group):
-    """Every failure ends in one `error:` line on stderr (SPEC §4): click's usage errors, which
+    """Every failure ends in one `error:` line on stderr: click's usage errors, which
     it prints as a usage block, and unexpected exceptions, which would print a traceback."""
 
     def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> None:  # type: ignore[override]
@@ -100,6 +100,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, help="Rows per batch (default: from device memory)")
 @click.option("--shard-size", type=int, help="Rows per shard (default 1000)")
 @click.option("--address", help="Ray cluster address (default: start a local cluster)")
+@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings (they are in Ray's logs either way)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any job setting, e.g. --set width=512")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different job's output in OUTPUT")
 @click.option("--wait", is_flag=True, default=None,
@@ -107,7 +108,10 @@ def main() -> None:
 def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **flags: Any) -> None:
     """Run a job: JOB_FILE (YAML) and/or flags; flags override the file."""
     _quiet_libraries()
+    from zimage_batch.run.cluster import quiet_ray
     from zimage_batch.run.driver import run_job
+
+    quiet_ray(flags.pop("verbose"))
 
     try:
         job = load_job(job_file, {**flags, "format": format_}, list(settings))
@@ -120,7 +124,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     click.echo(
         f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
         f"{_images_note(summary)}; "
-        f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
+        f"{plural(summary.shards_committed, 'shard')} committed in {summary.elapsed_s:.1f}s"
     )
     for worker in summary.workers:
         click.echo(f"worker {worker['worker']}: busy {worker['busy_fraction']:.0%} of {worker['wall_s']:.1f}s")
@@ -236,10 +240,10 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 
     try:
         job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
-        m, _ = check_manifest(job)
+        m, _ = check_manifest(job, warn=lambda line: click.echo(line, err=True))
     except USER_ERRORS as exc:
         _fail(exc)
-    click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
+    click.echo(f"ok: {plural(m.num_rows, 'row')} in {plural(len(m.files), 'file')}, {m.kind} manifest")
     images, _ = count_images(m, job.num_images)
     click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 
@@ -291,9 +295,14 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job settings passed to the run")
 @click.option("--pip", multiple=True, help="Extra pip requirements for the job's runtime environment")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job's logs until it ends")
-def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool) -> None:
+@click.option("--verbose", is_flag=True, help="Also print Ray's own warnings")
+def submit(job_file: str, address: str, settings: tuple[str, ...], pip: tuple[str, ...], wait: bool,
+           verbose: bool) -> None:
     """Run JOB_FILE on a Ray cluster through the Ray Jobs API."""
+    from zimage_batch.run.cluster import quiet_ray
     from zimage_batch.submit import submit_job
+
+    quiet_ray(verbose)
 
     try:
         code = submit_job(job_file, address, list(settings), wait=wait, pip=list(pip), echo=click.echo)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from zimage_batch.inputs.columns import suggestion
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.model.variants import VARIANTS, get_variant
@@ -49,12 +50,12 @@ class JobSpec:
     cfg_truncation: float = 1.0
     cfg_normalization: float = 0.0
     strength: float = 0.6  # img2img default
-    # LoRA adapters (SPEC §2, §3): name -> source, and the spec of rows whose `lora` is empty.
+    # LoRA adapters: name -> source, and the spec of rows whose `lora` is empty.
     # The fingerprint has only whether `loras` is empty: job.json records each adapter's sha256
     # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
     loras: dict[str, str] = field(default_factory=dict)
     lora: str | None = None
-    # ControlNet Union (SPEC §2, §3): the weights, and the defaults of the rows' control columns
+    # ControlNet Union: the weights, and the defaults of the rows' control columns
     controlnet: str | None = None  # a .safetensors file or diffusers folder: local, s3://, hub, tiny:<version>
     control_image: str | None = None  # one condition image for every row
     control: str | None = None  # canny | tile: derived from each edit row's source; none
@@ -82,6 +83,7 @@ class JobSpec:
     wait: bool = False
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
+    strict_columns: bool = False  # refuse manifest columns that look like a misspelled known one
     gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
     overwrite: bool = False
     # run on an S3 store that ignores If-None-Match: * (one writer at a time; no exactly-once guarantee)
@@ -345,7 +347,9 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             values[key] = value
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise JobError(f"unknown job setting(s): {', '.join(unknown)}")
+        named = [f"{name} (did you mean '{meant}'?)" if (meant := suggestion(name, _FIELDS, aliases=False)) else name
+                 for name in unknown]
+        raise JobError(f"unknown job setting(s): {', '.join(named)}")
     resolved = sorted(set(values) & set(JobSpec.RESOLVED_FIELDS))
     if resolved:
         raise JobError(f"{', '.join(resolved)} is worked out by the run, not a job setting")

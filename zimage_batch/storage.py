@@ -94,7 +94,7 @@ def check_key(key: str) -> str:
     return key
 
 
-#: The job setting that runs on a store whose create-only writes do not hold (SPEC §6).
+#: The job setting that runs on a store whose create-only writes do not hold.
 UNSAFE_OPT_OUT = "unsafe_allow_overwriting_commits"
 
 

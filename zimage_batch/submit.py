@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from zimage_batch.jobspec import _resolve_relative_paths, load_job
-from zimage_batch.run.cluster import forwarded_env
+from zimage_batch.jobspec import JobError, _resolve_relative_paths, load_job
+from zimage_batch.run.cluster import auth_hint, forwarded_env, is_auth_error
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -49,14 +49,19 @@ def submit_job(
         if pip:
             runtime_env["pip"] = list(pip)
         entrypoint = " ".join(["zimage-batch", "run", "job.yaml", "--address", "auto", *_quoted_settings(settings)])
-        client = JobSubmissionClient(address)
         name = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(job_file).rsplit(".", 1)[0])
-        submission_id = _submit_when_ready(
-            client,
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=f"zimage-batch-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-        )
+        try:
+            client = JobSubmissionClient(address)
+            submission_id = _submit_when_ready(
+                client,
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=f"zimage-batch-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            )
+        except Exception as exc:
+            if is_auth_error(exc):  # Ray's AuthenticationError: one line that says what to set
+                raise JobError(auth_hint(address)) from None
+            raise
     echo(f"submitted {submission_id} to {address}")
     if not wait:
         return 0

@@ -11,3 +11,8 @@ def first_line(exc: BaseException | str, limit: int | None = None) -> str:
     line = lines[0] if lines else ("" if isinstance(exc, str) else type(exc).__name__)
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
     return line[:limit] if limit else line
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """'1 shard', '2 shards', '0 shards' (`many` for words that do not just take an s)."""
+    return f"{count:,} {word if count == 1 else (many or word + 's')}"

@@ -1,4 +1,4 @@
-"""ControlNet conditions of manifest rows (SPEC §3): which rows have one, and the checks that
+"""ControlNet conditions of manifest rows: which rows have one, and the checks that
 refuse bad ones before any work. Their pixels are fetched or derived in `conditions.py`. (This
 module stays light: the manifest checks import it, and `run` refuses a bad manifest at once,
 before torch is imported.)
@@ -36,7 +36,7 @@ NONE = "none"  # a row that opts out of the job's condition
 DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale
 GIVEN = "image"  # ControlRequest.control of a given control image
 
-# metadata columns of a job with a ControlNet (SPEC §5)
+# metadata columns of a job with a ControlNet
 CONTROL_METADATA_COLUMNS = {
     "control_image": pa.string(),
     "control": pa.string(),

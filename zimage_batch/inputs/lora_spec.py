@@ -1,4 +1,4 @@
-"""The `lora` column and job setting (SPEC §3): which declared adapters a row uses, at what scale.
+"""The `lora` column and job setting: which declared adapters a row uses, at what scale.
 
     style                 one adapter at scale 1.0
     style:0.8,detail:1.2  several, each with its own scale

@@ -1,4 +1,4 @@
-"""Manifests (SPEC §3): Parquet files, local or s3://, read and checked in a streaming way.
+"""Manifests: Parquet files, local or s3://, read and checked in a streaming way.
 
 The driver never holds rows as Python objects: validation runs on Arrow record batches, and
 workers read only the row range of the shard they run.
@@ -78,7 +78,7 @@ MAX_NUM_IMAGES = 64
 #: The metadata column of a job that uses num_images: which of its row's images a metadata row is.
 IMAGE_INDEX_COLUMN = {"image_index": pa.int64()}
 
-# lineage columns added for edit manifests (SPEC §3): where each edited image came from
+# lineage columns added for edit manifests: where each edited image came from
 EDIT_METADATA_COLUMNS = {
     "source": pa.string(),
     "source_sha256": pa.string(),
@@ -333,7 +333,7 @@ def plain_type(t: pa.DataType) -> pa.DataType:
 
 
 def _plain_field(f: pa.Field) -> pa.Field:
-    """A column as the pipeline reads it; integer ids are their decimal text (SPEC §3)."""
+    """A column as the pipeline reads it; integer ids are their decimal text."""
     t = plain_type(f.type)
     return f.with_type(pa.string() if f.name == "id" and pa.types.is_integer(t) else t)
 

@@ -1,4 +1,4 @@
-"""LoRA adapter sources (SPEC §2): one string names a `.safetensors` file; this turns it into a
+"""LoRA adapter sources: one string names a `.safetensors` file; this turns it into a
 local file and its sha256, which job.json records (a changed file is a different job).
 
     /path/style.safetensors               a local file

@@ -1,4 +1,4 @@
-"""Add-on weights (SPEC §2: ControlNet, LoRA): one source string to a local file or folder, and
+"""Add-on weights (ControlNet, LoRA): one source string to a local file or folder, and
 the identity the job fingerprint records.
 
     tiny:<version>                      a tiny random-init ControlNet (1.0 | 2.0 | 2.1), built once

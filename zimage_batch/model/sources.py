@@ -1,4 +1,4 @@
-"""Model sources (SPEC §2): one string names a checkpoint; this turns it into a local folder.
+"""Model sources: one string names a checkpoint; this turns it into a local folder.
 
     tiny:<variant>          a tiny random-init checkpoint, built once into the cache
     s3://bucket/prefix/     copied once into a local cache keyed by the objects' ETags
@@ -150,11 +150,17 @@ def _hub_checkpoint(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline with an empty cache, unknown repo, no network
-        if constants.HF_HUB_OFFLINE:
-            raise ModelSourceError(
-                f"model {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
-                f"so it cannot be downloaded: fetch it once online (hf download {repo_id}), point HF_HOME at a cache "
-                "that holds it, or give --model a local folder"
-            ) from None
-        reason = first_line(exc, 300)
-        raise ModelSourceError(f"cannot fetch {repo_id!r} from the hub: {type(exc).__name__}: {reason}") from None
+        raise ModelSourceError(_hub_failure(repo_id, exc, constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE)) from None
+
+
+def _hub_failure(repo_id: str, exc: BaseException, offline: bool, cache: str) -> str:
+    """One line that says what to do when a hub model cannot be had: what HF_HUB_OFFLINE does,
+    the other sources `--model` takes, and tiny:turbo to try the pipeline without one."""
+    others = ("or give --model a local diffusers folder or an s3:// folder; "
+              "to try the pipeline without the real weights, --model tiny:turbo (random weights, draws noise)")
+    if offline:
+        return (f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so it "
+                f"cannot be downloaded: fetch it once online (hf download {repo_id}), point HF_HOME at a cache "
+                f"that holds it, {others}")
+    return (f"cannot fetch {repo_id!r} from the hub ({type(exc).__name__}: {first_line(exc, 200)}): check the "
+            f"id and the network (HF_HUB_OFFLINE=1 uses only the Hugging Face cache), {others}")

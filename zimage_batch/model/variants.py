@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
-    """Defaults and capabilities of one Z-Image variant (SPEC §2)."""
+    """Defaults and capabilities of one Z-Image variant."""
 
     name: str
     hub_id: str | None

@@ -1,4 +1,4 @@
-"""Every name under OUTPUT, in one place (SPEC §5).
+"""Every name under OUTPUT, in one place.
 
     OUTPUT/
       job.json                          the job as resolved, with its fingerprint

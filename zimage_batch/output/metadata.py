@@ -1,4 +1,4 @@
-"""`metadata/<shard>.parquet`: one row per manifest row of a shard (SPEC §5)."""
+"""`metadata/<shard>.parquet`: one row per manifest row of a shard."""
 
 from __future__ import annotations
 

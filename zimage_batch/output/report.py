@@ -29,7 +29,8 @@ from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.status import OutputState, load_output, summarize
-from zimage_batch.storage import Storage
+from zimage_batch.storage import Storage, open_storage
+from zimage_batch.text import plural
 
 REPORT_KEY = layout.REPORT
 MAX_THUMBNAILS = 200
@@ -37,7 +38,8 @@ MAX_SAMPLE_SHARDS = 20
 MAX_ERRORS = 500
 THUMB_PX = 256
 PROMPT_CHARS = 300
-SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "seed", "width", "height"]
+SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "seed", "width", "height",
+                  "source", "mode", "strength", "mask"]  # the last four: edit jobs (before and after)
 
 
 def write_report(output: str | Storage) -> str:
@@ -53,6 +55,7 @@ def render(state: OutputState) -> str:
     figures = summarize(state)
     sample, sample_note = gallery_sample(state)
     thumbs = thumbnails(state.storage, sample)
+    thumbs |= source_thumbnails(sample)
     errors, errors_total = error_rows(state)
     model = str(state.job.get("job", {}).get("model", ""))
     body = [
@@ -104,7 +107,7 @@ def gallery_sample(state: OutputState) -> tuple[list[dict[str, Any]], str]:
         note = f"All {total_ok} images."
     else:
         note = (f"A sample of {len(sample)} of {total_ok} images, evenly spaced over {len(chosen)} of "
-                f"{len(shards)} committed shards (the same sample every time).")
+                f"{plural(len(shards), 'committed shard')} (the same sample every time).")
     return sample, note
 
 
@@ -115,6 +118,22 @@ def thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         uris = pool.map(_thumbnail, images.values())
         return {location: uri for location, uri in zip(images, uris) if uri}
+
+
+def source_thumbnails(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Data URIs of JPEG thumbnails of edit rows' sources and masks, by their URI (local paths
+    or s3://, as the metadata records them); what cannot be read is left out."""
+    uris = sorted({row[c] for row in rows for c in ("source", "mask") if row.get(c)})
+
+    def one(uri: str) -> str | None:
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        try:
+            return _thumbnail(open_storage(parent or ".").get_bytes(name))
+        except Exception:  # noqa: BLE001 - moved, deleted or not ours to read: shown as missing
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return {uri: thumb for uri, thumb in zip(uris, pool.map(one, uris)) if thumb}
 
 
 def _thumbnail(data: bytes) -> str | None:
@@ -251,22 +270,49 @@ def _image_index(row: dict[str, Any]) -> str:
 
 
 def _gallery_section(sample: list[dict[str, Any]], thumbs: dict[str, str], note: str) -> str:
+    """Each image with its prompt, id and seed; an edit row's source beside it (before / after),
+    with its mode, strength and mask."""
     cards = []
     for row in sample:
-        uri = thumbs.get(row["image"])
         prompt = row["prompt"] or ""
         short = prompt if len(prompt) <= PROMPT_CHARS else prompt[:PROMPT_CHARS] + "…"
-        img = (f'<img src="{uri}" alt="{_e(row["id"])}" width="{row["width"]}" height="{row["height"]}">'
-               if uri else "<div class=missing>image not readable</div>")
+        img = _picture(thumbs.get(row["image"]), row["id"], row["width"], row["height"])
+        if row.get("source"):
+            before = _picture(thumbs.get(row["source"]), f"source of {row['id']}", None, None, "source not readable")
+            img = (f"<div class=pair><div><span class=muted>before</span>{before}</div>"
+                   f"<div><span class=muted>after</span>{img}</div></div>")
         cards.append(
-            f"<figure>{img}<figcaption><p class=prompt title=\"{_e(prompt)}\">{_e(short)}</p>"
+            f"<figure{' class=edit' if row.get('source') else ''}>{img}<figcaption>"
+            f"<p class=prompt title=\"{_e(prompt)}\">{_e(short)}</p>"
             f"<p class=muted>id <code>{_e(row['id'])}</code>{_image_index(row)} &middot; seed {_e(row['seed'])} &middot; "
-            f"{_e(row['width'])}&times;{_e(row['height'])}</p></figcaption></figure>"
+            f"{_e(row['width'])}&times;{_e(row['height'])}</p>{_edit_caption(row, thumbs)}</figcaption></figure>"
         )
-    missing = len(sample) - len(thumbs)
+    missing = sum(1 for row in sample if row["image"] not in thumbs)
     extra = f" {missing} could not be read." if missing else ""
     grid = "".join(cards) or "<p>No images yet.</p>"
     return f"<section><h2>Gallery</h2><p class=muted>{_e(note)}{_e(extra)}</p><div class=gallery>{grid}</div></section>"
+
+
+def _picture(uri: str | None, alt: Any, width: Any, height: Any, missing: str = "image not readable") -> str:
+    if not uri:
+        return f"<div class=missing>{_e(missing)}</div>"
+    size = f' width="{_e(width)}" height="{_e(height)}"' if width and height else ""
+    return f'<img src="{uri}" alt="{_e(alt)}"{size}>'
+
+
+def _edit_caption(row: dict[str, Any], thumbs: dict[str, str]) -> str:
+    """'mode inpaint · strength 0.6 · mask [thumbnail]' and the source's URI, for edit rows."""
+    if not row.get("source"):
+        return ""
+    parts = [f"mode <b>{_e(row.get('mode'))}</b>"]
+    if row.get("strength") is not None:
+        parts.append(f"strength {_e(row['strength'])}")
+    if row.get("mask"):
+        thumb = thumbs.get(row["mask"])
+        mask = f'<img class=mask src="{thumb}" alt="mask">' if thumb else "(not readable)"
+        parts.append(f"mask <span title=\"{_e(row['mask'])}\">{mask}</span>")
+    return (f"<p class=muted>{' &middot; '.join(parts)}</p>"
+            f"<p class=muted>source <code>{_e(row['source'])}</code></p>")
 
 
 def failed_shards(state: OutputState, figures: dict[str, Any]) -> dict[str, str]:
@@ -392,6 +438,8 @@ h1 {{ margin-bottom: 4px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom
 figure {{ margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 6px; }}
 figure img {{ width: 100%; height: auto; image-rendering: pixelated; display: block; }}
 figcaption p {{ margin: 4px 0; overflow-wrap: anywhere; }} .prompt {{ font-size: 13px; }}
+.pair {{ display: grid; grid-template-columns: 1fr 1fr; gap: 4px; }} figure.edit {{ grid-column: span 2; }}
+img.mask {{ width: 32px; height: 32px; vertical-align: middle; display: inline-block; }}
 .missing {{ height: 120px; background: #eee; display: flex; align-items: center; justify-content: center; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }}

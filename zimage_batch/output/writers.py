@@ -1,4 +1,4 @@
-"""Shard writers: one per output format (SPEC §5).
+"""Shard writers: one per output format.
 
 A writer stores the images of one shard under OUTPUT, through a :class:`~zimage_batch.storage.Storage`:
 

@@ -1,4 +1,4 @@
-"""Batch sizes from each batch's own shape against the device's memory (SPEC §5.4: cut the
+"""Batch sizes from each batch's own shape against the device's memory (cut the
 same way on every rerun).
 
 A job's rows need not share the job's default size (dataset jobs mix aspect-ratio buckets, and a

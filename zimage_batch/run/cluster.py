@@ -74,31 +74,78 @@ def check_reachable(address: str | None, timeout: float = 10.0) -> None:
         raise JobError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
-_AUTH_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
-              "as on its nodes")
-_AUTH_WORDS = ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
+_AUTH_WORDS = ("authenticationerror", "invalidauthtoken", "unauthenticated", "authentication token")
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"  # where Ray keeps the token of a cluster started on this machine
 
 
-def _join_error(address: str, exc: BaseException) -> JobError:
-    """One line for a refused join: the token named when authentication refused it."""
+def auth_hint(address: str, found_by: str | None = None) -> str:
+    """One line for a cluster that refused this process's token (or its lack of one): what to set,
+    and where the cluster's token is."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        what = "no token was sent (RAY_AUTH_MODE=token is not set here)"
+    elif os.environ.get("RAY_AUTH_TOKEN"):
+        what = "RAY_AUTH_TOKEN is not the cluster's token"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        what = f"the token in {os.environ['RAY_AUTH_TOKEN_PATH']} (RAY_AUTH_TOKEN_PATH) is not the cluster's"
+    elif os.path.isfile(os.path.expanduser(DEFAULT_TOKEN_FILE)):
+        what = f"the token in {DEFAULT_TOKEN_FILE} is not the cluster's"
+    else:
+        what = "no token was found here"
+    where = f" (found by --address {found_by})" if found_by else ""
+    return (f"the Ray cluster at {address}{where} refused the connection: {what}; set RAY_AUTH_MODE=token and "
+            f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file holding it) to the cluster's token: `ray get-auth-token` "
+            f"on its head node prints it, and a cluster started on this machine keeps it in {DEFAULT_TOKEN_FILE}")
+
+
+def is_auth_error(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) is a refusal by token authentication."""
     chain = []
     while exc is not None and len(chain) < 5:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
-    if any(word in text for word in _AUTH_WORDS):
-        return JobError(f"the Ray cluster at {address} refused the connection: missing or wrong authentication "
-                        f"token; {_AUTH_HINT}")
-    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
-    return JobError(f"cannot join the Ray cluster at {address}: {lines[-1] if lines else type(chain[-1]).__name__}"[:400])
+    return any(word in f"{type(e).__name__}: {e}".lower() for e in chain for word in _AUTH_WORDS)
 
 
-def check_token(address: str | None) -> None:
+def _join_error(address: str, exc: BaseException, found_by: str | None = None) -> JobError:
+    """One line for a refused join: the token named when authentication refused it."""
+    if is_auth_error(exc):
+        return JobError(auth_hint(address, found_by))
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return JobError(f"cannot join the Ray cluster at {address}: {lines[-1] if lines else type(exc).__name__}"[:400])
+
+
+def resolve_auto(address: str | None) -> str | None:
+    """`auto` as the host:port Ray joins for it (the latest `ray start` on this machine), so that
+    messages name it and its token is checked; any other address as it is."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:  # another Ray: ray.init resolves it
+        return address
+    try:
+        resolved = canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as exc:
+        if "multiple" in str(exc):
+            raise JobError("--address auto found several Ray clusters on this machine and none started last by "
+                           "`ray start`: give --address HOST:PORT") from None
+        raise JobError("--address auto found no Ray cluster on this machine: start one with `ray start --head`, "
+                       "or give --address HOST:PORT (or leave --address out to start a local one)") from None
+    except Exception:  # noqa: BLE001 - anything else: ray.init reports it
+        return address
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # as ray.init does for `auto`
+    return resolved
+
+
+def check_token(address: str | None, found_by: str | None = None) -> None:
     """Refuse at once, in one line, a cluster that refuses this process's token (or its lack of
     one): `ray.init` would retry for 20 s, logging a warning a second, then say only "Failed
     to connect". One handshake with the cluster's GCS, its native warning kept off stderr."""
     if address is None or address == "auto" or "://" in address:
-        return  # a new local cluster; `auto` finds a local token itself; ray:// is Ray Client's own protocol
+        return  # a new local cluster; ray:// is Ray Client's own protocol
     try:
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
@@ -108,9 +155,17 @@ def check_token(address: str | None) -> None:
         try:
             GcsClient(address=address)
         except AuthenticationError as exc:
-            raise _join_error(address, exc) from None
+            raise _join_error(address, exc, found_by) from None
         except Exception:  # noqa: BLE001 - anything else: ray.init reports it
             return
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's own warning lines (token authentication enabled, several clusters found, ...) off the
+    terminal unless `verbose`; Ray's log files keep what its processes log."""
+    level = logging.NOTSET if verbose else logging.ERROR
+    for name in ("ray._private", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job"):
+        logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
@@ -159,12 +214,14 @@ class RayCluster:
         else:
             # a Ray Jobs driver: the submitted job's runtime env already applies
             runtime_env = None if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else self.runtime_env
-            check_token(self.address)
+            resolved = resolve_auto(self.address)
+            found_by = self.address if resolved != self.address else None
+            check_token(resolved, found_by)
             try:
                 ray.init(address=self.address, runtime_env=runtime_env, logging_level=logging.WARNING,
                          log_to_driver=True)
             except (ConnectionError, RuntimeError, PermissionError) as exc:
-                raise _join_error(self.address, exc) from None
+                raise _join_error(resolved or self.address, exc, found_by) from None
         self._started = True
 
     def close(self) -> None:

@@ -100,7 +100,8 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     started = time.time()
     cpu_threads = cpu_threads_setting()  # ZIMAGE_BATCH_CPU_THREADS: a bad value is refused first
     storage = open_storage(absolute(job.output))
-    prepared = prepare(job, check_output=lambda: check_output_store(storage, job.unsafe_allow_overwriting_commits))
+    prepared = prepare(job, check_output=lambda: check_output_store(storage, job.unsafe_allow_overwriting_commits),
+                       warn=echo)
     resolved = prepared.job
     cluster = RayCluster(resolved.spec.address, resolved.spec.runtime_env)
     if not cluster.external:  # workers run here: their temporary files do too

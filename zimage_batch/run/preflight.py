@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
+from zimage_batch.inputs.columns import misspelled, typo_message
+from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
@@ -87,13 +88,14 @@ class Prepared:
     model: ResolvedModel
 
 
-def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Prepared:
+def prepare(job: JobSpec, check_output: Callable[[], None] | None = None,
+            warn: Callable[[str], None] | None = None) -> Prepared:
     """Check manifest and model without writing anything.
 
     Order: manifest and job defaults (no model, no network beyond the manifest), then each
     variant's model source, then `check_output` (an unusable OUTPUT fails before any
-    download), then the job's model itself."""
-    manifest, resolved = check_manifest(job)
+    download), then the job's model itself. `warn` takes the warnings (columns that look misspelled)."""
+    manifest, resolved = check_manifest(job, warn)
     spec = resolved.spec
     for variant in resolved.defaults:
         source_for_variant(spec.model, spec.models, variant, resolved.variant)  # each variant needs a model
@@ -117,10 +119,12 @@ def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:
     return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
-def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
+def check_manifest(job: JobSpec, warn: Callable[[str], None] | None = None) -> tuple[Manifest, ResolvedJob]:
     """The job's defaults and every manifest row, checked without a model (what `validate` runs);
-    returns the manifest and the job resolved for the variants its rows run on."""
+    returns the manifest and the job resolved for the variants its rows run on. Columns that look
+    like a misspelled known one go to `warn`, or are refused with `strict_columns`."""
     manifest = open_manifest(job.manifest)
+    check_column_names(manifest, job.strict_columns, warn)
     resolved = resolve(job)
     d = resolved.defaults[resolved.variant]
     check_defaults(resolved.variant, d)
@@ -132,6 +136,17 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
                     control_image=spec.control_image, default_num_images=d["num_images"])
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
+
+
+def check_column_names(manifest: Manifest, strict: bool, warn: Callable[[str], None] | None) -> None:
+    """Unknown columns within a typo of a known one: a warning each, or (strict) one refusal."""
+    typos = misspelled(manifest.schema.names, KNOWN_COLUMNS)
+    if typos and strict:
+        more = f" (and {len(typos) - 1} more)" if len(typos) > 1 else ""
+        raise ManifestError(f"{manifest.uri}: {typo_message(*typos[0])}{more}; strict_columns is set: rename it, "
+                            "or set strict_columns=false to keep it as data")
+    for column, meant in typos if warn else ():
+        warn(f"warning: {typo_message(column, meant)}")
 
 
 def check_defaults(variant: str, defaults: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Callable
 
+from zimage_batch.text import plural
+
 
 class Progress:
     """Rows done / failed / left, images/s over the run's wall time so far, ETA and active workers."""
@@ -42,7 +44,7 @@ class Progress:
         rows_per_s = self.done / max(time.time() - self.started, 1e-9)
         eta = f"{left / rows_per_s:.0f}s" if rows_per_s > 0 else "?"
         return (f"{counts} | {self.rate():.1f} img/s over wall time so far | ETA {eta} | "
-                f"{self.workers} workers, {self.in_flight} shards in flight")
+                f"{plural(self.workers, 'worker')}, {plural(self.in_flight, 'shard')} in flight")
 
     def tick(self, queued: int, in_flight: int, workers: int) -> None:
         self.queued, self.in_flight, self.workers = queued, in_flight, workers
