@@ -35,6 +35,7 @@ from zimage_batch.run.preflight import Prepared, ResolvedJob, absolute, job_reco
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
 from zimage_batch.storage import Storage, check_output_store, check_scratch_space, is_s3, open_storage
+from zimage_batch.text import plural
 
 
 @dataclass
@@ -161,8 +162,8 @@ def _run_holding_lease(run: _Run) -> RunSummary:
     summary = RunSummary(output=storage.uri, rows_total=plan.total_rows, shards_skipped=len(plan.done),
                          started=started, run=run.id)
     echo(
-        f"plan: {plan.total_rows} rows in {len(plan.done) + len(plan.todo)} shards; "
-        f"{len(plan.done)} shards already committed, {len(plan.todo)} to run"
+        f"plan: {plural(plan.total_rows, 'row')} in {plural(len(plan.done) + len(plan.todo), 'shard')}; "
+        f"{plural(len(plan.done), 'shard')} already committed, {len(plan.todo)} to run"
     )
     echo(cost_line(resolved, prepared.manifest, plan, storage))
     if plan.todo:
@@ -199,7 +200,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
 
         for variant, shards in sorted(by_variant.items(), key=lambda item: item[0] != job.variant):
             if len(by_variant) > 1:
-                echo(f"variant {variant}: {len(shards)} shards")
+                echo(f"variant {variant}: {plural(len(shards), 'shard')}")
             settings = dataclasses.replace(job.worker_settings(variant), run=summary.run)
             pool = RayWorkerPool(settings, spec.workers, spec.device, cpu_threads)
             summary.device = "GPU" if pool.use_gpu else "CPU"
