@@ -223,8 +223,12 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.option("--controlnet", "controlnet", type=click.Choice(["1.0", "2.0", "2.1"]),
               help="Write a tiny ControlNet Union of this version instead (matching the tiny models): "
                    "one .safetensors file when DIRECTORY ends in .safetensors, else a diffusers folder")
+@click.option("--scorer", type=click.Choice(["clip", "aesthetic", "nsfw"]),
+              help="Write a tiny scorer of this kind instead (for scores: tests and demos): a transformers folder "
+                   "(clip, nsfw), or for aesthetic DIRECTORY/aesthetic.safetensors (or DIRECTORY itself if it ends "
+                   "in .safetensors)")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None) -> None:
+                            controlnet: str | None, scorer: str | None) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
@@ -236,6 +240,11 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
     from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 
     try:
+        if scorer:
+            from zimage_batch.curate.tiny import make_tiny_scorer
+
+            click.echo(f"tiny {scorer} scorer written to {make_tiny_scorer(directory, scorer, seed)}")
+            return
         if controlnet:
             folder = not directory.endswith(".safetensors")
             path = make_tiny_controlnet(directory, controlnet, seed, folder=folder)

@@ -53,6 +53,7 @@ class CommitMarker:
     busy_s: float = 0.0  # model time
     images: int = 0  # images the shard draws (ok + error); 0 in markers written before num_images: one per row
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # the attempt: names its staging folder
+    filtered: int = 0  # images a curated job's keep rule turned down on every try (rows without an image)
 
     @property
     def staging(self) -> layout.StagingArea:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from zimage_batch.curate.sources import resolve_scorers
+from zimage_batch.curate.spec import CurationError
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
@@ -104,7 +106,26 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Pre
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
+    if spec.curation().active:
+        resolved = with_scorers(resolved, manifest)
     return Prepared(manifest, resolved, model)
+
+
+def with_scorers(job: ResolvedJob, manifest: Manifest) -> ResolvedJob:
+    """The scorer checkpoints fetched and checked before any worker starts (a missing or pickle
+    source, a head that does not fit the CLIP scorer, a classifier without an nsfw label are
+    refused here), and the job with their identities (`scorer_ids`), which the fingerprint covers."""
+    spec = job.spec
+    curation = spec.curation()
+    if curation.judges and curation.max_tries > 1 and (manifest.kind == "edit" or spec.controlnet):
+        raise JobError("max_tries > 1 redraws text-to-image rows only; an edit or ControlNet job keeps or "
+                       "filters each image on its first draw (set max_tries: 1)")
+    try:
+        ids = {name: addon.identity for name, addon in resolve_scorers(curation).items()}
+    except CurationError as exc:
+        raise JobError(str(exc)) from None
+    spec = dataclasses.replace(spec, scorer_ids=ids)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
 def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:

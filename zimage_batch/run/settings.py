@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_batch.curate.spec import Curation
 from zimage_batch.inputs.control import ControlJob
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
@@ -37,6 +38,7 @@ class WorkerSettings:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
+    curation: Curation | None = None  # scores, keep, tries, embeddings (a curated job)
 
     @classmethod
     def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,
@@ -64,4 +66,5 @@ class WorkerSettings:
             loras=dict(job.loras),
             lora=job.lora,
             control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
+            curation=curation if (curation := job.curation()).active else None,
         )
