@@ -261,6 +261,23 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
         _fail(exc)
 
 
+@main.command("dedup")
+@click.argument("output")
+@click.option("--threshold", type=float, default=0.95, show_default=True,
+              help="Cosine similarity of CLIP image embeddings at or over which two images are near-duplicates")
+def dedup_command(output: str, threshold: float) -> None:
+    """Find near-duplicate images in OUTPUT (a job run with embeddings: true) and write the pairs
+    to OUTPUT/duplicates.parquet; committed shards are only read."""
+    from zimage_batch.curate.dedup import DedupError, dedup
+
+    try:
+        result = dedup(output, threshold)
+    except (DedupError, *USER_ERRORS) as exc:
+        _fail(exc)
+    click.echo(f"dedup: {result.pairs} pair(s) at cosine >= {threshold} among {result.images} images "
+               f"({result.seconds:.1f} s); written to {output.rstrip('/')}/{result.key}")
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--address", required=True, help="Ray dashboard / Jobs API address, e.g. http://HEAD:8265")
