@@ -113,7 +113,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         click.echo("error: interrupted; run again to resume", err=True)
         sys.exit(130)
     click.echo(
-        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
+        f"done: {summary.rows_ok} ok, {summary.rows_error} error"
+        f"{f', {summary.rows_filtered} filtered' if summary.rows_filtered else ''} of {summary.rows_total} rows"
         f"{_images_note(summary)}; "
         f"{summary.shards_committed} shards committed in {summary.elapsed_s:.1f}s"
     )
@@ -134,7 +135,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
 
 def _images_note(summary: Any) -> str:
     """' (4,000 images)' when rows draw several images (then ok and error count images)."""
-    images = summary.rows_ok + summary.rows_error
+    images = summary.rows_ok + summary.rows_error + summary.rows_filtered
     return f" ({images:,} images)" if summary.rows_done is not None and images != summary.rows_done else ""
 
 
