@@ -48,7 +48,7 @@ class KeepRule:
         except SyntaxError as exc:
             raise KeepError(f"keep {text!r} does not parse ({exc.msg})") from None
         names: set[str] = set()
-        _check(tree.body, names, top=True)
+        _check(tree.body, names)
         unknown = sorted(names - set(columns))
         if unknown:
             known = ", ".join(sorted(columns)) or "none: set scores"
@@ -64,22 +64,20 @@ class KeepRule:
         return ast.parse(self.text, mode="eval").body
 
 
-def _check(node: ast.AST, names: set[str], top: bool = False) -> None:
+def _check(node: ast.AST, names: set[str]) -> None:
     """Allow only a boolean expression of comparisons between score names and numbers."""
     if isinstance(node, ast.BoolOp):
         for value in node.values:
-            _check(value, names, top=True)
+            _check(value, names)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        _check(node.operand, names, top=True)
-    elif isinstance(node, ast.Compare) and top:
+        _check(node.operand, names)
+    elif isinstance(node, ast.Compare):
         if not all(type(op) in _COMPARE for op in node.ops):
             raise KeepError("keep compares with <, <=, >, >=, == and != only")
         for operand in (node.left, *node.comparators):
             _check_operand(operand, names)
-    elif top:
-        raise KeepError(f"keep is a condition on scores (comparisons joined by and/or/not), not {_what(node)}")
     else:
-        raise KeepError(f"keep cannot use {_what(node)}")
+        raise KeepError(f"keep is a condition on scores (comparisons joined by and/or/not), not {_what(node)}")
 
 
 def _check_operand(node: ast.AST, names: set[str]) -> None:

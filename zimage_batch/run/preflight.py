@@ -101,13 +101,13 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Pre
         source_for_variant(spec.model, spec.models, variant, resolved.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
+    if spec.curation().active:  # scorer sources fetched and checked before the model downloads
+        resolved = with_scorers(resolved, manifest)
     adapters = resolve_adapters(spec.loras)  # LoRA sources fetched and hashed before the model downloads
     model = resolve_model(spec.model, resolved.variant)
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
-    if spec.curation().active:
-        resolved = with_scorers(resolved, manifest)
     return Prepared(manifest, resolved, model)
 
 
