@@ -176,6 +176,20 @@ def test_an_image_failing_every_try_is_a_filtered_row_and_the_run_is_done(runs):
     assert (marker["ok"], marker["error"], marker["filtered"]) == (0, 0, 1)
 
 
+def test_the_report_and_the_card_show_the_scores(runs):
+    output = runs["dir"] / "curated"
+    result = cli_in_process("report", str(output))
+    assert result.returncode == 0, result.stderr
+    page = (output / "report.html").read_text()
+    section = page[page.index("<h2>Curation</h2>"):]
+    assert "<h3>clip_score</h3>" in section and "<svg" in section and "best:" in section and "worst:" in section
+    filtered = sum(1 for v in runs["expected"].values() if v[0] == "filtered")
+    assert f"{filtered} image(s) filtered" in section
+    card = (output / "README.md").read_text()
+    assert "## Curation" in card and "| `clip_embedding` | list<element: halffloat> |" in card
+    assert "name: clip_score" in card and "| `tries` | int64 |" in card
+
+
 def test_dedup_finds_a_row_repeating_another_rows_prompt_and_seed(runs):
     output = runs["dir"] / "scored"
     result = cli_in_process("dedup", str(output), "--threshold", "0.9999")
