@@ -9,6 +9,7 @@ import heapq
 import html
 import io
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from zimage_batch.storage import Storage
 
 BINS = 20
 EXTREMES = 4  # best and worst images shown per score
+READERS = 16  # metadata files read at once
 ROW_COLUMNS = ["id", "image_index", "status", "image", "prompt", "seed", "width", "height"]
 
 
@@ -53,11 +55,15 @@ def score_spreads(storage: Storage, shards: Sequence[str], columns: Sequence[str
     that took more than one try."""
     spreads = [ScoreSpread(c) for c in columns]
     filtered = redrawn = n = 0
-    for shard in shards:
+
+    def read(shard: str) -> tuple[list[str], list[dict[str, Any]]]:
         pf = pq.ParquetFile(io.BytesIO(storage.get_bytes(layout.metadata_key(shard))))
         names = pf.schema_arrow.names
-        wanted = [c for c in [*ROW_COLUMNS, *columns, TRIES_COLUMN] if c in names]
-        rows = pf.read(columns=wanted).to_pylist()
+        return names, pf.read(columns=[c for c in [*ROW_COLUMNS, *columns, TRIES_COLUMN] if c in names]).to_pylist()
+
+    with ThreadPoolExecutor(max_workers=READERS) as pool:  # small objects: many in flight on S3
+        tables = list(pool.map(read, shards))
+    for names, rows in tables:
         filtered += sum(1 for r in rows if r["status"] == FILTERED)
         redrawn += sum(1 for r in rows if (r.get(TRIES_COLUMN) or 1) > 1)
         for spread in spreads:
