@@ -113,3 +113,9 @@ def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
     free["bytes"] = 4 * 2**30  # a 16 GB card with the transformer loaded
     assert default_batch_size(1024, 1024, "cuda") == 1
     assert default_batch_size(1024, 1024, "cuda", low_vram=True) == 6  # (4 - 2.5) GiB / 0.25 GiB a row
+
+
+def test_curation_benchmark_prints_the_measured_and_counted_shares():
+    out = _run("benchmarks/curation.py", "--rows", "2", "--batch-size", "2", "--shard-size", "2")
+    assert re.search(r"scoring [\d.]+ s = [\d.]+% of model time", out), out
+    assert "Z-Image-Turbo 1024x1024 image at 8 NFE (6.15B transformer" in out and "all three scores" in out, out

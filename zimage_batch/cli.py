@@ -122,7 +122,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
         click.echo("error: interrupted; run again to resume", err=True)
         sys.exit(130)
     click.echo(
-        f"done: {summary.rows_ok} ok, {summary.rows_error} error of {summary.rows_total} rows"
+        f"done: {summary.rows_ok} ok, {summary.rows_error} error"
+        f"{f', {summary.rows_filtered} filtered' if summary.rows_filtered else ''} of {summary.rows_total} rows"
         f"{_images_note(summary)}; "
         f"{plural(summary.shards_committed, 'shard')} committed in {summary.elapsed_s:.1f}s"
     )
@@ -143,7 +144,7 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
 
 def _images_note(summary: Any) -> str:
     """' (4,000 images)' when rows draw several images (then ok and error count images)."""
-    images = summary.rows_ok + summary.rows_error
+    images = summary.rows_ok + summary.rows_error + summary.rows_filtered
     return f" ({images:,} images)" if summary.rows_done is not None and images != summary.rows_done else ""
 
 
@@ -260,8 +261,12 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.option("--controlnet", "controlnet", type=click.Choice(["1.0", "2.0", "2.1"]),
               help="Write a tiny ControlNet Union of this version instead (matching the tiny models): "
                    "one .safetensors file when DIRECTORY ends in .safetensors, else a diffusers folder")
+@click.option("--scorer", type=click.Choice(["clip", "aesthetic", "nsfw"]),
+              help="Write a tiny scorer of this kind instead (for scores: tests and demos): a transformers folder "
+                   "(clip, nsfw), or for aesthetic DIRECTORY/aesthetic.safetensors (or DIRECTORY itself if it ends "
+                   "in .safetensors)")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None) -> None:
+                            controlnet: str | None, scorer: str | None) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
@@ -273,6 +278,11 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
     from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 
     try:
+        if scorer:
+            from zimage_batch.curate.tiny import make_tiny_scorer
+
+            click.echo(f"tiny {scorer} scorer written to {make_tiny_scorer(directory, scorer, seed)}")
+            return
         if controlnet:
             folder = not directory.endswith(".safetensors")
             path = make_tiny_controlnet(directory, controlnet, seed, folder=folder)
@@ -287,6 +297,23 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
             click.echo(f"tiny LoRA adapter {name!r} ({lora_format} keys) written to {path}")
     except (LoraSpecError, *USER_ERRORS) as exc:
         _fail(exc)
+
+
+@main.command("dedup")
+@click.argument("output")
+@click.option("--threshold", type=float, default=0.95, show_default=True,
+              help="Cosine similarity of CLIP image embeddings at or over which two images are near-duplicates")
+def dedup_command(output: str, threshold: float) -> None:
+    """Find near-duplicate images in OUTPUT (a job run with embeddings: true) and write the pairs
+    to OUTPUT/duplicates.parquet; committed shards are only read."""
+    from zimage_batch.curate.dedup import DedupError, dedup
+
+    try:
+        result = dedup(output, threshold)
+    except (DedupError, *USER_ERRORS) as exc:
+        _fail(exc)
+    click.echo(f"dedup: {result.pairs} pair(s) at cosine >= {threshold} among {result.images} images "
+               f"({result.seconds:.1f} s); written to {output.rstrip('/')}/{result.key}")
 
 
 @main.command()

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from zimage_batch.curate.spec import Curation, CurationError, curation_of
 from zimage_batch.inputs.columns import suggestion
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
@@ -64,6 +65,14 @@ class JobSpec:
     canny_high: float = 200.0
     controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
     num_images: int = 1  # images per row (a row's `num_images` overrides it); image k uses seed + k
+    # Curation (curate/spec.py): scores computed on the worker, a keep rule that redraws, embeddings
+    scores: list[str] = field(default_factory=list)  # clip | aesthetic | nsfw
+    scorers: dict[str, str] = field(default_factory=dict)  # scorer -> source (default: the hub's)
+    keep: str | None = None  # e.g. "clip_score >= 0.28 and nsfw_score < 0.2"
+    max_tries: int = 1  # draws per image; try t of image k uses seed + k + t * num_images
+    embeddings: bool = False  # store the CLIP image embedding (float16 list) in the metadata
+    dedup_within_row: float | None = None  # redraw an image this close (cosine) to a kept one of its row
+    scorer_ids: dict[str, str] = field(default_factory=dict)  # resolved by the run: each scorer's identity
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -109,14 +118,21 @@ class JobSpec:
         "lora",
         "loras",
         "num_images",
+        "scores",
+        "scorer_ids",
+        "keep",
+        "max_tries",
+        "embeddings",
+        "dedup_within_row",
     )
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
-    ADDED_OUTPUT_FIELDS = ("lora", "loras")
+    ADDED_OUTPUT_FIELDS = ("lora", "loras", "scores", "scorer_ids", "keep", "max_tries", "embeddings",
+                           "dedup_within_row")
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-    RESOLVED_FIELDS = ("controlnet_id",)  # worked out by the run, never a setting
+    RESOLVED_FIELDS = ("controlnet_id", "scorer_ids")  # worked out by the run, never a setting
 
     def output_fields(self) -> tuple[str, ...]:
         """The fields the fingerprint covers for this job."""
@@ -127,11 +143,12 @@ class JobSpec:
         any (the metadata then has a `lora` column): job.json's per-adapter sha256 covers the
         files, so adding an adapter for new rows keeps the job. The ControlNet's identity is
         `controlnet_id` (its sha256, S3 cache entry or hub commit). `num_images` counts only
-        when it is not 1, so the fingerprints of jobs from before it stay as they were."""
+        when it is not 1, so the fingerprints of jobs from before it stay as they were; so does
+        `max_tries`. The scorers' identities (`scorer_ids`) stand for their sources."""
         payload = {}
         for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
-            if name == "num_images" and value == 1:
+            if name in ("num_images", "max_tries") and value == 1:
                 continue
             if name not in self.ADDED_OUTPUT_FIELDS or value:
                 payload[name] = value
@@ -187,6 +204,7 @@ class JobSpec:
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
         self._validate_control()
+        self._validate_curation()
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
@@ -213,6 +231,21 @@ class JobSpec:
             raise JobError(f"lora names adapters the job does not declare ({', '.join(missing)}); "
                            f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
         self.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
+    def _validate_curation(self) -> None:
+        """Scores known, keep safe and naming computed scores, max_tries >= 1; scores kept in a
+        fixed order and local scorer sources as absolute paths."""
+        try:
+            curation = curation_of(self.to_dict())
+        except CurationError as exc:
+            raise JobError(str(exc)) from None
+        self.scores = list(curation.scores)
+        self.scorers = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
+                        for k, v in self.scorers.items()}
+
+    def curation(self) -> Curation:
+        """The job's curation settings, with the scorers' identities once the run resolved them."""
+        return dataclasses.replace(curation_of(self.to_dict()), ids=dict(self.scorer_ids))
+
     def _validate_control(self) -> None:
         # Local paths as absolute ones: workers (on this machine) may run in another folder.
         if self.control_image and "://" not in self.control_image:
@@ -307,6 +340,9 @@ def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     loras = values.get("loras")
     if isinstance(loras, dict):  # adapter files: ./ ../ or a path that exists beside the job file (else a hub file)
         values["loras"] = {k: _beside(base, v) for k, v in loras.items()}
+    scorers = values.get("scorers")
+    if isinstance(scorers, dict):  # likewise scorer checkpoints (else hub ids)
+        values["scorers"] = {k: _beside(base, v) for k, v in scorers.items()}
 
 
 def _beside(base: str, value: Any) -> Any:
@@ -340,7 +376,7 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             raise JobError(f"--set takes key=value, got {setting!r}")
         key = key.strip().removeprefix("defaults.")
         value = yaml.safe_load(raw) if raw else None
-        if key.startswith(("models.", "loras.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
+        if key.startswith(("models.", "loras.", "scorers.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
             mapping, name = key.split(".", 1)
             values[mapping] = {**(values.get(mapping) or {}), name: raw}
         else:

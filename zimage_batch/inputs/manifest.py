@@ -97,16 +97,17 @@ RESERVED_COLUMNS = {
 
 
 def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
-                     control: bool = False) -> dict[str, pa.DataType]:
+                     control: bool = False, curated: dict[str, pa.DataType] | None = None) -> dict[str, pa.DataType]:
     """The pipeline's own metadata columns, in order: image_index after id when the job uses
     num_images, the edit lineage for edit manifests, `lora` in a job with adapters, the
-    ControlNet conditions in a job with a ControlNet."""
+    ControlNet conditions in a job with a ControlNet, then a curated job's columns (scores,
+    tries, the embedding: `curate.spec.Curation.metadata_columns`)."""
     columns = dict(METADATA_COLUMNS)
     if image_index:
         columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
     columns |= EDIT_METADATA_COLUMNS if edit else {}
     columns |= lora_spec.METADATA_COLUMN if lora else {}
-    return columns | (CONTROL_METADATA_COLUMNS if control else {})
+    return columns | (CONTROL_METADATA_COLUMNS if control else {}) | (curated or {})
 
 
 MAX_LISTED = 5  # offending rows named in an error message
@@ -155,9 +156,10 @@ class Manifest:
         a job setting other than 1. Its metadata rows then carry `image_index`."""
         return job_num_images != 1 or "num_images" in self.schema.names
 
-    def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False) -> pa.Schema:
+    def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False,
+                        curated: dict[str, pa.DataType] | None = None) -> pa.Schema:
         """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
-        columns = metadata_columns(self.kind == "edit", image_index, lora, control)
+        columns = metadata_columns(self.kind == "edit", image_index, lora, control, curated)
         return pa.schema(list(columns.items()) + list(self.passthrough))
 
     @property

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from zimage_batch.curate.report import card_lines
 from zimage_batch.output import layout
 from zimage_batch.output.features import UnsupportedType, json_type, sample_fields, yaml_features
 from zimage_batch.output.status import OutputState, load_output
@@ -120,6 +121,7 @@ def render_card(state: OutputState) -> str:
               "", "```json", json.dumps({"seed": job.get("seed"), **(record.get("defaults") or {})}, indent=2,
                                          ensure_ascii=False), "```", ""]
     lines += _usage(fmt, job.get("image_format", "png"))
+    lines += card_lines(job, sum(m.filtered for m in state.markers))
     if metadata is not None:
         lines += ["", "## Metadata columns", "", "| column | type |", "|---|---|"]
         lines += [f"| `{f.name}` | {f.type} |" for f in metadata]

@@ -27,6 +27,7 @@ JOB_FILE = "job.json"
 LEASE = "_lease.json"
 REPORT = "report.html"
 DATASET_CARD = "README.md"
+DUPLICATES = "duplicates.parquet"  # zimage-batch dedup: near-duplicate pairs from the stored embeddings
 COMMITS = "_commits/"
 STAGING = "_staging/"
 RUNS = "_runs/"
@@ -39,7 +40,8 @@ FORMATS = tuple(FORMAT_FOLDERS)
 
 #: What a job writes, in the order --overwrite removes it: markers first (no half state looks
 #: done), job.json last (a clear cut short still refuses a plain rerun of another job).
-OUTPUT_PREFIXES = (COMMITS, METADATA, *FORMAT_FOLDERS.values(), STAGING, RUNS, REPORT, DATASET_CARD, JOB_FILE)
+OUTPUT_PREFIXES = (COMMITS, METADATA, *FORMAT_FOLDERS.values(), STAGING, RUNS, REPORT, DATASET_CARD, DUPLICATES,
+                   JOB_FILE)
 
 
 def commit_key(shard: str) -> str:

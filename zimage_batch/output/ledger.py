@@ -54,6 +54,7 @@ class CommitMarker:
     images: int = 0  # images the shard draws (ok + error); 0 in markers written before num_images: one per row
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # the attempt: names its staging folder
     run: str = ""  # the run that committed it (its lease's fencing token); "" in markers of older versions
+    filtered: int = 0  # images a curated job's keep rule turned down on every try (rows without an image)
 
     @property
     def staging(self) -> layout.StagingArea:

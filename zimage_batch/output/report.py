@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from zimage_batch.curate.report import curation_section
 from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker
@@ -70,6 +71,7 @@ def render(state: OutputState) -> str:
         _workers_section(state.runs),
         _errors_section(errors, errors_total, failed_shards(state, figures)),
         _gallery_section(sample, thumbs, sample_note),
+        curation_section(state.storage, [m.shard for m in state.markers], state.job.get("job", {}), thumbnails),
         _settings_section(state.job),
     ]
     return PAGE.format(title=_e(f"zimage-batch report: {state.storage.uri}"), body="\n".join(body))

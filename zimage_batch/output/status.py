@@ -106,6 +106,7 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
     rows_done = sum(m.rows for m in markers)
     rows_ok = sum(m.ok for m in markers)  # metadata rows: one per image
     rows_failed = sum(m.error for m in markers)
+    rows_filtered = sum(m.filtered for m in markers)  # a curated job's images turned down by keep
     images_done = sum(m.images or m.rows for m in markers)
     total_rows = plan.get("total_rows") if plan else (run.get("rows_total") if run else None)
     total_shards = plan.get("total_shards") if plan else None
@@ -153,6 +154,7 @@ def summarize(state: OutputState, now: float | None = None) -> dict[str, Any]:
         "rows_done": rows_done,
         "rows_ok": rows_ok,
         "rows_failed": rows_failed,
+        "rows_filtered": rows_filtered,
         "rows_left": rows_left,
         "images_done": images_done,
         "images_ok": rows_ok,
@@ -215,7 +217,8 @@ def format_status(s: dict[str, Any]) -> list[str]:
         f"{s['shards_left'] if s['shards_left'] is not None else '?'} left"
         + (f", {len(s['shards_failed'])} failed" if s["shards_failed"] else ""),
         f"rows: {_of(s['rows_done'], s['total_rows'])} done{pct}, {s['rows_failed']} failed, "
-        f"{s['rows_left'] if s['rows_left'] is not None else '?'} left"
+        + (f"{s['rows_filtered']} filtered, " if s.get("rows_filtered") else "")
+        + f"{s['rows_left'] if s['rows_left'] is not None else '?'} left"
         + (f"; images: {s['images_ok']} ok, {s['images_failed']} failed" if s["images_done"] != s["rows_done"] else ""),
         f"throughput: {s['throughput_text']}" + (f"; ETA {_duration(s['eta_s'])}" if s["eta_s"] is not None else ""),
     ]

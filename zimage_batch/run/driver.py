@@ -46,6 +46,7 @@ class RunSummary:
     rows_total: int
     rows_ok: int = 0  # metadata rows (images) stored ok, in every committed shard
     rows_error: int = 0  # metadata rows (images) that failed
+    rows_filtered: int = 0  # metadata rows (images) a curated job's keep rule turned down: done, no image
     rows_done: int | None = None  # manifest rows of the committed shards (None: rows_ok + rows_error)
     shards_committed: int = 0
     shards_skipped: int = 0
@@ -235,6 +236,7 @@ def _count_committed(ledger: Ledger, summary: RunSummary, echo: Callable[[str], 
         markers = {m.shard: m for m in without_extras(markers.values(), overlaps)}
     summary.rows_ok = sum(m.ok for m in markers.values())
     summary.rows_error = sum(m.error for m in markers.values())
+    summary.rows_filtered = sum(m.filtered for m in markers.values())
     summary.rows_done = sum(m.rows for m in markers.values())
     summary.shards_committed = len(markers)
     summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s, summary.run)

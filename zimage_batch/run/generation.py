@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from zimage_batch.curate.judge import FILTER, KEEP, REDRAW, ShardJudge
+from zimage_batch.curate.scorers import Scored
 from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
 from zimage_batch.inputs import images
@@ -65,14 +67,16 @@ class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str) -> None:
-        """`base` is the folder that relative source URIs of edit rows start from."""
+                 base: str, judge: ShardJudge | None = None) -> None:
+        """`base` is the folder that relative source URIs of edit rows start from; `judge` scores
+        each drawn image and keeps, redraws or filters it (a curated job)."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
         self.batch_sizes = model.batch_sizes
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
+        self.judge = judge
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
@@ -84,18 +88,12 @@ class ShardGeneration:
         """Generate batch by batch and store every image; each row's outcome, in row order."""
         encoded_ahead = self.engine.low_vram and self._encode_ahead()
         try:
-            for batch in self._batches():
-                self._confirm(STORE_BACKLOG_BATCHES * max(self.batch_size, len(batch)))
-                started = time.perf_counter()
-                pixels = self._generate([self.requests[i] for i in batch])
-                duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
-                metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
-                for i, image in zip(batch, pixels):
-                    if isinstance(image, BaseException):
-                        self.outcomes[i] = error_outcome(f"generation failed: {image}", duration_ms)
-                    else:
-                        encoded = self.encoder.submit(self._encode, image)
-                        self.stored.append((i, self.storer.submit(self._store, i, encoded, duration_ms)))
+            batches = self._batches()
+            while batches is not None:  # one pass per try: the images to redraw make the next one
+                redraw = [i for batch in batches for i in self._draw(batch)]
+                for i in redraw:
+                    self.requests[i] = self.judge.redraw(i, self.requests[i])  # type: ignore[union-attr]
+                batches = self._cut(redraw) if redraw else None
             self._confirm(0)
         except BaseException:
             # The caller aborts the writer next: no store of this attempt may still be writing.
@@ -110,6 +108,39 @@ class ShardGeneration:
         for i, extra in self.lineage.items():
             self.outcomes[i] = {**self.outcomes[i], **extra}
         return self.outcomes  # type: ignore[return-value]
+
+    def _draw(self, batch: list[int]) -> list[int]:
+        """Draw one batch, store its images (a curated job: those kept) and return the rows to redraw."""
+        self._confirm(STORE_BACKLOG_BATCHES * max(self.batch_size, len(batch)))
+        started = time.perf_counter()
+        pixels = self._generate([self.requests[i] for i in batch])
+        scored = self._score(batch, pixels) if self.judge else {}
+        duration_ms = (time.perf_counter() - started) * 1000 / len(batch)
+        metrics.batch_done(self.worker_id, len(batch), duration_ms * len(batch) / 1000)
+        redraw = []
+        for i, image in zip(batch, pixels):
+            verdict = self.judge.decide(i, scored[i]) if i in scored else KEEP  # type: ignore[union-attr]
+            if isinstance(image, BaseException):
+                self.outcomes[i] = error_outcome(f"generation failed: {image}", duration_ms)
+            elif verdict == REDRAW:
+                redraw.append(i)
+            elif verdict == FILTER:
+                self.outcomes[i] = self.judge.filtered_outcome(i, duration_ms)  # type: ignore[union-attr]
+            else:
+                encoded = self.encoder.submit(self._encode, image)
+                self.stored.append((i, self.storer.submit(self._store, i, encoded, duration_ms)))
+        return redraw
+
+    def _score(self, batch: list[int], pixels: list[np.ndarray | BaseException]) -> dict[int, Scored]:
+        """The drawn images of a batch scored on the model thread, in one batch (model time)."""
+        drawn = [(i, image) for i, image in zip(batch, pixels) if not isinstance(image, BaseException)]
+        if not drawn:
+            return {}
+        prompts = [self.requests[i].prompt for i, _ in drawn]
+        started = time.perf_counter()
+        scored = self.model_thread.submit(self.judge.scorers.score, [p for _, p in drawn], prompts).result()  # type: ignore[union-attr]
+        self.busy_s += time.perf_counter() - started
+        return {i: s for (i, _), s in zip(drawn, scored)}
 
     def _confirm(self, backlog: int) -> None:
         """Record finished stores in order (a failed store raises here), waiting while more
@@ -214,9 +245,12 @@ class ShardGeneration:
         row = self.rows[i]
         meta = row_record(row, self.requests[i], self.settings) | {"sha256": digest, "duration_ms": duration_ms}
         meta |= self.lineage.get(i) or {}
+        curated = self.judge.extra(i) if self.judge else {}
+        meta |= curated
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
         location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
-        return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
+        return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms,
+                **curated}
 
 
 def cut_batches(requests: Sequence[Request], indices: Sequence[int], size_of: Callable[[Request], int]) -> Iterator[list[int]]:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from zimage_batch.curate.sources import resolve_scorers
+from zimage_batch.curate.spec import CurationError
 from zimage_batch.inputs.columns import misspelled, typo_message
 from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
@@ -101,12 +103,31 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None,
         source_for_variant(spec.model, spec.models, variant, resolved.variant)  # each variant needs a model
     if check_output is not None:
         check_output()
+    if spec.curation().active:  # scorer sources fetched and checked before the model downloads
+        resolved = with_scorers(resolved, manifest)
     adapters = resolve_adapters(spec.loras)  # LoRA sources fetched and hashed before the model downloads
     model = resolve_model(spec.model, resolved.variant)
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
     return Prepared(manifest, resolved, model)
+
+
+def with_scorers(job: ResolvedJob, manifest: Manifest) -> ResolvedJob:
+    """The scorer checkpoints fetched and checked before any worker starts (a missing or pickle
+    source, a head that does not fit the CLIP scorer, a classifier without an nsfw label are
+    refused here), and the job with their identities (`scorer_ids`), which the fingerprint covers."""
+    spec = job.spec
+    curation = spec.curation()
+    if curation.judges and curation.max_tries > 1 and (manifest.kind == "edit" or spec.controlnet):
+        raise JobError("max_tries > 1 redraws text-to-image rows only; an edit or ControlNet job keeps or "
+                       "filters each image on its first draw (set max_tries: 1)")
+    try:
+        ids = {name: addon.identity for name, addon in resolve_scorers(curation).items()}
+    except CurationError as exc:
+        raise JobError(str(exc)) from None
+    spec = dataclasses.replace(spec, scorer_ids=ids)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
 def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_batch.curate.spec import Curation
 from zimage_batch.inputs.control import ControlJob
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
@@ -38,6 +39,7 @@ class WorkerSettings:
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
     run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
+    curation: Curation | None = None  # scores, keep, tries, embeddings (a curated job)
 
     @classmethod
     def for_variant(cls, job: JobSpec, variant: str, job_variant: str, fingerprint: str,
@@ -65,4 +67,5 @@ class WorkerSettings:
             loras=dict(job.loras),
             lora=job.lora,
             control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
+            curation=curation if (curation := job.curation()).active else None,
         )

@@ -22,6 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zimage_batch.curate.judge import ShardJudge
+from zimage_batch.curate.scorers import Scorers
+from zimage_batch.curate.spec import FILTERED
 from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
@@ -40,7 +43,7 @@ from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.generation import ShardGeneration, WorkerModel
 from zimage_batch.run.plan import Shard
-from zimage_batch.run.rows import expand_rows, request_for_row, row_record
+from zimage_batch.run.rows import expand_rows, images_of_row, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
 from zimage_batch.run.threads import background_pool
 from zimage_batch.storage import open_storage
@@ -70,8 +73,11 @@ class ShardRunner:
         # names; its engine draws every kind of request.
         control = settings.control
         self.controlnet = resolve_pinned(control.controlnet, control.controlnet_id) if control else None
+        # Curation (issue 27): the scorer checkpoints the job's fingerprint names, on the same device
+        self.curation = settings.curation
+        self.curated = self.curation.metadata_columns() if self.curation else None
         self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
-            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None))
+            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, curated=self.curated))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -82,6 +88,7 @@ class ShardRunner:
             adapters=adapters,
             **({"controlnet_path": self.controlnet.path} if self.controlnet else {}),
         )
+        self.scorers = Scorers(self.curation, device) if self.curation else None
         # Each batch is sized from its own shape (rows x pixels) against the device's memory,
         # measured once with the model loaded; warm-up runs on a shape the job will run.
         self.batch_sizes = BatchSizer.measure(settings.batch_size, device, self.engine.low_vram)
@@ -157,7 +164,9 @@ class ShardRunner:
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
         try:
-            generation = ShardGeneration(self.model, images, requests, writer, base)
+            judge = ShardJudge(self.curation, self.scorers, images, [images_of_row(row, self.settings) for row in images]
+                               ) if self.scorers else None
+            generation = ShardGeneration(self.model, images, requests, writer, base, judge)
             outcomes = generation.run()
             writer.close()
             records = [row_record(row, request, self.settings) | outcome
@@ -165,16 +174,17 @@ class ShardRunner:
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
             metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
                                       lora=bool(self.settings.loras), control=self.controlnet is not None,
-                                      image_index=self.image_index)
+                                      image_index=self.image_index, curated=self.curated)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
             self._give_up(marker)
             raise
         ok = sum(1 for o in outcomes if o["status"] == "ok")
+        filtered = sum(1 for o in outcomes if o["status"] == FILTERED)
         errors = tuple(o["error"] for o in outcomes if o["error"])[:MAX_MARKER_ERRORS]
-        marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok, errors=errors, finished=time.time(),
-                          busy_s=generation.busy_s)
+        marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok - filtered, filtered=filtered, errors=errors,
+                                     finished=time.time(), busy_s=generation.busy_s)
         _inject_fault(FAIL_BEFORE_COMMIT_ENV, shard.name)
         try:
             check_fence(self.storage, self.settings.run)  # a run that lost OUTPUT's lease commits nothing
