@@ -24,7 +24,9 @@ EARLIER_RECORD = {
     "job": {"address": None, "attention_backend": None, "batch_size": None, "canny_high": 200.0, "canny_low": 100.0,
             "cfg_normalization": 0.0, "cfg_truncation": 1.0, "compile": False, "control": None, "control_image": None,
             "control_scale": 0.75, "controlnet": None, "controlnet_id": None, "device": None, "format": "webdataset",
-            "gpu_seconds_per_image": None, "grace_period": 60.0, "guidance_scale": None, "height": 768,
+            "gpu_seconds_per_image": None, "grace_period": 60.0, "lease_ttl": 120.0, "lease_renew_interval": 20.0,
+            "wait": False, "scores": [], "scorers": {}, "keep": None, "max_tries": 1, "embeddings": False,
+            "dedup_within_row": None, "scorer_ids": {}, "guidance_scale": None, "height": 768,
             "image_format": "jpeg", "lora": None, "loras": {}, "low_vram": "auto",
             "manifest": "/data/prompts", "max_attempts": 3, "max_source_pixels": 64000000, "model": "tiny:base",
             "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": None,
@@ -35,7 +37,8 @@ EARLIER_RECORD = {
     "model_draws_noise": False,
     "output_fields": ["model", "variant", "models", "format", "image_format", "quality", "seed", "width", "height",
                       "num_inference_steps", "guidance_scale", "negative_prompt", "cfg_truncation",
-                      "cfg_normalization", "strength", "lora", "loras", "num_images"],
+                      "cfg_normalization", "strength", "lora", "loras", "num_images",
+                      "scores", "scorer_ids", "keep", "max_tries", "embeddings", "dedup_within_row"],
 }
 
 

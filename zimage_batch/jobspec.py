@@ -190,13 +190,7 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("lease_ttl", "lease_renew_interval"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise JobError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.lease_renew_interval >= self.lease_ttl:
-            raise JobError(f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than "
-                           f"lease_ttl ({self.lease_ttl:g} s), or the lease expires between renewals")
+        _check_lease_settings(self.lease_ttl, self.lease_renew_interval)
         if not 0 <= self.seed < 2**63:
             raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.max_source_pixels < 1:
@@ -287,6 +281,15 @@ class JobSpec:
             "strength": self.strength,
             "num_images": self.num_images,
         }
+
+
+def _check_lease_settings(ttl: float, renew_interval: float) -> None:
+    for name, value in (("lease_ttl", ttl), ("lease_renew_interval", renew_interval)):
+        if not (math.isfinite(value) and value > 0):
+            raise JobError(f"{name} must be a positive number of seconds, got {value!r}")
+    if renew_interval >= ttl:
+        raise JobError(f"lease_renew_interval ({renew_interval:g} s) must be shorter than "
+                       f"lease_ttl ({ttl:g} s), or the lease expires between renewals")
 
 
 def redact_env_vars(settings: dict[str, Any], mark: str = "<set>") -> dict[str, Any]:
