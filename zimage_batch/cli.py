@@ -226,20 +226,27 @@ def repair_command(output: str, wait: bool) -> None:
 
 
 @main.command()
-@click.argument("manifest")
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default="turbo", show_default=True)
+@click.argument("manifest", required=False)
+@click.option("--job", "job_file", type=click.Path(dir_okay=False), help="A job file: its manifest or template")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), help="Variant of the model (default: the job's, or turbo)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
-def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
-    """Check MANIFEST (schema and every value) without a model or a GPU."""
+def validate(manifest: str | None, job_file: str | None, variant: str | None, settings: tuple[str, ...]) -> None:
+    """Check MANIFEST (schema and every value), or a job file's manifest or template, without a
+    model or a GPU."""
     from zimage_batch.run.estimate import count_images, estimate
     from zimage_batch.run.preflight import check_manifest
 
     try:
-        job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
-        m, _ = check_manifest(job)
+        overrides = {"manifest": manifest, "output": "-", "variant": variant or (None if job_file else "turbo")}
+        job = load_job(job_file, overrides, list(settings))
+        m, resolved = check_manifest(job)
     except USER_ERRORS as exc:
         _fail(exc)
-    click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
+    if resolved.template is not None:
+        click.echo(f"ok: {m.num_rows} rows expanded from template {resolved.template.name!r} "
+                   f"({resolved.template.describe()}) in {len(m.files)} part(s)")
+    else:
+        click.echo(f"ok: {m.num_rows} rows in {len(m.files)} file(s), {m.kind} manifest")
     images, _ = count_images(m, job.num_images)
     click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 

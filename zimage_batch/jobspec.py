@@ -63,6 +63,13 @@ class JobSpec:
     canny_high: float = 200.0
     controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
     num_images: int = 1  # images per row (a row's `num_images` overrides it); image k uses seed + k
+    # Prompt templates (inputs/templates.py): the rows of a job without a manifest. Like a
+    # manifest, they are not in the fingerprint: committed rows are checked by their digest.
+    template: str | None = None  # a prompt with {slot} placeholders
+    template_name: str = "template"  # the id prefix of its rows
+    slots: dict[str, Any] = field(default_factory=dict)  # slot -> [values] | a text file, one value a line
+    expand: str = "product"  # product | sample
+    samples: int | None = None  # expand: sample: combinations drawn with the job seed
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -139,8 +146,12 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if not self.manifest:
-            raise JobError("no manifest: give --manifest or 'manifest:' in the job file")
+        if self.manifest and self.template:
+            raise JobError("a job takes a manifest or a template, not both")
+        if not self.manifest and not self.template:
+            raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
+        if not isinstance(self.slots, dict) or (self.slots and not self.template):
+            raise JobError("slots maps slot names to values (a list, or a text file) for a 'template:'")
         if not self.output:
             raise JobError("no output: give --output or 'output:' in the job file")
         if self.format not in FORMATS:
@@ -302,6 +313,10 @@ def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
             continue
         if name in ("manifest", "output", "control_image") or value.startswith(("./", "../")):  # else maybe a hub id
             values[name] = os.path.normpath(os.path.join(base, value))
+    slots = values.get("slots")
+    if isinstance(slots, dict):  # slot files beside the job file
+        values["slots"] = {k: os.path.normpath(os.path.join(base, v)) if isinstance(v, str) and "://" not in v
+                           and not os.path.isabs(v) else v for k, v in slots.items()}
     loras = values.get("loras")
     if isinstance(loras, dict):  # adapter files: ./ ../ or a path that exists beside the job file (else a hub file)
         values["loras"] = {k: _beside(base, v) for k, v in loras.items()}
@@ -338,7 +353,9 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
             raise JobError(f"--set takes key=value, got {setting!r}")
         key = key.strip().removeprefix("defaults.")
         value = yaml.safe_load(raw) if raw else None
-        if key.startswith(("models.", "loras.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
+        if key.startswith("slots."):  # --set slots.style=[a,b] or --set slots.style=FILE
+            values["slots"] = {**(values.get("slots") or {}), key.split(".", 1)[1]: value}
+        elif key.startswith(("models.", "loras.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
             mapping, name = key.split(".", 1)
             values[mapping] = {**(values.get(mapping) or {}), name: raw}
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
+from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
@@ -49,6 +50,7 @@ class ResolvedJob:
     spec: JobSpec  # a private copy: never mutated once resolved
     fingerprint: str
     defaults: dict[str, dict[str, Any]]  # variant -> the values rows that leave a column empty get
+    template: TemplateSpec | None = None  # a job without a manifest: its template, slot values loaded
 
     @property
     def variant(self) -> str:
@@ -65,7 +67,8 @@ class ResolvedJob:
         spec = self.spec
         for_workers = dataclasses.replace(spec, model=_local_model_folder(spec.model),
                                           models={k: _local_model_folder(v) for k, v in spec.models.items()})
-        return WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
+        settings = WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
+        return dataclasses.replace(settings, template=self.template)
 
 
 def resolve(job: JobSpec, variants: Iterable[str] = ()) -> ResolvedJob:
@@ -120,8 +123,13 @@ def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:
 def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
     """The job's defaults and every manifest row, checked without a model (what `validate` runs);
     returns the manifest and the job resolved for the variants its rows run on."""
-    manifest = open_manifest(job.manifest)
     resolved = resolve(job)
+    if job.template:
+        template = load_template(resolved.spec)
+        manifest: Manifest = TemplateManifest(template)
+        resolved = dataclasses.replace(resolved, template=template)
+    else:
+        manifest = open_manifest(job.manifest)  # type: ignore[arg-type] - validate() requires one
     d = resolved.defaults[resolved.variant]
     check_defaults(resolved.variant, d)
     spec = resolved.spec
@@ -132,6 +140,14 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
                     control_image=spec.control_image, default_num_images=d["num_images"])
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
+
+
+def load_template(spec: JobSpec) -> TemplateSpec:
+    """The job's template with its slots' values (lists, or text files read here, on the driver:
+    the values travel to the workers in their settings)."""
+    slots = {name: read_slot_file(name, values) if isinstance(values, str) else values
+             for name, values in spec.slots.items()}
+    return make_template(spec.template_name, spec.template or "", slots, spec.expand, spec.samples, spec.seed)
 
 
 def check_defaults(variant: str, defaults: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_batch.inputs.control import ControlJob
+from zimage_batch.inputs.templates import TemplateSpec
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
 from zimage_batch.model.variants import get_variant
@@ -37,6 +38,7 @@ class WorkerSettings:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
+    template: TemplateSpec | None = None  # the rows of a job without a manifest (inputs/templates.py)
     run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
 
     @classmethod

@@ -27,6 +27,7 @@ from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.templates import TemplateManifest
 from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
@@ -57,7 +58,7 @@ class ShardRunner:
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
-        self.manifest = open_manifest(settings.manifest)
+        self.manifest = TemplateManifest(settings.template) if settings.template else open_manifest(settings.manifest)
         self.files = {f.name: f for f in self.manifest.files}
         self.edit = self.manifest.kind == "edit"  # the edit path draws edit requests too
         self.image_index = self.manifest.uses_num_images(settings.defaults.get("num_images", 1))
