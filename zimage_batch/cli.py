@@ -263,13 +263,21 @@ def validate(manifest: str | None, job_file: str | None, variant: str | None, se
 @click.option("--controlnet", "controlnet", type=click.Choice(["1.0", "2.0", "2.1"]),
               help="Write a tiny ControlNet Union of this version instead (matching the tiny models): "
                    "one .safetensors file when DIRECTORY ends in .safetensors, else a diffusers folder")
+@click.option("--prompt-model", is_flag=True,
+              help="Write a tiny random causal LM (Qwen3 layout, chat template) for prompt_expansion instead")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None) -> None:
+                            controlnet: str | None, prompt_model: bool) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
                          "(e.g. aws s3 sync DIR s3://...), and --model takes the s3:// folder"))
     _quiet_libraries(load=True)
+    if prompt_model:
+        from zimage_batch.model.prompt_model import make_tiny_prompt_model
+
+        click.echo(f"tiny prompt-expansion model (random: it writes noise) written to "
+                   f"{make_tiny_prompt_model(directory, seed)}")
+        return
     from zimage_batch.inputs.lora_spec import LoraSpecError, check_adapter_name
     from zimage_batch.model.tiny import make_tiny_model
     from zimage_batch.model.tiny_adapters import make_tiny_adapter

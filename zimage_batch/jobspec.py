@@ -70,6 +70,12 @@ class JobSpec:
     slots: dict[str, Any] = field(default_factory=dict)  # slot -> [values] | a text file, one value a line
     expand: str = "product"  # product | sample
     samples: int | None = None  # expand: sample: combinations drawn with the job seed
+    # Prompt expansion (generate/expansion.py): a causal LM rewrites each prompt on the workers
+    prompt_expansion: str | None = None  # its source: a local, s3:// or hub folder of a transformers causal LM
+    prompt_expansion_id: str | None = None  # resolved by the run (sha256, S3 cache entry or hub commit)
+    prompt_expansion_instructions: str | None = None  # the system prompt (None: the default, written for Z-Image)
+    max_new_tokens: int = 256  # the most tokens an expansion adds
+    caption: str = "expanded"  # expanded | original: the caption (WebDataset .txt) of an expanded row
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -121,11 +127,15 @@ class JobSpec:
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-    RESOLVED_FIELDS = ("controlnet_id",)  # worked out by the run, never a setting
+    # With prompt expansion these decide the prompts (and so the pixels); without, left out. The
+    # model's identity, not its source, and the instructions as resolved (the default's text too).
+    EXPANSION_FIELDS = ("prompt_expansion_id", "prompt_expansion_instructions", "max_new_tokens", "caption")
+    RESOLVED_FIELDS = ("controlnet_id", "prompt_expansion_id")  # worked out by the run, never a setting
 
     def output_fields(self) -> tuple[str, ...]:
         """The fields the fingerprint covers for this job."""
-        return self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
+        return (self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
+                + (self.EXPANSION_FIELDS if self.prompt_expansion else ()))
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
@@ -196,6 +206,12 @@ class JobSpec:
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
         self._validate_control()
+        if self.caption not in ("expanded", "original"):
+            raise JobError(f"caption must be expanded or original, got {self.caption!r}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise JobError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
+        if self.prompt_expansion is not None and not str(self.prompt_expansion).strip():
+            raise JobError("prompt_expansion needs a source (a causal LM folder: local, s3:// or a hub id)")
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
@@ -307,7 +323,7 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false"
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
-    for name in ("manifest", "output", "model", "controlnet", "control_image"):
+    for name in ("manifest", "output", "model", "controlnet", "control_image", "prompt_expansion"):
         value = values.get(name)
         if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
             continue

@@ -391,8 +391,9 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
 
 
 def _caption(meta: dict) -> bytes:
-    """The ``<key>.txt`` member: the prompt, UTF-8 (empty when a sample has none)."""
-    prompt = meta.get("prompt")
+    """The ``<key>.txt`` member: the prompt (or the sample's `caption`, when it has one), UTF-8
+    (empty when a sample has neither)."""
+    prompt = meta.get("caption", meta.get("prompt"))
     return b"" if prompt is None else str(prompt).encode("utf-8")
 
 

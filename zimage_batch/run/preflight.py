@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from zimage_batch.generate.expansion import DEFAULT_INSTRUCTIONS
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
 from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
@@ -20,6 +21,7 @@ from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
 from zimage_batch.model.controlnet import check_controlnet_fits
+from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
@@ -66,7 +68,8 @@ class ResolvedJob:
         for workers that run in another folder), its fingerprint and the variant's defaults."""
         spec = self.spec
         for_workers = dataclasses.replace(spec, model=_local_model_folder(spec.model),
-                                          models={k: _local_model_folder(v) for k, v in spec.models.items()})
+                                          models={k: _local_model_folder(v) for k, v in spec.models.items()},
+                                          prompt_expansion=spec.prompt_expansion and _local_model_folder(spec.prompt_expansion))
         settings = WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
         return dataclasses.replace(settings, template=self.template)
 
@@ -107,7 +110,20 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Pre
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
+    if spec.prompt_expansion:
+        resolved = with_prompt_expansion(resolved)
     return Prepared(manifest, resolved, model)
+
+
+def with_prompt_expansion(job: ResolvedJob) -> ResolvedJob:
+    """The expansion model fetched and checked (a causal LM, safetensors, no remote code) before
+    any worker starts; the job with its identity and its instructions as they will be used (the
+    default's text too), which the fingerprint covers."""
+    spec = job.spec
+    addon = resolve_prompt_model(spec.prompt_expansion)  # type: ignore[arg-type] - set by the caller's check
+    spec = dataclasses.replace(spec, prompt_expansion_id=addon.identity,
+                               prompt_expansion_instructions=spec.prompt_expansion_instructions or DEFAULT_INSTRUCTIONS)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
 def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:
@@ -136,6 +152,9 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
     if manifest.kind == "prompt" and spec.control not in (None, "none"):
         raise JobError(f"control: {spec.control} derives each row's condition from its source image, and "
                        f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
+    if spec.prompt_expansion and "prompt_original" in manifest.schema.names:
+        raise JobError(f"{manifest.uri}: column 'prompt_original' is the metadata column of the prompt before "
+                       "expansion (prompt_expansion); rename it to keep it")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
                     control_image=spec.control_image, default_num_images=d["num_images"])
