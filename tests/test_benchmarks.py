@@ -113,3 +113,9 @@ def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
     free["bytes"] = 4 * 2**30  # a 16 GB card with the transformer loaded
     assert default_batch_size(1024, 1024, "cuda") == 1
     assert default_batch_size(1024, 1024, "cuda", low_vram=True) == 6  # (4 - 2.5) GiB / 0.25 GiB a row
+
+
+def test_prompts_benchmark_prints_both_figures():
+    out = _run("benchmarks/prompts.py", "--rows", "2", "--new-tokens", "4", "--steps", "2")
+    assert re.search(r"expansion is \d+% of the worker's model time", out)
+    assert re.search(r"expansion is [\d.]+% of the FLOPs", out) and "bandwidth floor" in out

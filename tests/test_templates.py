@@ -4,6 +4,7 @@ slot values that only add rows (and leave committed shards alone), refusals in o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -142,3 +143,14 @@ def test_two_nightly_runs_appended_slot_values_only_add_rows(tmp_path, ray_local
     fox = next(r for r in rows if r["concept"] == "fox" and r["style"] == "pencil")
     assert fox["prompt"] == "a fox in the style of pencil" and fox["id"] == row_id("night", {"concept": "fox",
                                                                                               "style": "pencil"})
+
+
+def test_the_readme_recipe_validates_as_it_says():
+    """jobs/concepts-x-styles.yaml: 20 concepts x 30 styles x 4 seeds, expanded, as a WebDataset."""
+    recipe = str(Path(__file__).resolve().parents[1] / "jobs" / "concepts-x-styles.yaml")
+    result = cli_in_process("validate", "--job", recipe)
+    assert result.returncode == 0, result.stderr
+    assert "ok: 600 rows expanded from template 'concepts' (20 concept x 30 style, product) in 20 part(s)" in result.stdout
+    assert "cost: 600 rows, 2,400 images" in result.stdout
+    job = load_job(recipe, {}, [])
+    assert job.format == "webdataset" and job.prompt_expansion == "Qwen/Qwen3-4B-Instruct-2507"
