@@ -73,10 +73,9 @@ def measured_share(args) -> None:
 
 
 def full_size_flops(args) -> None:
+    import gpu
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    import gpu
 
     with torch.device("meta"):
         lm = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
