@@ -140,3 +140,14 @@ def test_run_refuses_a_model_that_is_not_a_causal_lm_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: prompt_expansion {zimage} is not a transformers model folder (no readable config.json)"]
     assert not (tmp_path / "out" / "job.json").exists()
+
+
+def test_an_edit_manifest_is_refused_with_expansion(tmp_path, tiny_lm):
+    from zimage_batch.jobspec import JobError
+    from zimage_batch.run.preflight import check_manifest
+
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["make the sky red"], "source": ["a.png"]}), tmp_path / "e.parquet")
+    job = load_job(None, {"manifest": str(tmp_path / "e.parquet"), "output": str(tmp_path / "o"),
+                          "model": "tiny:omni"}, [f"prompt_expansion={tiny_lm}"])
+    with pytest.raises(JobError, match="is an edit manifest"):
+        check_manifest(job)

@@ -108,11 +108,11 @@ def test_a_template_and_a_manifest_together_are_refused(tmp_path):
         load_job(None, {"output": "o", "manifest": "m.parquet"}, ["template=a {x}", "slots.x=[a]"])
 
 
-def _job_file(tmp_path, concepts: list[str], styles: list[str]) -> str:
+def _job_file(tmp_path, concepts: list[str], styles: list[str], **more) -> str:
     (tmp_path / "styles.txt").write_text("\n".join(styles) + "\n")
     job = {"output": str(tmp_path / "out"), "model": "tiny:turbo", "template": TEXT, "template_name": "night",
            "slots": {"concept": concepts, "style": "styles.txt"}, "num_inference_steps": 2, "shard_size": 10,
-           "report": False, "workers": 1}
+           "report": False, "workers": 1, **more}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return str(path)
@@ -127,11 +127,15 @@ def test_validate_prints_the_expanded_count_and_the_cost_line(tmp_path):
 
 
 def test_two_nightly_runs_appended_slot_values_only_add_rows(tmp_path, ray_local):
-    first = cli_in_process("run", _job_file(tmp_path, ["cat", "dog"], ["oil", "ink"]))
+    """With each prompt expanded by a (tiny) LM on the workers, as the README's recipe does."""
+    from zimage_batch.model.prompt_model import make_tiny_prompt_model
+
+    lm = {"prompt_expansion": make_tiny_prompt_model(str(tmp_path / "lm")), "max_new_tokens": 6}
+    first = cli_in_process("run", _job_file(tmp_path, ["cat", "dog"], ["oil", "ink"], **lm))
     assert first.returncode == 0, first.stderr[-2000:]
     commits = {p.name: p.read_bytes() for p in (tmp_path / "out" / "_commits").glob("*.json")}
     assert len(commits) == 2
-    second = cli_in_process("run", _job_file(tmp_path, ["cat", "dog", "fox"], ["oil", "ink", "pencil"]))
+    second = cli_in_process("run", _job_file(tmp_path, ["cat", "dog", "fox"], ["oil", "ink", "pencil"], **lm))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "2 shards already committed, 3 to run" in second.stdout
     for name, data in commits.items():  # committed shards untouched
@@ -141,8 +145,8 @@ def test_two_nightly_runs_appended_slot_values_only_add_rows(tmp_path, ray_local
     ids = [r["id"] for part in _rows(manifest).values() for r in part]
     rows = check_exactly_once(str(tmp_path / "out"), ids)
     fox = next(r for r in rows if r["concept"] == "fox" and r["style"] == "pencil")
-    assert fox["prompt"] == "a fox in the style of pencil" and fox["id"] == row_id("night", {"concept": "fox",
-                                                                                              "style": "pencil"})
+    assert fox["prompt_original"] == "a fox in the style of pencil" and fox["prompt"] != fox["prompt_original"]
+    assert fox["id"] == row_id("night", {"concept": "fox", "style": "pencil"})
 
 
 def test_the_readme_recipe_validates_as_it_says():

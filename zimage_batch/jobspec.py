@@ -162,6 +162,8 @@ class JobSpec:
             raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
         if not isinstance(self.slots, dict) or (self.slots and not self.template):
             raise JobError("slots maps slot names to values (a list, or a text file) for a 'template:'")
+        if self.template and not self.template_name.strip():
+            raise JobError("template_name (the id prefix of the template's rows) must not be empty")
         if not self.output:
             raise JobError("no output: give --output or 'output:' in the job file")
         if self.format not in FORMATS:

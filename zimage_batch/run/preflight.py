@@ -152,6 +152,9 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
     if manifest.kind == "prompt" and spec.control not in (None, "none"):
         raise JobError(f"control: {spec.control} derives each row's condition from its source image, and "
                        f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
+    if spec.prompt_expansion and manifest.kind == "edit":
+        raise JobError(f"prompt_expansion rewrites text-to-image prompts, and {spec.manifest} is an edit manifest "
+                       "(its prompts are edit instructions); run expansion on prompt manifests only")
     if spec.prompt_expansion and "prompt_original" in manifest.schema.names:
         raise JobError(f"{manifest.uri}: column 'prompt_original' is the metadata column of the prompt before "
                        "expansion (prompt_expansion); rename it to keep it")
