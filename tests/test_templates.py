@@ -127,10 +127,8 @@ def test_validate_prints_the_expanded_count_and_the_cost_line(tmp_path):
 
 
 def test_two_nightly_runs_appended_slot_values_only_add_rows(tmp_path, ray_local):
-    """With each prompt expanded by a (tiny) LM on the workers, as the README's recipe does."""
-    from zimage_batch.model.prompt_model import make_tiny_prompt_model
-
-    lm = {"prompt_expansion": make_tiny_prompt_model(str(tmp_path / "lm")), "max_new_tokens": 6}
+    """With each prompt expanded by the tiny LM (tiny:prompt) on the workers, as the README's recipe does."""
+    lm = {"prompt_expansion": "tiny:prompt", "max_new_tokens": 6}
     first = cli_in_process("run", _job_file(tmp_path, ["cat", "dog"], ["oil", "ink"], **lm))
     assert first.returncode == 0, first.stderr[-2000:]
     commits = {p.name: p.read_bytes() for p in (tmp_path / "out" / "_commits").glob("*.json")}

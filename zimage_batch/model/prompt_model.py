@@ -21,8 +21,16 @@ WHAT = "prompt_expansion"
 DEFAULT_PROMPT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
 
+TINY_SOURCE = "tiny:prompt"  # the tiny random LM, built once into the cache (tests and demos)
+TINY_PROMPT_VERSION = "v1"  # bump when the tiny LM changes, so stale caches are rebuilt
+
+
 def resolve_prompt_model(source: str, identity: str | None = None) -> ResolvedAddon:
     """Fetch and check the expansion model; with `identity` (on a worker), the very weights the job names."""
+    if source.startswith("tiny:"):
+        if source != TINY_SOURCE:
+            raise ModelSourceError(f"{WHAT} {source}: the tiny prompt model is {TINY_SOURCE}")
+        return ResolvedAddon(source, str(_tiny_prompt_model()), f"{TINY_SOURCE}-{TINY_PROMPT_VERSION}")
     addon = resolve_pinned(source, identity, WHAT) if identity else resolve_addon(source, WHAT)
     check_causal_lm(Path(addon.path), source)
     return addon
@@ -60,6 +68,30 @@ def _has_chat_template(path: Path) -> bool:
         return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
     except (OSError, ValueError):
         return False
+
+
+def _tiny_prompt_model() -> Path:
+    """tiny:prompt: built into a temporary folder beside its place, then renamed into it (another
+    process building it at the same time leaves the same folder)."""
+    import os
+    import shutil
+    import tempfile
+
+    from zimage_batch.model.sources import cache_root
+
+    path = cache_root() / "tiny" / f"prompt-lm-{TINY_PROMPT_VERSION}"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        building = tempfile.mkdtemp(prefix=".prompt-lm-", dir=path.parent)
+        try:
+            make_tiny_prompt_model(building)
+            os.rename(building, path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return path
 
 
 def make_tiny_prompt_model(directory: str, seed: int = 0) -> str:
