@@ -160,10 +160,6 @@ class JobSpec:
             raise JobError("a job takes a manifest or a template, not both")
         if not self.manifest and not self.template:
             raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
-        if not isinstance(self.slots, dict) or (self.slots and not self.template):
-            raise JobError("slots maps slot names to values (a list, or a text file) for a 'template:'")
-        if self.template and not self.template_name.strip():
-            raise JobError("template_name (the id prefix of the template's rows) must not be empty")
         if not self.output:
             raise JobError("no output: give --output or 'output:' in the job file")
         if self.format not in FORMATS:
@@ -208,12 +204,7 @@ class JobSpec:
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
         self._validate_control()
-        if self.caption not in ("expanded", "original"):
-            raise JobError(f"caption must be expanded or original, got {self.caption!r}")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise JobError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
-        if self.prompt_expansion is not None and not str(self.prompt_expansion).strip():
-            raise JobError("prompt_expansion needs a source (a causal LM folder: local, s3:// or a hub id)")
+        _check_prompt_settings(self)
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
@@ -281,6 +272,20 @@ class JobSpec:
             "strength": self.strength,
             "num_images": self.num_images,
         }
+
+
+def _check_prompt_settings(job: JobSpec) -> None:
+    """The template's and prompt expansion's settings (inputs/templates.py checks the template itself)."""
+    if not isinstance(job.slots, dict) or (job.slots and not job.template):
+        raise JobError("slots maps slot names to values (a list, or a text file) for a 'template:'")
+    if job.template and not job.template_name.strip():
+        raise JobError("template_name (the id prefix of the template's rows) must not be empty")
+    if job.caption not in ("expanded", "original"):
+        raise JobError(f"caption must be expanded or original, got {job.caption!r}")
+    if not 1 <= job.max_new_tokens <= 4096:
+        raise JobError(f"max_new_tokens must be in 1..4096, got {job.max_new_tokens}")
+    if job.prompt_expansion is not None and not str(job.prompt_expansion).strip():
+        raise JobError("prompt_expansion needs a source (a causal LM folder: local, s3://, a hub id or tiny:prompt)")
 
 
 def redact_env_vars(settings: dict[str, Any], mark: str = "<set>") -> dict[str, Any]:
