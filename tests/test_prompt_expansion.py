@@ -87,7 +87,8 @@ def test_a_shard_that_failed_before_its_commit_expands_identically_when_it_runs_
     with tarfile.open(tmp_path / "out" / "shards" / f"{shard.name}.tar") as tar:
         caption = tar.extractfile(f"{sample_key('r1')}.txt").read().decode()
         sample = json.load(io.BytesIO(tar.extractfile(f"{sample_key('r1')}.json").read()))
-    assert caption == PROMPTS[1] and sample["prompt"] == expanded[PROMPTS[1]]  # caption: original
+    assert caption == PROMPTS[1]  # caption: original
+    assert sample["prompt"] == expanded[PROMPTS[1]] and sample["prompt_original"] == PROMPTS[1]
 
 
 def test_a_changed_model_or_instructions_is_another_job(tmp_path, tiny_lm):

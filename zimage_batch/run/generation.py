@@ -215,8 +215,6 @@ class ShardGeneration:
         meta = row_record(row, self.requests[i], self.settings) | {"sha256": digest, "duration_ms": duration_ms}
         meta |= self.lineage.get(i) or {}
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
-        if self.settings.caption == "original" and "prompt_original" in row:  # the caption: the prompt before expansion
-            meta["caption"] = row["prompt_original"]
         location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
 

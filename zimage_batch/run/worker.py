@@ -164,6 +164,8 @@ class ShardRunner:
         staged = self.storage.child(marker.staging.prefix)
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
+        if self.expanded and self.settings.caption == "original":
+            writer.caption_field = "prompt_original"  # the caption: the prompt before expansion
         try:
             generation = ShardGeneration(self.model, images, requests, writer, base)
             outcomes = generation.run()
