@@ -156,3 +156,12 @@ def test_the_readme_recipe_validates_as_it_says():
     assert "cost: 600 rows, 2,400 images" in result.stdout
     job = load_job(recipe, {}, [])
     assert job.format == "webdataset" and job.prompt_expansion == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+def test_run_refuses_a_bad_template_in_one_line_before_writing(tmp_path):
+    result = cli_in_process("run", "--output", str(tmp_path / "out"), "--model", "tiny:turbo",
+                            "--set", "template=a {animal} at dusk", "--set", "slots.concept=[cat]")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: template names slot(s) animal that 'slots' does not declare (declared: concept)"]
+    assert not (tmp_path / "out" / "job.json").exists()
