@@ -176,7 +176,7 @@ def _score(seed: int, identifier: str) -> bytes:
 class TemplateManifest(Manifest):
     """The rows of a template's expansion, read like a Parquet manifest (see the module's docstring)."""
 
-    def __init__(self, template: TemplateSpec) -> None:  # noqa: D107 - no Parquet to list
+    def __init__(self, template: TemplateSpec) -> None:  # nothing to list: the files are computed
         self.template = template
         self.uri = f"template:{template.name}"
         self.fs = None
