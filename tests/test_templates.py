@@ -103,6 +103,13 @@ def test_bad_templates_are_refused_in_one_line(tmp_path, settings, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_set_takes_a_template_as_written():
+    job = load_job(None, {"output": "o"}, ["template={concept}, {style}", "slots.concept=[cat]", "slots.style=[ink]"])
+    assert job.template == "{concept}, {style}"
+    with pytest.raises(JobError, match="--set width: cannot read"):
+        load_job(None, {"output": "o", "manifest": "m"}, ["width={a"])
+
+
 def test_a_template_and_a_manifest_together_are_refused(tmp_path):
     with pytest.raises(JobError, match="a manifest or a template, not both"):
         load_job(None, {"output": "o", "manifest": "m.parquet"}, ["template=a {x}", "slots.x=[a]"])

@@ -352,6 +352,17 @@ def _beside(base: str, value: Any) -> Any:
     return path if value.startswith(("./", "../")) or os.path.exists(path) else value
 
 
+# Settings whose --set value is the text as written ("{concept}, {style}" is not YAML's mapping)
+TEXT_SETTINGS = ("template", "template_name", "prompt_expansion_instructions")
+
+
+def _yaml_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise JobError(f"--set {key}: cannot read {raw!r} ({str(exc).splitlines()[0]}); quote it as YAML") from None
+
+
 def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str]) -> JobSpec:
     """Job file, then flags, then `--set key=value` pairs; later wins."""
     values: dict[str, Any] = {}
@@ -375,7 +386,7 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
         if not sep:
             raise JobError(f"--set takes key=value, got {setting!r}")
         key = key.strip().removeprefix("defaults.")
-        value = yaml.safe_load(raw) if raw else None
+        value = raw if key in TEXT_SETTINGS else _yaml_value(key, raw)
         if key.startswith("slots."):  # --set slots.style=[a,b] or --set slots.style=FILE
             values["slots"] = {**(values.get("slots") or {}), key.split(".", 1)[1]: value}
         elif key.startswith(("models.", "loras.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
