@@ -119,3 +119,9 @@ def test_curation_benchmark_prints_the_measured_and_counted_shares():
     out = _run("benchmarks/curation.py", "--rows", "2", "--batch-size", "2", "--shard-size", "2")
     assert re.search(r"scoring [\d.]+ s = [\d.]+% of model time", out), out
     assert "Z-Image-Turbo 1024x1024 image at 8 NFE (6.15B transformer" in out and "all three scores" in out, out
+
+
+def test_prompts_benchmark_prints_both_figures():
+    out = _run("benchmarks/prompts.py", "--rows", "2", "--new-tokens", "4", "--steps", "2")
+    assert re.search(r"expansion is \d+% of the worker's model time", out)
+    assert re.search(r"expansion is [\d.]+% of the FLOPs", out) and "bandwidth floor" in out

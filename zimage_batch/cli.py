@@ -231,20 +231,27 @@ def repair_command(output: str, wait: bool) -> None:
 
 
 @main.command()
-@click.argument("manifest")
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default="turbo", show_default=True)
+@click.argument("manifest", required=False)
+@click.option("--job", "job_file", type=click.Path(dir_okay=False), help="A job file: its manifest or template")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), help="Variant of the model (default: the job's, or turbo)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Job defaults, e.g. --set width=512")
-def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
-    """Check MANIFEST (schema and every value) without a model or a GPU."""
+def validate(manifest: str | None, job_file: str | None, variant: str | None, settings: tuple[str, ...]) -> None:
+    """Check MANIFEST (schema and every value), or a job file's manifest or template, without a
+    model or a GPU."""
     from zimage_batch.run.estimate import count_images, estimate
     from zimage_batch.run.preflight import check_manifest
 
     try:
-        job = load_job(None, {"manifest": manifest, "output": "-", "variant": variant}, list(settings))
-        m, _ = check_manifest(job, warn=lambda line: click.echo(line, err=True))
+        overrides = {"manifest": manifest, "output": "-", "variant": variant or (None if job_file else "turbo")}
+        job = load_job(job_file, overrides, list(settings))
+        m, resolved = check_manifest(job, warn=lambda line: click.echo(line, err=True))
     except USER_ERRORS as exc:
         _fail(exc)
-    click.echo(f"ok: {plural(m.num_rows, 'row')} in {plural(len(m.files), 'file')}, {m.kind} manifest")
+    if resolved.template is not None:
+        click.echo(f"ok: {plural(m.num_rows, 'row')} expanded from template {resolved.template.name!r} "
+                   f"({resolved.template.describe()}) in {plural(len(m.files), 'part')}")
+    else:
+        click.echo(f"ok: {plural(m.num_rows, 'row')} in {plural(len(m.files), 'file')}, {m.kind} manifest")
     images, _ = count_images(m, job.num_images)
     click.echo(estimate(m.num_rows, images, images, job.gpu_seconds_per_image).line())
 
@@ -265,13 +272,21 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
               help="Write a tiny scorer of this kind instead (for scores: tests and demos): a transformers folder "
                    "(clip, nsfw), or for aesthetic DIRECTORY/aesthetic.safetensors (or DIRECTORY itself if it ends "
                    "in .safetensors)")
+@click.option("--prompt-model", is_flag=True,
+              help="Write a tiny random causal LM (Qwen3 layout, chat template) for prompt_expansion instead")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None, scorer: str | None) -> None:
+                            controlnet: str | None, scorer: str | None, prompt_model: bool) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
                          "(e.g. aws s3 sync DIR s3://...), and --model takes the s3:// folder"))
     _quiet_libraries(load=True)
+    if prompt_model:
+        from zimage_batch.model.prompt_model import make_tiny_prompt_model
+
+        click.echo(f"tiny prompt-expansion model (random: it writes noise) written to "
+                   f"{make_tiny_prompt_model(directory, seed)}")
+        return
     from zimage_batch.inputs.lora_spec import LoraSpecError, check_adapter_name
     from zimage_batch.model.tiny import make_tiny_model
     from zimage_batch.model.tiny_adapters import make_tiny_adapter

@@ -73,6 +73,19 @@ class JobSpec:
     embeddings: bool = False  # store the CLIP image embedding (float16 list) in the metadata
     dedup_within_row: float | None = None  # redraw an image this close (cosine) to a kept one of its row
     scorer_ids: dict[str, str] = field(default_factory=dict)  # resolved by the run: each scorer's identity
+    # Prompt templates (inputs/templates.py): the rows of a job without a manifest. Like a
+    # manifest, they are not in the fingerprint: committed rows are checked by their digest.
+    template: str | None = None  # a prompt with {slot} placeholders
+    template_name: str = "template"  # the id prefix of its rows
+    slots: dict[str, Any] = field(default_factory=dict)  # slot -> [values] | a text file, one value a line
+    expand: str = "product"  # product | sample
+    samples: int | None = None  # expand: sample: combinations drawn with the job seed
+    # Prompt expansion (generate/expansion.py): a causal LM rewrites each prompt on the workers
+    prompt_expansion: str | None = None  # its source: a local, s3:// or hub folder of a transformers causal LM
+    prompt_expansion_id: str | None = None  # resolved by the run (sha256, S3 cache entry or hub commit)
+    prompt_expansion_instructions: str | None = None  # the system prompt (None: the default, written for Z-Image)
+    max_new_tokens: int = 256  # the most tokens an expansion adds
+    caption: str = "expanded"  # expanded | original: the caption (WebDataset .txt) of an expanded row
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -132,11 +145,15 @@ class JobSpec:
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-    RESOLVED_FIELDS = ("controlnet_id", "scorer_ids")  # worked out by the run, never a setting
+    # With prompt expansion these decide the prompts (and so the pixels); without, left out. The
+    # model's identity, not its source, and the instructions as resolved (the default's text too).
+    EXPANSION_FIELDS = ("prompt_expansion_id", "prompt_expansion_instructions", "max_new_tokens", "caption")
+    RESOLVED_FIELDS = ("controlnet_id", "scorer_ids", "prompt_expansion_id")  # worked out by the run, never a setting
 
     def output_fields(self) -> tuple[str, ...]:
         """The fields the fingerprint covers for this job."""
-        return self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
+        return (self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
+                + (self.EXPANSION_FIELDS if self.prompt_expansion else ()))
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
@@ -158,8 +175,10 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if not self.manifest:
-            raise JobError("no manifest: give --manifest or 'manifest:' in the job file")
+        if self.manifest and self.template:
+            raise JobError("a job takes a manifest or a template, not both")
+        if not self.manifest and not self.template:
+            raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
         if not self.output:
             raise JobError("no output: give --output or 'output:' in the job file")
         if self.format not in FORMATS:
@@ -199,6 +218,7 @@ class JobSpec:
             raise JobError("quality must be in 1..100")
         self._validate_control()
         self._validate_curation()
+        _check_prompt_settings(self)
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):
@@ -292,6 +312,20 @@ def _check_lease_settings(ttl: float, renew_interval: float) -> None:
                        f"lease_ttl ({ttl:g} s), or the lease expires between renewals")
 
 
+def _check_prompt_settings(job: JobSpec) -> None:
+    """The template's and prompt expansion's settings (inputs/templates.py checks the template itself)."""
+    if not isinstance(job.slots, dict) or (job.slots and not job.template):
+        raise JobError("slots maps slot names to values (a list, or a text file) for a 'template:'")
+    if job.template and not job.template_name.strip():
+        raise JobError("template_name (the id prefix of the template's rows) must not be empty")
+    if job.caption not in ("expanded", "original"):
+        raise JobError(f"caption must be expanded or original, got {job.caption!r}")
+    if not 1 <= job.max_new_tokens <= 4096:
+        raise JobError(f"max_new_tokens must be in 1..4096, got {job.max_new_tokens}")
+    if job.prompt_expansion is not None and not str(job.prompt_expansion).strip():
+        raise JobError("prompt_expansion needs a source (a causal LM folder: local, s3://, a hub id or tiny:prompt)")
+
+
 def redact_env_vars(settings: dict[str, Any], mark: str = "<set>") -> dict[str, Any]:
     """`settings` (a job as a dict) with the values of runtime_env.env_vars replaced by `mark`:
     only the names are shown or stored, the values may be credentials."""
@@ -334,12 +368,16 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false"
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
-    for name in ("manifest", "output", "model", "controlnet", "control_image"):
+    for name in ("manifest", "output", "model", "controlnet", "control_image", "prompt_expansion"):
         value = values.get(name)
         if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
             continue
         if name in ("manifest", "output", "control_image") or value.startswith(("./", "../")):  # else maybe a hub id
             values[name] = os.path.normpath(os.path.join(base, value))
+    slots = values.get("slots")
+    if isinstance(slots, dict):  # slot files beside the job file
+        values["slots"] = {k: os.path.normpath(os.path.join(base, v)) if isinstance(v, str) and "://" not in v
+                           and not os.path.isabs(v) else v for k, v in slots.items()}
     loras = values.get("loras")
     if isinstance(loras, dict):  # adapter files: ./ ../ or a path that exists beside the job file (else a hub file)
         values["loras"] = {k: _beside(base, v) for k, v in loras.items()}
@@ -353,6 +391,17 @@ def _beside(base: str, value: Any) -> Any:
         return value
     path = os.path.normpath(os.path.join(base, value))
     return path if value.startswith(("./", "../")) or os.path.exists(path) else value
+
+
+# Settings whose --set value is the text as written ("{concept}, {style}" is not YAML's mapping)
+TEXT_SETTINGS = ("template", "template_name", "prompt_expansion_instructions")
+
+
+def _yaml_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise JobError(f"--set {key}: cannot read {raw!r} ({str(exc).splitlines()[0]}); quote it as YAML") from None
 
 
 def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str]) -> JobSpec:
@@ -378,8 +427,10 @@ def load_job(job_file: str | None, overrides: dict[str, Any], settings: list[str
         if not sep:
             raise JobError(f"--set takes key=value, got {setting!r}")
         key = key.strip().removeprefix("defaults.")
-        value = yaml.safe_load(raw) if raw else None
-        if key.startswith(("models.", "loras.", "scorers.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
+        value = raw if key in TEXT_SETTINGS else _yaml_value(key, raw)
+        if key.startswith("slots."):  # --set slots.style=[a,b] or --set slots.style=FILE
+            values["slots"] = {**(values.get("slots") or {}), key.split(".", 1)[1]: value}
+        elif key.startswith(("models.", "loras.", "scorers.")):  # --set models.base=SOURCE, --set loras.style=SOURCE
             mapping, name = key.split(".", 1)
             values[mapping] = {**(values.get(mapping) or {}), name: raw}
         else:

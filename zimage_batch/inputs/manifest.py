@@ -97,12 +97,18 @@ RESERVED_COLUMNS = {
 
 
 def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
-                     control: bool = False, curated: dict[str, pa.DataType] | None = None) -> dict[str, pa.DataType]:
+                     control: bool = False, curated: dict[str, pa.DataType] | None = None,
+                     expanded: bool = False) -> dict[str, pa.DataType]:
     """The pipeline's own metadata columns, in order: image_index after id when the job uses
-    num_images, the edit lineage for edit manifests, `lora` in a job with adapters, the
-    ControlNet conditions in a job with a ControlNet, then a curated job's columns (scores,
-    tries, the embedding: `curate.spec.Curation.metadata_columns`)."""
+    num_images, `prompt_original` after `prompt` in a job that expands prompts, the edit lineage
+    for edit manifests, `lora` in a job with adapters, the ControlNet conditions in a job with a
+    ControlNet, then a curated job's columns (scores, tries, the embedding:
+    `curate.spec.Curation.metadata_columns`)."""
     columns = dict(METADATA_COLUMNS)
+    if expanded:
+        items = list(columns.items())
+        at = list(columns).index("prompt") + 1
+        columns = dict(items[:at] + [("prompt_original", pa.string())] + items[at:])
     if image_index:
         columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
     columns |= EDIT_METADATA_COLUMNS if edit else {}
@@ -157,9 +163,9 @@ class Manifest:
         return job_num_images != 1 or "num_images" in self.schema.names
 
     def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False,
-                        curated: dict[str, pa.DataType] | None = None) -> pa.Schema:
+                        curated: dict[str, pa.DataType] | None = None, expanded: bool = False) -> pa.Schema:
         """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
-        columns = metadata_columns(self.kind == "edit", image_index, lora, control, curated)
+        columns = metadata_columns(self.kind == "edit", image_index, lora, control, curated, expanded)
         return pa.schema(list(columns.items()) + list(self.passthrough))
 
     @property

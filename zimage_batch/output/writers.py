@@ -178,6 +178,10 @@ class ShardWriter(ABC):
     def __len__(self) -> int:
         return len(self._keys)
 
+    #: The metadata field a sample's caption (WebDataset ``<key>.txt``) holds: `prompt_original`
+    #: in a job that expands prompts with `caption: original`.
+    caption_field = "prompt"
+
     def add(self, key: str, image_bytes: bytes, meta: dict) -> str:
         """Store one sample; return the value for the metadata ``image`` column."""
         self._check_open()
@@ -390,9 +394,10 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _caption(meta: dict) -> bytes:
-    """The ``<key>.txt`` member: the prompt, UTF-8 (empty when a sample has none)."""
-    prompt = meta.get("prompt")
+def _caption(meta: dict, field: str = "prompt") -> bytes:
+    """The ``<key>.txt`` member: the prompt (or the metadata `field` the writer's `caption_field`
+    names), UTF-8 (empty when a sample has none)."""
+    prompt = meta.get(field)
     return b"" if prompt is None else str(prompt).encode("utf-8")
 
 
@@ -413,7 +418,7 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
 
     def _add(self, key: str, data: bytes, meta: dict) -> str:
         js = meta_json(meta)  # fail on bad metadata before anything is written
-        caption = _caption(meta)
+        caption = _caption(meta, self.caption_field)
         img_name = f"{key}.{self.ext}"
         self._tar.addfile(_tar_member(img_name, len(data)), io.BytesIO(data))
         self._tar.addfile(_tar_member(f"{key}.txt", len(caption)), io.BytesIO(caption))

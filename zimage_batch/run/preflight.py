@@ -15,13 +15,16 @@ from typing import Any, Callable, Iterable
 
 from zimage_batch.curate.sources import resolve_scorers
 from zimage_batch.curate.spec import CurationError
+from zimage_batch.generate.expansion import DEFAULT_INSTRUCTIONS
 from zimage_batch.inputs.columns import misspelled, typo_message
 from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
+from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
 from zimage_batch.model.controlnet import check_controlnet_fits
+from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
@@ -52,6 +55,7 @@ class ResolvedJob:
     spec: JobSpec  # a private copy: never mutated once resolved
     fingerprint: str
     defaults: dict[str, dict[str, Any]]  # variant -> the values rows that leave a column empty get
+    template: TemplateSpec | None = None  # a job without a manifest: its template, slot values loaded
 
     @property
     def variant(self) -> str:
@@ -67,8 +71,10 @@ class ResolvedJob:
         for workers that run in another folder), its fingerprint and the variant's defaults."""
         spec = self.spec
         for_workers = dataclasses.replace(spec, model=_local_model_folder(spec.model),
-                                          models={k: _local_model_folder(v) for k, v in spec.models.items()})
-        return WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
+                                          models={k: _local_model_folder(v) for k, v in spec.models.items()},
+                                          prompt_expansion=spec.prompt_expansion and _local_model_folder(spec.prompt_expansion))
+        settings = WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
+        return dataclasses.replace(settings, template=self.template)
 
 
 def resolve(job: JobSpec, variants: Iterable[str] = ()) -> ResolvedJob:
@@ -110,6 +116,8 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None,
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
+    if spec.prompt_expansion:
+        resolved = with_prompt_expansion(resolved)
     return Prepared(manifest, resolved, model)
 
 
@@ -130,6 +138,17 @@ def with_scorers(job: ResolvedJob, manifest: Manifest) -> ResolvedJob:
     return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
+def with_prompt_expansion(job: ResolvedJob) -> ResolvedJob:
+    """The expansion model fetched and checked (a causal LM, safetensors, no remote code) before
+    any worker starts; the job with its identity and its instructions as they will be used (the
+    default's text too), which the fingerprint covers."""
+    spec = job.spec
+    addon = resolve_prompt_model(spec.prompt_expansion)  # type: ignore[arg-type] - set by the caller's check
+    spec = dataclasses.replace(spec, prompt_expansion_id=addon.identity,
+                               prompt_expansion_instructions=spec.prompt_expansion_instructions or DEFAULT_INSTRUCTIONS)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
+
+
 def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:
     """The ControlNet fetched and checked against the model before any worker starts, and the
     job with its identity (`controlnet_id`), which the fingerprint covers."""
@@ -144,15 +163,26 @@ def check_manifest(job: JobSpec, warn: Callable[[str], None] | None = None) -> t
     """The job's defaults and every manifest row, checked without a model (what `validate` runs);
     returns the manifest and the job resolved for the variants its rows run on. Columns that look
     like a misspelled known one go to `warn`, or are refused with `strict_columns`."""
-    manifest = open_manifest(job.manifest)
-    check_column_names(manifest, job.strict_columns, warn)
     resolved = resolve(job)
+    if job.template:
+        template = load_template(resolved.spec)
+        manifest: Manifest = TemplateManifest(template)
+        resolved = dataclasses.replace(resolved, template=template)
+    else:
+        manifest = open_manifest(job.manifest)  # type: ignore[arg-type] - validate() requires one
+        check_column_names(manifest, job.strict_columns, warn)
     d = resolved.defaults[resolved.variant]
     check_defaults(resolved.variant, d)
     spec = resolved.spec
     if manifest.kind == "prompt" and spec.control not in (None, "none"):
         raise JobError(f"control: {spec.control} derives each row's condition from its source image, and "
                        f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
+    if spec.prompt_expansion and manifest.kind == "edit":
+        raise JobError(f"prompt_expansion rewrites text-to-image prompts, and {spec.manifest} is an edit manifest "
+                       "(its prompts are edit instructions); run expansion on prompt manifests only")
+    if spec.prompt_expansion and "prompt_original" in manifest.schema.names:
+        raise JobError(f"{manifest.uri}: column 'prompt_original' is the metadata column of the prompt before "
+                       "expansion (prompt_expansion); rename it to keep it")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
                     control_image=spec.control_image, default_num_images=d["num_images"])
@@ -168,6 +198,14 @@ def check_column_names(manifest: Manifest, strict: bool, warn: Callable[[str], N
                             "or set strict_columns=false to keep it as data")
     for column, meant in typos if warn else ():
         warn(f"warning: {typo_message(column, meant)}")
+
+
+def load_template(spec: JobSpec) -> TemplateSpec:
+    """The job's template with its slots' values (lists, or text files read here, on the driver:
+    the values travel to the workers in their settings)."""
+    slots = {name: read_slot_file(name, values) if isinstance(values, str) else values
+             for name, values in spec.slots.items()}
+    return make_template(spec.template_name, spec.template or "", slots, spec.expand, spec.samples, spec.seed)
 
 
 def check_defaults(variant: str, defaults: dict[str, Any]) -> None:

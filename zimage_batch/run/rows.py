@@ -77,6 +77,7 @@ def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) 
         "id": row["id"],
         **({"image_index": row["image_index"]} if "image_index" in row else {}),
         "prompt": request.prompt,
+        **({"prompt_original": row["prompt_original"]} if "prompt_original" in row else {}),  # before expansion
         "negative_prompt": request.negative_prompt,
         "seed": request.seed,
         "width": request.width,

@@ -7,6 +7,7 @@ from typing import Any
 
 from zimage_batch.curate.spec import Curation
 from zimage_batch.inputs.control import ControlJob
+from zimage_batch.inputs.templates import TemplateSpec
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
 from zimage_batch.model.variants import get_variant
@@ -38,6 +39,12 @@ class WorkerSettings:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
+    template: TemplateSpec | None = None  # the rows of a job without a manifest (inputs/templates.py)
+    prompt_expansion: str | None = None  # the causal LM that rewrites each prompt (generate/expansion.py)
+    prompt_expansion_id: str | None = None  # its identity, as the job's fingerprint names it
+    prompt_expansion_instructions: str | None = None
+    max_new_tokens: int = 256
+    caption: str = "expanded"  # expanded | original: what an expanded row's caption is
     run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
     curation: Curation | None = None  # scores, keep, tries, embeddings (a curated job)
 
@@ -66,6 +73,11 @@ class WorkerSettings:
             max_source_pixels=job.max_source_pixels,
             loras=dict(job.loras),
             lora=job.lora,
+            prompt_expansion=job.prompt_expansion,
+            prompt_expansion_id=job.prompt_expansion_id,
+            prompt_expansion_instructions=job.prompt_expansion_instructions,
+            max_new_tokens=job.max_new_tokens,
+            caption=job.caption,
             control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
             curation=curation if (curation := job.curation()).active else None,
         )

@@ -28,10 +28,13 @@ from zimage_batch.curate.spec import FILTERED
 from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
+from zimage_batch.generate.expansion import PromptExpander
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.templates import TemplateManifest
 from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
+from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
 from zimage_batch.output.features import sample_fields
@@ -60,7 +63,7 @@ class ShardRunner:
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
-        self.manifest = open_manifest(settings.manifest)
+        self.manifest = TemplateManifest(settings.template) if settings.template else open_manifest(settings.manifest)
         self.files = {f.name: f for f in self.manifest.files}
         self.edit = self.manifest.kind == "edit"  # the edit path draws edit requests too
         self.image_index = self.manifest.uses_num_images(settings.defaults.get("num_images", 1))
@@ -76,8 +79,10 @@ class ShardRunner:
         # Curation (issue 27): the scorer checkpoints the job's fingerprint names, on the same device
         self.curation = settings.curation
         self.curated = self.curation.metadata_columns() if self.curation else None
+        self.expanded = bool(settings.prompt_expansion)  # rows' prompts rewritten by a causal LM first
         self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
-            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, curated=self.curated))
+            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, curated=self.curated,
+            expanded=self.expanded))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -89,6 +94,8 @@ class ShardRunner:
             **({"controlnet_path": self.controlnet.path} if self.controlnet else {}),
         )
         self.scorers = Scorers(self.curation, device) if self.curation else None
+        self.expander = _load_expander(settings, device) if self.expanded else None
+        self.expansion_s = 0.0  # time spent expanding prompts (on the model thread)
         # Each batch is sized from its own shape (rows x pixels) against the device's memory,
         # measured once with the model loaded; warm-up runs on a shape the job will run.
         self.batch_sizes = BatchSizer.measure(settings.batch_size, device, self.engine.low_vram)
@@ -152,6 +159,8 @@ class ShardRunner:
             table = rows_of_variant(table, shard.variant, self.settings.job_variant)
         rows = table.to_pylist()
         images, origin = expand_rows(rows, self.settings, self.image_index)  # one entry per image to draw
+        if self.expander is not None:
+            images = self._expand_prompts(images)
         requests = [request_for_row(row, self.settings, self.engine.variant, self.edit) for row in images]
         base = posixpath.dirname(self.manifest.display_name(file))  # for relative sources
         marker = CommitMarker(
@@ -163,6 +172,8 @@ class ShardRunner:
         staged = self.storage.child(marker.staging.prefix)
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
+        if self.expanded and self.settings.caption == "original":
+            writer.caption_field = "prompt_original"  # the caption: the prompt before expansion
         try:
             judge = ShardJudge(self.curation, self.scorers, images, [images_of_row(row, self.settings) for row in images]
                                ) if self.scorers else None
@@ -174,7 +185,7 @@ class ShardRunner:
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
             metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
                                       lora=bool(self.settings.loras), control=self.controlnet is not None,
-                                      image_index=self.image_index, curated=self.curated)
+                                      image_index=self.image_index, curated=self.curated, expanded=self.expanded)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
@@ -202,6 +213,16 @@ class ShardRunner:
         metrics.rows_done(self.worker_id, ok, len(images) - ok)
         return marker
 
+    def _expand_prompts(self, rows: list[dict]) -> list[dict]:
+        """Each row with its prompt expanded and the original in `prompt_original`: the shard's
+        distinct prompts, on the model thread (before the text encoder), greedy, so that a
+        rerun of the shard draws from the same prompts. The expansions are committed in its metadata."""
+        started = time.perf_counter()
+        distinct = list(dict.fromkeys(row["prompt"] for row in rows))
+        expanded = dict(zip(distinct, self.model_thread.submit(self.expander.expand, distinct).result()))
+        self.expansion_s += time.perf_counter() - started
+        return [{**row, "prompt": expanded[row["prompt"]], "prompt_original": row["prompt"]} for row in rows]
+
     def _committed_marker(self, shard: Shard) -> CommitMarker | None:
         """The shard's marker if it is committed, its publishing finished if it was cut short."""
         marker = self.ledger.marker(shard.name, (shard.start, shard.end))
@@ -222,7 +243,14 @@ class ShardRunner:
         since = self.first_shard_started or time.time()
         wall = time.time() - since
         return {"worker": self.worker_id, "busy_s": self.engine.busy_seconds, "wall_s": wall,
+                "expansion_s": self.expansion_s,
                 "busy_fraction": min(1.0, self.engine.busy_seconds / wall) if wall else 0.0}
+
+
+def _load_expander(settings: WorkerSettings, device: str) -> PromptExpander:
+    """The job's expansion model, fetched on this node: the very weights its fingerprint names."""
+    path = resolve_prompt_model(settings.prompt_expansion or "", settings.prompt_expansion_id).path
+    return PromptExpander(path, device, settings.prompt_expansion_instructions, settings.max_new_tokens)
 
 
 # Fault injection for drills and tests: shards whose name contains one of the comma-separated
