@@ -129,7 +129,7 @@ def test_validate_prints_the_expanded_count_and_the_cost_line(tmp_path):
     result = cli_in_process("validate", "--job", _job_file(tmp_path, ["cat", "dog"], ["oil", "ink", "pencil"]),
                             "--set", "num_images=4")
     assert result.returncode == 0, result.stderr
-    assert "ok: 6 rows expanded from template 'night' (2 concept x 3 style, product) in 2 part(s)" in result.stdout
+    assert "ok: 6 rows expanded from template 'night' (2 concept x 3 style, product) in 2 parts" in result.stdout
     assert "cost: 6 rows, 24 images" in result.stdout
 
 
@@ -159,7 +159,7 @@ def test_the_readme_recipe_validates_as_it_says():
     recipe = str(Path(__file__).resolve().parents[1] / "jobs" / "concepts-x-styles.yaml")
     result = cli_in_process("validate", "--job", recipe)
     assert result.returncode == 0, result.stderr
-    assert "ok: 600 rows expanded from template 'concepts' (20 concept x 30 style, product) in 20 part(s)" in result.stdout
+    assert "ok: 600 rows expanded from template 'concepts' (20 concept x 30 style, product) in 20 parts" in result.stdout
     assert "cost: 600 rows, 2,400 images" in result.stdout
     job = load_job(recipe, {}, [])
     assert job.format == "webdataset" and job.prompt_expansion == "Qwen/Qwen3-4B-Instruct-2507"

@@ -188,7 +188,7 @@ class JobSpec:
         if not isinstance(self.models, dict) or not set(self.models) <= set(VARIANTS):
             raise JobError(f"models maps variants ({'|'.join(VARIANTS)}) to model sources, got {self.models!r}")
         self.models = {k: str(v) for k, v in self.models.items()}
-        self._validate_adapters()
+        _check_adapters(self)
         if self.variant is not None and self.variant not in VARIANTS:
             raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {self.variant!r}")
         for name in ("shard_size", "max_attempts"):
@@ -216,7 +216,7 @@ class JobSpec:
             raise JobError("max_source_pixels must be >= 1")
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
-        self._validate_control()
+        _check_control(self)
         self._validate_curation()
         _check_prompt_settings(self)
         low_vram = str(self.low_vram).lower()
@@ -224,27 +224,6 @@ class JobSpec:
         if self.low_vram not in ("on", "off", "auto"):
             raise JobError(f"low_vram must be on, off or auto, got {self.low_vram!r}")
 
-    def _validate_adapters(self) -> None:
-        """`loras` maps valid names to sources; `lora` parses, names declared adapters, and is
-        kept in canonical form ('b:1,a:0.5' and 'a:0.5,b' are one job)."""
-        if not isinstance(self.loras, dict):
-            raise JobError(f"loras maps adapter names to sources (a .safetensors file), got {self.loras!r}")
-        try:
-            for name, source in self.loras.items():
-                check_adapter_name(name)
-                if not isinstance(source, str) or not source:
-                    raise JobError(f"loras.{name} needs a source (a .safetensors file, folder, s3:// or hub file)")
-            # local files as absolute paths (workers may start elsewhere); others as written
-            self.loras = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
-                          for k, v in self.loras.items()}
-            adapters = parse_lora(self.lora)
-        except LoraSpecError as exc:
-            raise JobError(f"lora: {exc}") from None
-        missing = undeclared(adapters or (), self.loras)
-        if missing:
-            raise JobError(f"lora names adapters the job does not declare ({', '.join(missing)}); "
-                           f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
-        self.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
     def _validate_curation(self) -> None:
         """Scores known, keep safe and naming computed scores, max_tries >= 1; scores kept in a
         fixed order and local scorer sources as absolute paths."""
@@ -259,25 +238,6 @@ class JobSpec:
     def curation(self) -> Curation:
         """The job's curation settings, with the scorers' identities once the run resolved them."""
         return dataclasses.replace(curation_of(self.to_dict()), ids=dict(self.scorer_ids))
-
-    def _validate_control(self) -> None:
-        # Local paths as absolute ones: workers (on this machine) may run in another folder.
-        if self.control_image and "://" not in self.control_image:
-            self.control_image = os.path.abspath(os.path.expanduser(self.control_image))
-        if self.controlnet and "://" not in self.controlnet and os.path.exists(os.path.expanduser(self.controlnet)):
-            self.controlnet = os.path.abspath(os.path.expanduser(self.controlnet))  # not a hub id
-        if self.control is not None and self.control not in ("canny", "tile", "none"):
-            raise JobError(f"control must be canny, tile or none, got {self.control!r}")
-        if not self.controlnet and (self.control_image or self.control not in (None, "none")):
-            raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
-        if self.control_image and self.control not in (None, "none"):
-            raise JobError("control_image and control both name the rows' condition; set one of them")
-        for name in ("control_scale", "canny_low", "canny_high"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.canny_low > self.canny_high:
-            raise JobError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
 
     # ------------------------------------------------------------------ resolved defaults
     def resolved_variant(self) -> str:
@@ -302,6 +262,49 @@ class JobSpec:
             "num_images": self.num_images,
         }
 
+
+
+def _check_adapters(job: JobSpec) -> None:
+    """`loras` maps valid names to sources; `lora` parses, names declared adapters, and is
+    kept in canonical form ('b:1,a:0.5' and 'a:0.5,b' are one job)."""
+    if not isinstance(job.loras, dict):
+        raise JobError(f"loras maps adapter names to sources (a .safetensors file), got {job.loras!r}")
+    try:
+        for name, source in job.loras.items():
+            check_adapter_name(name)
+            if not isinstance(source, str) or not source:
+                raise JobError(f"loras.{name} needs a source (a .safetensors file, folder, s3:// or hub file)")
+        # local files as absolute paths (workers may start elsewhere); others as written
+        job.loras = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
+                      for k, v in job.loras.items()}
+        adapters = parse_lora(job.lora)
+    except LoraSpecError as exc:
+        raise JobError(f"lora: {exc}") from None
+    missing = undeclared(adapters or (), job.loras)
+    if missing:
+        raise JobError(f"lora names adapters the job does not declare ({', '.join(missing)}); "
+                       f"add them with --set loras.NAME=SOURCE or under 'loras:' in the job file")
+    job.lora = None if adapters is None else (format_lora(adapters) or NO_ADAPTER)
+
+
+def _check_control(job: JobSpec) -> None:
+    # Local paths as absolute ones: workers (on this machine) may run in another folder.
+    if job.control_image and "://" not in job.control_image:
+        job.control_image = os.path.abspath(os.path.expanduser(job.control_image))
+    if job.controlnet and "://" not in job.controlnet and os.path.exists(os.path.expanduser(job.controlnet)):
+        job.controlnet = os.path.abspath(os.path.expanduser(job.controlnet))  # not a hub id
+    if job.control is not None and job.control not in ("canny", "tile", "none"):
+        raise JobError(f"control must be canny, tile or none, got {job.control!r}")
+    if not job.controlnet and (job.control_image or job.control not in (None, "none")):
+        raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
+    if job.control_image and job.control not in (None, "none"):
+        raise JobError("control_image and control both name the rows' condition; set one of them")
+    for name in ("control_scale", "canny_low", "canny_high"):
+        value = getattr(job, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+    if job.canny_low > job.canny_high:
+        raise JobError(f"canny_low ({job.canny_low}) must not exceed canny_high ({job.canny_high})")
 
 def _check_lease_settings(ttl: float, renew_interval: float) -> None:
     for name, value in (("lease_ttl", ttl), ("lease_renew_interval", renew_interval)):
