@@ -21,6 +21,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
@@ -41,6 +42,11 @@ READ_ATTEMPTS = 5
 READ_BLOCK = 256 * 1024  # bytes fetched at a time by open_read on S3
 #: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
 DELETE_BATCH = 1000
+#: Server-side copies in flight while an S3 folder is published.
+COPY_THREADS = 16
+#: Objects up to this size are copied with one CopyObject request (the S3 limit); larger ones
+#: with a multipart copy.
+COPY_OBJECT_MAX = 5 * 1024 * MiB
 PROBE_PREFIX = "_probe/"
 # Local temporary files start with this; list() hides them.
 _TMP_MARK = ".~zb-tmp-"
@@ -171,6 +177,14 @@ class Storage(ABC):
     def move(self, src: str, dst: str) -> None:
         """Give object ``src`` the key ``dst`` (replacing it): a rename locally, a server-side
         copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine."""
+
+    @abstractmethod
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        """Give every object under ``src_prefix`` the same name under ``dst_prefix``: locally one
+        rename of the folder (it appears whole, at once), on S3 parallel server-side copies, then
+        the sources deleted in batches. Idempotent: a folder already published (``src_prefix``
+        gone) is fine, and a publish cut short is finished by calling it again. On S3 a failed
+        delete of the sources is only logged: the caller removes what is left (the ledger's sweep)."""
 
     def child(self, prefix: str) -> Storage:
         """The storage rooted at ``prefix`` under this one (a staging folder, say)."""
@@ -316,6 +330,21 @@ class LocalStorage(Storage):
             if not target.is_file():
                 raise
             return
+        _fsync_dir(target.parent)
+
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        source, target = self._path(src_prefix.rstrip("/")), self._path(dst_prefix.rstrip("/"))
+        if not source.is_dir():
+            return  # published already, or nothing staged
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(source, target)  # atomic: readers see no folder, then the whole folder
+        except FileNotFoundError:  # another caller published it meanwhile
+            return
+        except OSError:  # the target holds files (left by a version that moved file by file): merge
+            for info in self.list(src_prefix):
+                self.move(info.key, dst_prefix + info.key[len(src_prefix):])
+            self.delete_prefix(src_prefix)
         _fsync_dir(target.parent)
 
     def exists(self, key: str) -> bool:
@@ -603,18 +632,38 @@ class S3Storage(Storage):
             self._raise_read_error(e, key)
 
     def move(self, src: str, dst: str) -> None:
+        self._copy(src, dst)
+        self.delete([src])
+
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        """S3 has no folder rename: the copies run in parallel (server-side, no bytes through
+        us), then the sources go in DeleteObjects batches. The folder is published once the
+        copies are done: a failed delete of the sources is logged, and left to the caller."""
+        objects = list(self.list(src_prefix))
+        with ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="publish") as pool:
+            list(pool.map(lambda info: self._copy(info.key, dst_prefix + info.key[len(src_prefix):], info.size),
+                          objects))
+        try:
+            self.delete(info.key for info in objects)
+        except Exception as exc:  # noqa: BLE001 - published all the same
+            logging.getLogger(__name__).warning("published %s, but removing its sources failed: %s", dst_prefix, exc)
+
+    def _copy(self, src: str, dst: str, size: int | None = None) -> None:
+        """Server-side copy of ``src`` to ``dst``: one CopyObject when the size is known and
+        small enough, else a managed (multipart) copy. A ``src`` gone with ``dst`` there is fine."""
         import botocore.exceptions
 
-        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        source, target = {"Bucket": self.bucket, "Key": self._key(src)}, self._key(dst)
+        one_request = size is not None and size <= COPY_OBJECT_MAX
         try:
-            self._upload(lambda: self.client.copy(source, self.bucket, self._key(dst), Config=self._transfer_config()), dst)
+            self._upload(lambda: self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=target) if one_request
+                         else self.client.copy(source, self.bucket, target, Config=self._transfer_config()), dst)
         except botocore.exceptions.ClientError as e:
             if not _is_not_found(e):
                 raise
             if self.exists(dst):
                 return  # moved already
             raise FileNotFoundError(f"no such object: {self.url(src)}") from None
-        self.delete([src])
 
     def _raise_read_error(self, e: Exception, key: str) -> NoReturn:
         """Translate a failed read: FileNotFoundError, StorageError (bucket-level), or the error itself."""
@@ -690,26 +739,8 @@ class S3Storage(Storage):
                                f"e.g. {first.get('Key')!r}: {first.get('Code')}")
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
-        kwargs: dict[str, object] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            parsed = urlparse(endpoint)
-            if parsed.scheme:
-                kwargs["scheme"] = parsed.scheme
-                kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-            else:
-                kwargs["endpoint_override"] = endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not region and not endpoint:
-            try:
-                region = pafs.resolve_s3_region(self.bucket)
-            except OSError:
-                region = None
-        if region:
-            kwargs["region"] = region
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=_arrow_attempts())
-        return pafs.S3FileSystem(retry_strategy=retries, **kwargs), root
+        return _arrow_s3_fs(self.bucket), root
 
     def supports_create_only(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
@@ -724,6 +755,29 @@ class S3Storage(Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+def _arrow_s3_fs(bucket: str) -> pafs.FileSystem:
+    """pyarrow's S3 filesystem, set up from the same AWS settings as the boto3 client."""
+    kwargs: dict[str, object] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme:
+            kwargs["scheme"] = parsed.scheme
+            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        else:
+            kwargs["endpoint_override"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint:
+        try:
+            region = pafs.resolve_s3_region(bucket)
+        except OSError:
+            region = None
+    if region:
+        kwargs["region"] = region
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=_arrow_attempts())
+    return pafs.S3FileSystem(retry_strategy=retries, **kwargs)
 
 
 def _probe_create_only(storage: S3Storage) -> bool:

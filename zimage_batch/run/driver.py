@@ -101,8 +101,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         ledger = Ledger(storage)
         ledger.claim_output(job_record(resolved, prepared.model), resolved.spec.overwrite)
         committed = ledger.committed()
-        for shard in ledger.finish_publishing(committed):
-            echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
+        ledger.sweep_staging(committed, echo)  # leftovers of earlier runs: no other writer now
         plan = make_plan(prepared.manifest, committed, resolved.spec.shard_size, resolved.variant)
         if prepared.model.draws_noise:  # said before any work (after every refusal), not only in the report
             echo(NOISE_NOTE.format(model=resolved.spec.model))
@@ -120,6 +119,7 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
     summary.elapsed_s = time.time() - started
     _count_committed(ledger, summary)
     _write_run_record(storage, resolved, summary)
+    ledger.sweep_staging(echo=echo)  # every pool is shut down: what killed attempts and failed deletes left
     return summary
 
 
