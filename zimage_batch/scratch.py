@@ -7,9 +7,10 @@ of MB each with large shards). They do it in one folder per process,
       owner.json      {"host", "pid", "started"}: who owns the folder (started: the process's
                       start time, so a pid the system reused for another process is told apart)
 
-removed at normal exit and, where `claim(signals=True)` installed the handlers, on SIGINT and
-SIGTERM. A SIGKILL or a lost node removes nothing: `sweep_dead()`, called when a worker starts,
-removes the folders of this host whose owner is gone (pid dead, or reused by a younger process).
+made when a writer first needs it and removed when the last one is done, at exit, and on SIGINT
+and SIGTERM where `claim(signals=True)` installed the handlers. A SIGKILL or a lost node removes
+nothing: `sweep_dead()`, called when a worker starts, removes the folders of this host whose
+owner is gone (pid dead, or reused by a younger process).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ ROOT_NAME = "zimage-batch-scratch"
 OWNER_FILE = "owner.json"
 HOST = socket.gethostname()
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _folder: Path | None = None
 _at_exit = False
+_in_use = 0  # folders mkdtemp gave and release did not take back
 _previous_handlers: dict[int, Any] = {}
 
 
@@ -54,31 +56,49 @@ def process_start_time(pid: int) -> str | None:
 
 def folder() -> Path:
     """This process's scratch folder, made (with its owner file) on first use or after a removal."""
-    global _folder, _at_exit
     with _lock:
-        if _folder is None or not _folder.is_dir():
-            _folder = _make_folder()
-            if not _at_exit:
-                atexit.register(remove)
-                _at_exit = True
-        return _folder
+        return _own_folder()
+
+
+def _own_folder() -> Path:
+    global _folder, _at_exit
+    if _folder is None or not _folder.is_dir():
+        _folder = _make_folder()
+        if not _at_exit:
+            atexit.register(remove)
+            _at_exit = True
+    return _folder
 
 
 def mkdtemp(prefix: str) -> str:
-    """A fresh temporary folder inside this process's scratch folder (a writer's)."""
-    return tempfile.mkdtemp(prefix=prefix, dir=folder())
+    """A fresh temporary folder inside this process's scratch folder (a writer's); give it
+    back with `release`."""
+    global _in_use
+    with _lock:
+        path = tempfile.mkdtemp(prefix=prefix, dir=_own_folder())
+        _in_use += 1
+        return path
 
 
-def claim(signals: bool = False) -> Path:
-    """Sweep the folders of dead owners, then make this process's own; with `signals`, SIGINT
-    and SIGTERM remove it before the handlers they had run (only from the main thread)."""
+def release(path: str) -> None:
+    """Remove a folder `mkdtemp` gave; the process's folder goes with the last one, so a worker
+    that ends (even by a kill that runs no clean-up) leaves nothing while it writes nothing."""
+    global _in_use
+    shutil.rmtree(path, ignore_errors=True)
+    with _lock:
+        _in_use = max(0, _in_use - 1)
+        if _in_use == 0:
+            remove()
+
+
+def claim(signals: bool = False) -> None:
+    """Sweep the folders of dead owners; with `signals`, SIGINT and SIGTERM remove this
+    process's folder before the handlers they had run (only from the main thread)."""
     sweep_dead()
-    path = folder()
     if signals and threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signum not in _previous_handlers:
                 _previous_handlers[signum] = signal.signal(signum, _on_signal)
-    return path
 
 
 def remove() -> None:
@@ -87,6 +107,10 @@ def remove() -> None:
     path, _folder = _folder, None
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
+        try:
+            path.parent.rmdir()  # the last process's folder: leave TMPDIR as it was
+        except OSError:
+            pass
 
 
 def sweep_dead() -> list[Path]:
@@ -106,7 +130,13 @@ def sweep_dead() -> list[Path]:
 def _make_folder() -> Path:
     pid = os.getpid()
     path = root() / f"{HOST}-{pid}-{uuid.uuid4().hex[:12]}"
-    path.mkdir(parents=True)
+    for attempt in range(3):
+        try:
+            path.mkdir(parents=True)
+            break
+        except FileNotFoundError:  # another process removed the emptied root meanwhile
+            if attempt == 2:
+                raise
     owner = {"host": HOST, "pid": pid, "started": process_start_time(pid)}
     tmp = path / f".{OWNER_FILE}.tmp"
     tmp.write_text(json.dumps(owner))

@@ -176,7 +176,9 @@ class Storage(ABC):
     @abstractmethod
     def move(self, src: str, dst: str) -> None:
         """Give object ``src`` the key ``dst`` (replacing it): a rename locally, a server-side
-        copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine."""
+        copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine. On
+        S3 a failed delete of ``src`` is only logged: ``dst`` is right, and the caller removes
+        what is left (the ledger's sweep)."""
 
     @abstractmethod
     def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
@@ -632,8 +634,9 @@ class S3Storage(Storage):
             self._raise_read_error(e, key)
 
     def move(self, src: str, dst: str) -> None:
+        """The copy is the move: a failed delete of ``src`` after it is logged, not raised."""
         self._copy(src, dst)
-        self.delete([src])
+        self._delete_sources([src], dst)
 
     def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
         """S3 has no folder rename: the copies run in parallel (server-side, no bytes through
@@ -643,10 +646,13 @@ class S3Storage(Storage):
         with ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="publish") as pool:
             list(pool.map(lambda info: self._copy(info.key, dst_prefix + info.key[len(src_prefix):], info.size),
                           objects))
+        self._delete_sources([info.key for info in objects], dst_prefix)
+
+    def _delete_sources(self, keys: list[str], published: str) -> None:
         try:
-            self.delete(info.key for info in objects)
-        except Exception as exc:  # noqa: BLE001 - published all the same
-            logging.getLogger(__name__).warning("published %s, but removing its sources failed: %s", dst_prefix, exc)
+            self.delete(keys)
+        except Exception as exc:  # noqa: BLE001 - published all the same; the caller sweeps the sources
+            logging.getLogger(__name__).warning("published %s, but removing its sources failed: %s", published, exc)
 
     def _copy(self, src: str, dst: str, size: int | None = None) -> None:
         """Server-side copy of ``src`` to ``dst``: one CopyObject when the size is known and
@@ -717,26 +723,10 @@ class S3Storage(Storage):
         for key in keys:
             batch.append(self._key(key))
             if len(batch) == DELETE_BATCH:
-                self._delete_batch(batch)
+                _delete_batch(self, batch)
                 batch = []
         if batch:
-            self._delete_batch(batch)
-
-    def _delete_batch(self, full_keys: list[str]) -> None:
-        import botocore.exceptions
-
-        try:
-            response = self.client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True})
-        except botocore.exceptions.ClientError as e:
-            self._raise_storage_error(e, "deleting from", None)
-            raise
-        errors = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
-        if errors:
-            first = errors[0]
-            raise StorageError(f"could not delete {len(errors)} object(s) under {self.uri}, "
-                               f"e.g. {first.get('Key')!r}: {first.get('Code')}")
+            _delete_batch(self, batch)
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
@@ -755,6 +745,24 @@ class S3Storage(Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+def _delete_batch(storage: S3Storage, full_keys: list[str]) -> None:
+    """One DeleteObjects request; StorageError naming the keys S3 could not delete."""
+    import botocore.exceptions
+
+    try:
+        response = storage.client.delete_objects(
+            Bucket=storage.bucket,
+            Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True})
+    except botocore.exceptions.ClientError as e:
+        storage._raise_storage_error(e, "deleting from", None)
+        raise
+    errors = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+    if errors:
+        first = errors[0]
+        raise StorageError(f"could not delete {len(errors)} object(s) under {storage.uri}, "
+                           f"e.g. {first.get('Key')!r}: {first.get('Code')}")
 
 
 def _arrow_s3_fs(bucket: str) -> pafs.FileSystem:

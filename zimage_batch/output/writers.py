@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tarfile
 import threading
 from abc import ABC, abstractmethod
@@ -267,7 +266,7 @@ class _TempDirMixin:
 
     def _remove_tmpdir(self) -> None:
         if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            scratch.release(self._tmpdir)
             self._tmpdir = None
 
 
