@@ -151,10 +151,11 @@ class Ledger:
         staging = marker.staging
         folder = layout.images_prefix(marker.shard)
         metadata = layout.metadata_key(marker.shard)
-        files = [info.key for info in self.storage.list(staging.prefix)
-                 if not staging.final_key(info.key).startswith(folder)]
+        staged = [info.key for info in self.storage.list(staging.prefix)]
+        files = [key for key in staged if not staging.final_key(key).startswith(folder)]
         files.sort(key=lambda key: staging.final_key(key) == metadata)
-        self.storage.publish_folder(staging.prefix + folder, folder)
+        if len(files) < len(staged):  # --format files: the images folder
+            self.storage.publish_folder(staging.prefix + folder, folder)
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(lambda key: self.storage.move(key, staging.final_key(key)), files[:-1]))
         if files:
