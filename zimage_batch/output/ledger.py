@@ -3,8 +3,10 @@
 A shard is done when `_commits/<shard>.json` exists. An attempt writes its files under its own
 staging folder (`output.layout.StagingArea`), then creates the marker with a create-only write
 (S3 `If-None-Match: *`, local `link`), so two attempts of one shard can never both commit; then
-it publishes the staged files under their final names. A committed shard whose publishing was
-cut short (its worker died) is published by the next attempt or run (`finish_publishing`).
+it publishes the staged files under their final names. A shard is published when its metadata
+is out and `_staging/<shard>/` is empty. A committed shard whose publishing was cut short (its
+worker died, deletes failed) is finished by the next attempt of it or by a sweep
+(`sweep_staging`), which also removes what attempts that never committed left.
 """
 
 from __future__ import annotations
