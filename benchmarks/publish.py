@@ -6,12 +6,15 @@ before staging) against written to the attempt's staging folder, committed and p
 
 For each store (a local folder; an S3 server, moto on 127.0.0.1) and each format, the two ways
 alternate `--repeats` times on the same encoded images; the figure is the median wall time of
-storing one shard, and the ratio staged/direct (1.00 = free). Needs the test extras (moto[server]).
+storing one shard, and the ratio staged/direct (1.00 = free). On S3 it also counts the requests
+of one staged+published shard per image, by operation (PutObject, CopyObject, DeleteObjects, ...).
+Needs the test extras (moto[server]).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import statistics
 import sys
@@ -61,6 +64,23 @@ def store_shard(storage: Storage, shard: str, fmt: str, images: list[bytes], sta
     return time.perf_counter() - started
 
 
+def count_requests(storage: Storage, fmt: str, images: list[bytes]) -> str:
+    """The S3 requests of one staged+published shard, per image, by operation."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(model: object, **_: object) -> None:
+        counts[model.name] += 1
+
+    events = s3_client().meta.events
+    events.register("before-call.s3.*", count)
+    try:
+        store_shard(storage, f"counted-{fmt}", fmt, images, staged=True)
+    finally:
+        events.unregister("before-call.s3.*", count)
+    per_image = ", ".join(f"{name} {n / len(images):.2f}" for name, n in counts.most_common())
+    return f"requests per image: {sum(counts.values()) / len(images):.2f} ({per_image})"
+
+
 def compare(storage: Storage, fmt: str, images: list[bytes], repeats: int) -> tuple[float, float]:
     direct, staged = [], []
     for r in range(repeats):
@@ -73,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200, help="images in a shard")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--formats", default="files,webdataset,parquet", help="comma-separated output formats")
     args = parser.parse_args()
     images = sample_images(args.images)
     server = start_s3()
@@ -82,10 +103,12 @@ def main() -> None:
             stores = {"local": open_storage(tmp), "s3 (moto)": open_storage(f"s3://{BUCKET}/publish")}
             print(f"one shard of {args.images} PNGs ({len(images[0]) // 1024} KiB each), median of {args.repeats}")
             for name, storage in stores.items():
-                for fmt in ("files", "webdataset", "parquet"):
+                for fmt in args.formats.split(","):
                     direct, staged = compare(storage, fmt, images, args.repeats)
                     print(f"{name:10s} {fmt:10s} direct {direct:6.3f} s   staged+published {staged:6.3f} s   "
                           f"staged/direct {staged / direct:5.2f}", flush=True)
+                    if name.startswith("s3"):
+                        print(f"{'':21s}{count_requests(storage, fmt, images)}", flush=True)
     finally:
         server.stop()
 

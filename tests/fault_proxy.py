@@ -87,6 +87,11 @@ class FaultProxy:
         with self._lock:
             self._forced.extend([(kind, method, path_contains)] * times)
 
+    def clear_forced(self) -> None:
+        """Drop the faults ``force()`` queued that no request has met yet."""
+        with self._lock:
+            self._forced.clear()
+
     def stats(self) -> tuple[int, dict[str, int]]:
         """(requests seen, faults injected by kind), read together."""
         with self._lock:

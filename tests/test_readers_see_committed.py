@@ -97,8 +97,8 @@ def check_only_committed_rows_are_seen(out: Path, fmt: str, cache: Path) -> int:
     return sum(1 for *_, status in rows if status == "ok")
 
 
-def rerun(manifest: Path, out: Path, *args: str) -> str:
-    proc = _start_run(manifest, out, *args)
+def rerun(manifest: Path, out: Path, *args: str, env: dict | None = None) -> str:
+    proc = _start_run(manifest, out, *args, env=env)
     stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-2000:]
     return stdout
@@ -129,16 +129,20 @@ def test_a_shard_failing_at_its_last_step_is_never_seen(tmp_path):
 
 
 @pytest.mark.parametrize("victim", ["driver", "worker"])
-def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
+def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim, ray_tmpdir):
     """The driver with its whole local cluster (SIGKILL to its process group), or one worker
     (SIGKILL, the run goes on): at that moment and after, a reader sees whole committed shards
     only. After the driver's kill, rows are appended and the rerun does them and the rest of the
-    output without redoing a committed shard; every image is there exactly once."""
+    output without redoing a committed shard; every image is there exactly once, nothing is left
+    under `_staging/` and no worker's temporary files are left in TMPDIR."""
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     images = several_images_manifest(manifest, 60)  # 120 images
     fmt = "parquet" if victim == "driver" else "webdataset"
     args = ("--format", fmt, "--shard-size", "5", "--set", "num_images=2", "--set", "report=false")
-    proc = _start_run(manifest, out, *args)  # one worker: the run ends only if a killed one is replaced
+    scratch_tmp = Path(ray_tmpdir) / "t"  # short: Ray puts its sockets under RAY_TMPDIR
+    scratch_tmp.mkdir()
+    env = {"RAY_TMPDIR": ray_tmpdir, "TMPDIR": str(scratch_tmp)}
+    proc = _start_run(manifest, out, *args, env=env)  # one worker: the run ends only if a killed one is replaced
     try:
         _wait_for_commits(out, 2, proc)
         if victim == "driver":
@@ -165,12 +169,13 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim):
         before = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
         done = sum(marker.ok + marker.error for marker in committed(out).values())
         images = several_images_manifest(manifest, 60, appended=7)  # the job's 2 images each
-        stdout = rerun(manifest, out, *args)
+        stdout = rerun(manifest, out, *args, env=env)
         assert "already committed" in stdout and f"({120 + 14 - done:,} to generate)" in stdout, stdout
         after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
         assert {name: after[name] for name in before} == before, "committed shards must not be redone"
     per_id = {row_id: n or 2 for row_id, n in images.items()}
     rows = {(r["id"], r["image_index"]): r for r in check_exactly_once(str(out), list(per_id), per_id)}
+    assert not list(scratch_tmp.glob("zimage-batch-scratch/*")), "a worker's scratch folder was left behind"
     assert check_only_committed_rows_are_seen(out, fmt, tmp_path / "hf") == sum(per_id.values())
     # images of shards committed before the stop and after it draw what diffusers draws at seed + k
     model_path = resolve_model("tiny:turbo").path

@@ -349,6 +349,7 @@ def test_a_publish_cut_short_is_finished_by_the_next_run(store, monkeypatch):
         ledger.publish(marker)
     monkeypatch.undo()
     assert store.exists("shards/s2.tar") and not store.exists("metadata/s2.parquet")
-    assert ledger.published_shards() == set()  # metadata is published last: not yet whole
-    assert Ledger(store).finish_publishing(Ledger(store).committed()) == ["s2"]
+    assert ledger.published_shards() == set() and not ledger.is_published("s2")  # metadata goes last
+    assert Ledger(store).sweep_staging(Ledger(store).committed()) == ["s2"]
     assert store.exists("metadata/s2.parquet") and list(store.list("_staging/")) == []
+    assert ledger.is_published("s2")

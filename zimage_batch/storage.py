@@ -23,6 +23,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
@@ -43,6 +44,11 @@ READ_ATTEMPTS = 5
 READ_BLOCK = 256 * 1024  # bytes fetched at a time by open_read on S3
 #: Keys are deleted in batches of this size (the S3 DeleteObjects limit).
 DELETE_BATCH = 1000
+#: Server-side copies in flight while an S3 folder is published.
+COPY_THREADS = 16
+#: Objects up to this size are copied with one CopyObject request (the S3 limit); larger ones
+#: with a multipart copy.
+COPY_OBJECT_MAX = 5 * 1024 * MiB
 PROBE_PREFIX = "_probe/"
 # Local temporary files start with this; list() hides them.
 _TMP_MARK = ".~zb-tmp-"
@@ -193,7 +199,17 @@ class Storage(ABC):
     @abstractmethod
     def move(self, src: str, dst: str) -> None:
         """Give object ``src`` the key ``dst`` (replacing it): a rename locally, a server-side
-        copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine."""
+        copy then a delete on S3. A ``src`` already moved (missing, ``dst`` present) is fine. On
+        S3 a failed delete of ``src`` is only logged: ``dst`` is right, and the caller removes
+        what is left (the ledger's sweep)."""
+
+    @abstractmethod
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        """Give every object under ``src_prefix`` the same name under ``dst_prefix``: locally one
+        rename of the folder (it appears whole, at once), on S3 parallel server-side copies, then
+        the sources deleted in batches. Idempotent: a folder already published (``src_prefix``
+        gone) is fine, and a publish cut short is finished by calling it again. On S3 a failed
+        delete of the sources is only logged: the caller removes what is left (the ledger's sweep)."""
 
     def child(self, prefix: str) -> Storage:
         """The storage rooted at ``prefix`` under this one (a staging folder, say)."""
@@ -374,6 +390,21 @@ class LocalStorage(Storage):
             if not target.is_file():
                 raise
             return
+        _fsync_dir(target.parent)
+
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        source, target = self._path(src_prefix.rstrip("/")), self._path(dst_prefix.rstrip("/"))
+        if not source.is_dir():
+            return  # published already, or nothing staged
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(source, target)  # atomic: readers see no folder, then the whole folder
+        except FileNotFoundError:  # another caller published it meanwhile
+            return
+        except OSError:  # the target holds files (left by a version that moved file by file): merge
+            for info in self.list(src_prefix):
+                self.move(info.key, dst_prefix + info.key[len(src_prefix):])
+            self.delete_prefix(src_prefix)
         _fsync_dir(target.parent)
 
     def exists(self, key: str) -> bool:
@@ -740,18 +771,42 @@ class S3Storage(_S3ConditionalWrites, Storage):
             self._raise_read_error(e, key)
 
     def move(self, src: str, dst: str) -> None:
+        """The copy is the move: a failed delete of ``src`` after it is logged, not raised."""
+        self._copy(src, dst)
+        self._delete_sources([src], dst)
+
+    def publish_folder(self, src_prefix: str, dst_prefix: str) -> None:
+        """S3 has no folder rename: the copies run in parallel (server-side, no bytes through
+        us), then the sources go in DeleteObjects batches. The folder is published once the
+        copies are done: a failed delete of the sources is logged, and left to the caller."""
+        objects = list(self.list(src_prefix))
+        with ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="publish") as pool:
+            list(pool.map(lambda info: self._copy(info.key, dst_prefix + info.key[len(src_prefix):], info.size),
+                          objects))
+        self._delete_sources([info.key for info in objects], dst_prefix)
+
+    def _delete_sources(self, keys: list[str], published: str) -> None:
+        try:
+            self.delete(keys)
+        except Exception as exc:  # noqa: BLE001 - published all the same; the caller sweeps the sources
+            logging.getLogger(__name__).warning("published %s, but removing its sources failed: %s", published, exc)
+
+    def _copy(self, src: str, dst: str, size: int | None = None) -> None:
+        """Server-side copy of ``src`` to ``dst``: one CopyObject when the size is known and
+        small enough, else a managed (multipart) copy. A ``src`` gone with ``dst`` there is fine."""
         import botocore.exceptions
 
-        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        source, target = {"Bucket": self.bucket, "Key": self._key(src)}, self._key(dst)
+        one_request = size is not None and size <= COPY_OBJECT_MAX
         try:
-            self._upload(lambda: self.client.copy(source, self.bucket, self._key(dst), Config=self._transfer_config()), dst)
+            self._upload(lambda: self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=target) if one_request
+                         else self.client.copy(source, self.bucket, target, Config=self._transfer_config()), dst)
         except botocore.exceptions.ClientError as e:
             if not _is_not_found(e):
                 raise
             if self.exists(dst):
                 return  # moved already
             raise FileNotFoundError(f"no such object: {self.url(src)}") from None
-        self.delete([src])
 
     def _raise_read_error(self, e: Exception, key: str) -> NoReturn:
         """Translate a failed read: FileNotFoundError, StorageError (bucket-level), or the error itself."""
@@ -805,26 +860,10 @@ class S3Storage(_S3ConditionalWrites, Storage):
         for key in keys:
             batch.append(self._key(key))
             if len(batch) == DELETE_BATCH:
-                self._delete_batch(batch)
+                _delete_batch(self, batch)
                 batch = []
         if batch:
-            self._delete_batch(batch)
-
-    def _delete_batch(self, full_keys: list[str]) -> None:
-        import botocore.exceptions
-
-        try:
-            response = self.client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True})
-        except botocore.exceptions.ClientError as e:
-            self._raise_storage_error(e, "deleting from", None)
-            raise
-        errors = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
-        if errors:
-            first = errors[0]
-            raise StorageError(f"could not delete {len(errors)} object(s) under {self.uri}, "
-                               f"e.g. {first.get('Key')!r}: {first.get('Code')}")
+            _delete_batch(self, batch)
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         return _s3_arrow_fs(self.bucket, self.prefix)
@@ -838,6 +877,24 @@ class S3Storage(_S3ConditionalWrites, Storage):
             self._raise_storage_error(e, "writing to", None)
             code = _error_code(e) or type(e).__name__
             raise StorageError(f"cannot write to {self.uri} ({code})") from None
+
+
+def _delete_batch(storage: S3Storage, full_keys: list[str]) -> None:
+    """One DeleteObjects request; StorageError naming the keys S3 could not delete."""
+    import botocore.exceptions
+
+    try:
+        response = storage.client.delete_objects(
+            Bucket=storage.bucket,
+            Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True})
+    except botocore.exceptions.ClientError as e:
+        storage._raise_storage_error(e, "deleting from", None)
+        raise
+    errors = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+    if errors:
+        first = errors[0]
+        raise StorageError(f"could not delete {len(errors)} object(s) under {storage.uri}, "
+                           f"e.g. {first.get('Key')!r}: {first.get('Code')}")
 
 
 def _s3_arrow_fs(bucket: str, prefix: str) -> tuple[pafs.FileSystem, str]:

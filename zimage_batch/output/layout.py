@@ -15,8 +15,10 @@
 
 An attempt writes every file of its shard under its own staging folder, commits (creating the
 marker, which names that folder through its token), then publishes: each staged file is moved
-to its final name. So `metadata/`, `images/`, `shards/` and `data/` only ever hold files of
-committed shards, and a reader that globs them never sees an attempt that did not commit.
+to its final name, a shard's images folder as one (`Storage.publish_folder`), the metadata last.
+So `metadata/`, `images/`, `shards/` and `data/` only ever hold files of committed shards, and a
+reader that globs them never sees an attempt that did not commit. `_staging/` is emptied by
+every run, at its start and end (`Ledger.sweep_staging`).
 """
 
 from __future__ import annotations

@@ -3,21 +3,28 @@
 A shard is done when `_commits/<shard>.json` exists. An attempt writes its files under its own
 staging folder (`output.layout.StagingArea`), then creates the marker with a create-only write
 (S3 `If-None-Match: *`, local `link`), so two attempts of one shard can never both commit; then
-it publishes the staged files under their final names. A committed shard whose publishing was
-cut short (its worker died) is published by the next attempt or run (`finish_publishing`).
+it publishes the staged files under their final names. A shard is published when its metadata
+is out and `_staging/<shard>/` is empty. A committed shard whose publishing was cut short (its
+worker died, deletes failed) is finished by the next attempt of it or by a sweep
+(`sweep_staging`), which also removes what attempts that never committed left.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_batch.output import layout
-from zimage_batch.storage import Storage
+from zimage_batch.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 MAX_MARKER_ERRORS = 5  # a marker keeps the first few row errors; the metadata has them all
 
@@ -74,6 +81,9 @@ class CommitMarker:
 
 
 class Ledger:
+    #: How long a sweep retries deletes under `_staging/` that fail (with backoff) before giving up.
+    STAGING_RETRY_S = 60.0
+
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
@@ -103,9 +113,14 @@ class Ledger:
         return marker
 
     def ensure_published(self, marker: CommitMarker) -> None:
-        """Publish a committed shard whose publishing was cut short (its metadata is not out)."""
-        if not self.storage.exists(layout.metadata_key(marker.shard)):
+        """Finish publishing a committed shard whose publishing was cut short."""
+        if not self.is_published(marker.shard):
             self.publish(marker)
+
+    def is_published(self, shard: str) -> bool:
+        """Its metadata is out (published last) and no staged file of it is left."""
+        return (self.storage.exists(layout.metadata_key(shard))
+                and next(iter(self.storage.list(layout.shard_staging_prefix(shard))), None) is None)
 
     def _read_marker(self, shard: str) -> CommitMarker:
         key = layout.commit_key(shard)
@@ -131,30 +146,86 @@ class Ledger:
 
     # ------------------------------------------------------------------ publishing
     def publish(self, marker: CommitMarker) -> None:
-        """Move the committed attempt's staged files to their final names (metadata last, so a
-        shard whose metadata is in `metadata/` is published whole), then remove every staging
-        folder of the shard. Idempotent: a cut-short publish is finished by calling it again."""
+        """Move the committed attempt's staged files to their final names, then remove every
+        staging folder of the shard. A folder of images moves as one (`Storage.publish_folder`:
+        one rename on local disk), single files each by itself, metadata last, so a shard whose
+        metadata is in `metadata/` is published whole. Idempotent: a cut-short publish is
+        finished by calling it again. A failed removal of the staging folders is only logged: the
+        shard's files are out, and the run's closing sweep removes what is left."""
         staging = marker.staging
-        staged = [info.key for info in self.storage.list(staging.prefix)]
+        folder = layout.images_prefix(marker.shard)
         metadata = layout.metadata_key(marker.shard)
-        staged.sort(key=lambda key: staging.final_key(key) == metadata)
+        staged = [info.key for info in self.storage.list(staging.prefix)]
+        files = [key for key in staged if not staging.final_key(key).startswith(folder)]
+        files.sort(key=lambda key: staging.final_key(key) == metadata)
+        if len(files) < len(staged):  # --format files: the images folder
+            self.storage.publish_folder(staging.prefix + folder, folder)
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(lambda key: self.storage.move(key, staging.final_key(key)), staged[:-1]))
-        if staged:
-            self.storage.move(staged[-1], staging.final_key(staged[-1]))
-        self.storage.delete_prefix(layout.shard_staging_prefix(marker.shard))
+            list(pool.map(lambda key: self.storage.move(key, staging.final_key(key)), files[:-1]))
+        if files:
+            self.storage.move(files[-1], staging.final_key(files[-1]))
+        try:
+            self.storage.delete_prefix(layout.shard_staging_prefix(marker.shard))
+        except Exception as exc:  # noqa: BLE001 - published all the same; the sweep retries
+            log.warning("shard %s is out, but its staging folder could not be removed (%s); the run's "
+                        "closing sweep removes it", marker.shard, exc)
 
     def published_shards(self) -> set[str]:
         """Shards whose metadata is in `metadata/` (published last, so the shard is whole)."""
         names = (layout.shard_of_metadata_key(info.key) for info in self.storage.list(layout.METADATA))
         return {name for name in names if name is not None}
 
-    def finish_publishing(self, markers: dict[str, CommitMarker]) -> list[str]:
-        """Publish committed shards whose publishing was cut short; returns their names."""
-        unpublished = sorted(set(markers) - self.published_shards())
-        for name in unpublished:
-            self.publish(markers[name])
-        return unpublished
+    def sweep_staging(self, committed: dict[str, CommitMarker] | None = None,
+                      echo: Callable[[str], None] = log.info) -> list[str]:
+        """Leave `_staging/` empty: finish publishing committed shards with staged files left
+        (a killed publish, failed deletes) and remove every other attempt's files, committed
+        shard or not. Call it only while no other attempt can write OUTPUT (at the start and the
+        end of a run that holds OUTPUT). `committed`: the markers, when the caller has read them
+        (else only the markers of shards with leftovers are read). Lists `_staging/` once; deletes
+        that fail are retried for `STAGING_RETRY_S`, then a StorageError says what is left.
+        Returns the shards it finished publishing."""
+        shards = sorted({key.split("/", 2)[1] for key in (info.key for info in self.storage.list(layout.STAGING))
+                         if key.count("/") >= 2})
+        if not shards:
+            return []
+        names = set(committed) if committed is not None else set(self.committed_names())
+        finished, dead = [], 0
+        for shard in shards:
+            if shard in names:
+                if not self.storage.exists(layout.metadata_key(shard)):  # metadata goes last: not out
+                    self.publish(committed[shard] if committed is not None else self._read_marker(shard))
+                    finished.append(shard)
+                    echo(f"published shard {shard}, committed by an earlier attempt that stopped before publishing it")
+            else:
+                dead += 1
+            self._remove_with_retries(layout.shard_staging_prefix(shard))
+        if dead:
+            echo(f"removed the staged files of {dead} shard(s) whose attempts never committed")
+        return finished
+
+    def _remove_with_retries(self, prefix: str) -> None:
+        deadline, delay = time.monotonic() + self.STAGING_RETRY_S, 0.5
+        while True:
+            try:
+                self.storage.delete_prefix(prefix)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure: retried, then named
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(
+                        f"could not remove {self.storage.url(prefix)} after {self.STAGING_RETRY_S:.0f}s ({exc}); "
+                        "the committed rows are kept, and the next run removes it") from None
+                log.warning("removing %s failed (%s); retrying in %.1fs", prefix, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def forget_lost(self, committed: dict[str, CommitMarker]) -> list[str]:
+        """Committed shards that can never be published (metadata not out, nothing staged: a
+        repair cut short, files deleted by hand) are taken out whole, so the next plan redraws
+        their rows; returns their names. Call it after `sweep_staging`, holding the lease."""
+        lost = sorted(set(committed) - self.published_shards())
+        for shard in lost:
+            self.remove_shard(committed[shard])
+        return lost
 
     def remove_shard(self, marker: CommitMarker) -> None:
         """Take a committed shard out of OUTPUT: its metadata first (readers stop seeing it), its

@@ -23,9 +23,7 @@ import json
 import math
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -36,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from zimage_batch import scratch
 from zimage_batch.inputs.manifest import METADATA_COLUMNS
 from zimage_batch.output import layout
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features
@@ -259,17 +258,19 @@ class ShardWriter(ABC):
 
 
 class _TempDirMixin:
-    """A private local temp dir, removed on close/abort."""
+    """A private local temp dir inside the process's scratch folder (`zimage_batch.scratch`:
+    removed on a signal, or by the next worker on the node when this process was killed),
+    removed on close/abort."""
 
     _tmpdir: str | None = None
 
     def _make_tmpdir(self, prefix: str) -> str:
-        self._tmpdir = tempfile.mkdtemp(prefix=prefix)
+        self._tmpdir = scratch.mkdtemp(prefix)
         return self._tmpdir
 
     def _remove_tmpdir(self) -> None:
         if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            scratch.release(self._tmpdir)
             self._tmpdir = None
 
 

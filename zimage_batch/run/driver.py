@@ -119,6 +119,8 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         try:
             lease.keep_renewed(on_lost=run.lose_lease)
             summary = _run_holding_lease(run)
+            if not lease.lost:  # every pool is shut down: what killed attempts and failed deletes left
+                Ledger(storage).sweep_staging(echo=echo)
         finally:
             lease.release()
     summary.lost_lease = lease.lost
@@ -154,8 +156,10 @@ def _run_holding_lease(run: _Run) -> RunSummary:
     committed, overlaps = settle_overlaps(ledger, ledger.committed(), echo)
     if overlaps:
         raise OverlappingShards(overlap_line(storage.uri, overlaps))
-    for shard in ledger.finish_publishing(committed):
-        echo(f"published shard {shard}, committed by an earlier run that stopped before publishing it")
+    ledger.sweep_staging(committed, echo)  # leftovers of earlier runs: no other writer now
+    for shard in ledger.forget_lost(committed):
+        echo(f"shard {shard} was committed but its files are gone; its rows are drawn again")
+        del committed[shard]
     plan = make_plan(prepared.manifest, committed, resolved.spec.shard_size, resolved.variant)
     if prepared.model.draws_noise:  # said before any work (after every refusal), not only in the report
         echo(NOISE_NOTE.format(model=resolved.spec.model))

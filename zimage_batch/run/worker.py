@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zimage_batch import scratch
 from zimage_batch.curate.judge import ShardJudge
 from zimage_batch.curate.scorers import Scorers
 from zimage_batch.curate.spec import FILTERED
@@ -62,6 +63,9 @@ class ShardRunner:
     def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        # Temporary files in this process's own folder, removed on SIGINT/SIGTERM; the folders of
+        # this node's workers that were killed (SIGKILL, OOM) are removed here.
+        scratch.claim(signals=True)
         self.settings = settings
         self.manifest = TemplateManifest(settings.template) if settings.template else open_manifest(settings.manifest)
         self.files = {f.name: f for f in self.manifest.files}
