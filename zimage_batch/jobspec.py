@@ -75,6 +75,7 @@ class JobSpec:
     low_vram: str = "auto"  # on | off | auto: text encoder and transformer take turns on cards under 30 GB
     max_attempts: int = 3
     grace_period: float = 60.0
+    stall_timeout: float | None = None  # seconds a busy worker may go without progress; None: derived
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
     gpu_seconds_per_image: float | None = None  # for the cost line: device seconds one image takes
@@ -166,6 +167,8 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.stall_timeout is not None and not (math.isfinite(self.stall_timeout) and self.stall_timeout > 0):
+            raise JobError(f"stall_timeout must be a finite number of seconds > 0, got {self.stall_timeout!r}")
         if not 0 <= self.seed < 2**63:
             raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.max_source_pixels < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,6 +31,7 @@ from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.rows import Request, error_outcome, row_record
+from zimage_batch.run.scheduler import Heartbeat
 from zimage_batch.run.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,28 @@ ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
 
 class RowFailure(Exception):
     """Why one row could not be generated (the message of the original error)."""
+
+
+class ProgressCounter:
+    """A worker's progress, as its heartbeat reports it: a count that moves with every finished
+    batch (and each step of a shard around them), the slowest batch, the latest batch's shard."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.slowest_batch_s = 0.0
+        self.shard: str | None = None
+
+    def tick(self, shard: str | None = None, batch_s: float | None = None) -> None:
+        with self._lock:
+            self.count += 1
+            self.shard = shard or self.shard
+            if batch_s is not None:
+                self.slowest_batch_s = max(self.slowest_batch_s, batch_s)
+
+    def heartbeat(self, worker: str, loading: bool = False) -> Heartbeat:
+        with self._lock:
+            return Heartbeat(worker, self.count, loading, self.slowest_batch_s, self.shard)
 
 
 @dataclass(frozen=True)
@@ -59,19 +83,21 @@ class WorkerModel:
     passthrough_names: frozenset[str]  # manifest columns copied into each sample's JSON
     worker_id: str
     batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
+    progress: ProgressCounter | None = None  # ticked by every batch, for the worker's heartbeat
 
 
 class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str) -> None:
-        """`base` is the folder that relative source URIs of edit rows start from."""
+                 base: str, shard: str | None = None) -> None:
+        """`base` is the folder that relative source URIs of edit rows start from; `shard`
+        names the shard in the worker's heartbeat."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
-        self.batch_sizes = model.batch_sizes
+        self.batch_sizes, self.progress, self.shard = model.batch_sizes, model.progress, shard
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
@@ -186,7 +212,10 @@ class ShardGeneration:
         try:
             return self.engine.generate(batch, len(batch))
         finally:
-            self.busy_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            if self.progress is not None:
+                self.progress.tick(self.shard, elapsed)
 
     def _encode_ahead(self) -> bool:
         """low_vram: the text encoder's one turn on the device for this shard. If it fails, each

@@ -37,7 +37,7 @@ from zimage_batch.output.metadata import metadata_table, parquet_bytes
 from zimage_batch.output.writers import make_writer
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
-from zimage_batch.run.generation import ShardGeneration, WorkerModel
+from zimage_batch.run.generation import ProgressCounter, ShardGeneration, WorkerModel
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.rows import expand_rows, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
@@ -52,7 +52,10 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, threads: int | None = None,
+                 progress: ProgressCounter | None = None) -> None:
+        """`progress`: what the worker's heartbeat reads (ticked by batches and shard steps)."""
+        self.progress = progress or ProgressCounter()
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
@@ -109,6 +112,7 @@ class ShardRunner:
             passthrough_names=frozenset(self.manifest.passthrough.names),
             worker_id=self.worker_id,
             batch_sizes=self.batch_sizes,
+            progress=self.progress,
         )
         self.first_shard_started: float | None = None
 
@@ -136,6 +140,7 @@ class ShardRunner:
         if self._committed_marker(shard) is not None:
             return None
         _inject_fault(CRASH_ENV, shard.name)
+        self.progress.tick(shard.name)
         started = time.time()
         self.first_shard_started = self.first_shard_started or started
         file = self.files[shard.file]
@@ -156,9 +161,10 @@ class ShardRunner:
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
         try:
-            generation = ShardGeneration(self.model, images, requests, writer, base)
+            generation = ShardGeneration(self.model, images, requests, writer, base, shard.name)
             outcomes = generation.run()
             writer.close()
+            self.progress.tick()
             records = [row_record(row, request, self.settings) | outcome
                        for row, request, outcome in zip(images, requests, outcomes)]
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
@@ -175,11 +181,13 @@ class ShardRunner:
         marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok, errors=errors, finished=time.time(),
                           busy_s=generation.busy_s)
         _inject_fault(FAIL_BEFORE_COMMIT_ENV, shard.name)
+        self.progress.tick()
         if not self.ledger.commit(marker):  # another attempt of this shard won while we worked
             self._give_up(marker)
             self._committed_marker(shard)  # finish its publishing, if it was cut short
             return None
         self.ledger.publish(marker)
+        self.progress.tick()
         metrics.rows_done(self.worker_id, ok, len(images) - ok)
         return marker
 
