@@ -192,10 +192,12 @@ class ShardRunner:
         return marker
 
     def _committed_marker(self, shard: Shard) -> CommitMarker | None:
-        """The shard's marker if it is committed, its publishing finished if it was cut short."""
+        """The shard's marker if it is committed, its publishing finished if it was cut short,
+        and what a killed attempt left in staging removed (a worker replaced mid-publish)."""
         marker = self.ledger.marker(shard.name, (shard.start, shard.end))
         if marker is not None:
             self.ledger.ensure_published(marker)
+            self.ledger.remove_staging(shard.name)
         return marker
 
     def _give_up(self, marker: CommitMarker) -> None:

@@ -1,0 +1,82 @@
+"""A worker that stops making progress is replaced, end to end on real Ray: its process is
+SIGSTOPped (what a wedged GPU, a hung collective or a stuck socket look like from outside) while
+it generates, and the run still ends exit 0 with every row exactly once. The policy behind it
+(the timeout, who is charged, the line) is unit-tested against a fake pool in test_scheduler.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+from output_check import check_exactly_once
+from test_fault_tolerance import _start_run, _wait_for_commits, _worker_processes
+from test_job_e2e import make_manifest
+
+from zimage_batch.storage import _TMP_MARK
+
+STALL_TIMEOUT = 8
+
+
+def _lines_with_times(stream, into: list[tuple[float, str]]) -> threading.Thread:
+    """Read `stream` line by line on a thread, each line with the monotonic time it arrived."""
+    def read() -> None:
+        for line in stream:
+            into.append((time.monotonic(), line.rstrip("\n")))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_sigstopped_worker_is_replaced_and_every_row_committed_once(tmp_path):
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    ids = make_manifest(manifest, 40)
+    # One worker: the run can only end if the stopped one is replaced.
+    proc = _start_run(manifest, out, "--workers", "1", "--shard-size", "5", "--set", f"stall_timeout={STALL_TIMEOUT}",
+                      "--set", "report=false")
+    lines: list[tuple[float, str]] = []
+    reader = _lines_with_times(proc.stdout, lines)
+    stopped: list[psutil.Process] = []
+    try:
+        _wait_for_commits(out, 1, proc)  # generating: its model is loaded and shards are going through
+        workers = _worker_processes(proc.pid)
+        assert len(workers) == 1, f"expected one worker actor process, found {workers}"
+        workers[0].send_signal(signal.SIGSTOP)
+        stopped.append(workers[0])
+        frozen_at = time.monotonic()
+        proc.wait(timeout=300)
+        ended = time.monotonic()
+        reader.join(timeout=10)
+        stderr = proc.stderr.read()
+        assert proc.returncode == 0, stderr[-3000:]
+        stalls = [(t, line) for t, line in lines if "made no progress" in line]
+        assert len(stalls) == 1, [line for _, line in lines]
+        seen, line = stalls[0]
+        assert line.startswith(f"worker 0 ({workers[0].pid}") or f":{workers[0].pid})" in line, line
+        assert " on shard " in line and line.endswith(("replacing it and retrying the shard",
+                                                       "replacing it and retrying both")), line
+        # noticed once stall_timeout passed (a heartbeat check a second or so later), not at the end of the run
+        assert STALL_TIMEOUT <= seen - frozen_at <= STALL_TIMEOUT + 15, seen - frozen_at
+        # then a fresh worker (its start, the old one's kill) and the shards left: well under a minute here
+        assert ended - frozen_at <= STALL_TIMEOUT + 60, ended - frozen_at
+        _, alive = psutil.wait_procs(stopped, timeout=30)
+        assert not alive, "the stalled worker's process was not killed"
+    finally:
+        for p in stopped:  # never leave a stopped process behind
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rows = check_exactly_once(str(out), ids)  # each id once in committed metadata, no staged file listed
+    assert len(rows) == 40 and len(list((out / "_commits").glob("*.json"))) == 8
+    # Nor any folder the killed attempt staged in (it may have been stopped mid-publish). A temporary
+    # file the storage was writing when the process stopped is the orphan sweep's to remove.
+    left = [p for p in (out / "_staging").rglob("*")
+            if not any(f.name.startswith(_TMP_MARK) for f in ([p] if p.is_file() else p.rglob("*")))]
+    assert left == [], f"staging left behind: {left}"
