@@ -69,8 +69,8 @@ def test_status_and_report_on_unreachable_storage_are_one_line():
     ("seed=1.5", "seed: cannot use 1.5"),
     ("compile=maybe", "compile: cannot use 'maybe'"),
     ("max_source_pixels=0", "max_source_pixels must be >= 1"),
-    ("stall_timeout=0", "stall_timeout must be a finite number of seconds > 0"),
-    ("stall_timeout=.inf", "stall_timeout must be a finite number of seconds > 0"),
+    ("stall_timeout=0", "stall_timeout must be a positive number of seconds"),
+    ("stall_timeout=.inf", "stall_timeout must be a positive number of seconds"),
 ])
 def test_job_settings_are_checked_like_rows(setting, message):
     with pytest.raises(JobError, match=message.replace("*", r"\*").replace(".", r"\.")):

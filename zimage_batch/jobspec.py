@@ -168,7 +168,7 @@ class JobSpec:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.stall_timeout is not None and not (math.isfinite(self.stall_timeout) and self.stall_timeout > 0):
-            raise JobError(f"stall_timeout must be a finite number of seconds > 0, got {self.stall_timeout!r}")
+            raise JobError(f"stall_timeout must be a positive number of seconds, got {self.stall_timeout!r}")
         if not 0 <= self.seed < 2**63:
             raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.max_source_pixels < 1:
