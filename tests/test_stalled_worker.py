@@ -35,13 +35,16 @@ def test_a_sigstopped_worker_is_replaced_and_every_row_committed_once(tmp_path):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     ids = make_manifest(manifest, 40)
     # One worker: the run can only end if the stopped one is replaced.
+    started = time.monotonic()
     proc = _start_run(manifest, out, "--workers", "1", "--shard-size", "5", "--set", f"stall_timeout={STALL_TIMEOUT}",
                       "--set", "report=false")
     lines: list[tuple[float, str]] = []
-    reader = _lines_with_times(proc.stdout, lines)
+    errors: list[tuple[float, str]] = []
+    readers = [_lines_with_times(proc.stdout, lines), _lines_with_times(proc.stderr, errors)]  # no pipe fills up
     stopped: list[psutil.Process] = []
     try:
         _wait_for_commits(out, 1, proc)  # generating: its model is loaded and shards are going through
+        first_commit = time.monotonic() - started  # Ray's start, a worker's, a shard: how loaded this machine is
         workers = _worker_processes(proc.pid)
         assert len(workers) == 1, f"expected one worker actor process, found {workers}"
         workers[0].send_signal(signal.SIGSTOP)
@@ -49,19 +52,19 @@ def test_a_sigstopped_worker_is_replaced_and_every_row_committed_once(tmp_path):
         frozen_at = time.monotonic()
         proc.wait(timeout=300)
         ended = time.monotonic()
-        reader.join(timeout=10)
-        stderr = proc.stderr.read()
-        assert proc.returncode == 0, stderr[-3000:]
+        for reader in readers:
+            reader.join(timeout=10)
+        assert proc.returncode == 0, "\n".join(line for _, line in errors)[-3000:]
         stalls = [(t, line) for t, line in lines if "made no progress" in line]
         assert len(stalls) == 1, [line for _, line in lines]
         seen, line = stalls[0]
-        assert line.startswith(f"worker 0 ({workers[0].pid}") or f":{workers[0].pid})" in line, line
+        assert line.startswith("worker 0 (") and f":{workers[0].pid}) made no progress for " in line, line
         assert " on shard " in line and line.endswith(("replacing it and retrying the shard",
                                                        "replacing it and retrying both")), line
         # noticed once stall_timeout passed (a heartbeat check a second or so later), not at the end of the run
         assert STALL_TIMEOUT <= seen - frozen_at <= STALL_TIMEOUT + 15, seen - frozen_at
-        # then a fresh worker (its start, the old one's kill) and the shards left: well under a minute here
-        assert ended - frozen_at <= STALL_TIMEOUT + 60, ended - frozen_at
+        # then a fresh worker's start and the few small shards left: less than the first commit took
+        assert ended - frozen_at <= STALL_TIMEOUT + 15 + first_commit, (ended - frozen_at, first_commit)
         _, alive = psutil.wait_procs(stopped, timeout=30)
         assert not alive, "the stalled worker's process was not killed"
     finally:
