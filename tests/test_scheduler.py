@@ -19,12 +19,12 @@ from typing import Callable
 
 import pytest
 
+from zimage_batch.run.heartbeat import Heartbeat
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.scheduler import (
     START_TIMEOUT_S,
     FailedToStart,
     Finished,
-    Heartbeat,
     Outcome,
     Rules,
     Scheduler,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,8 +29,8 @@ from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
+from zimage_batch.run.heartbeat import ProgressCounter
 from zimage_batch.run.rows import Request, error_outcome, row_record
-from zimage_batch.run.scheduler import Heartbeat
 from zimage_batch.run.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -45,28 +44,6 @@ ROW_ERRORS = (ValueError, TypeError, torch.OutOfMemoryError)
 
 class RowFailure(Exception):
     """Why one row could not be generated (the message of the original error)."""
-
-
-class ProgressCounter:
-    """A worker's progress, as its heartbeat reports it: a count that moves with every finished
-    batch (and each step of a shard around them), the slowest batch, the latest batch's shard."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-        self.slowest_batch_s = 0.0
-        self.shard: str | None = None
-
-    def tick(self, shard: str | None = None, batch_s: float | None = None) -> None:
-        with self._lock:
-            self.count += 1
-            self.shard = shard or self.shard
-            if batch_s is not None:
-                self.slowest_batch_s = max(self.slowest_batch_s, batch_s)
-
-    def heartbeat(self, worker: str, loading: bool = False) -> Heartbeat:
-        with self._lock:
-            return Heartbeat(worker, self.count, loading, self.slowest_batch_s, self.shard)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import platform
 import threading
 from typing import Any, Sequence
 
+from zimage_batch.run.heartbeat import Heartbeat, ProgressCounter
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.scheduler import (
     IN_FLIGHT_PER_WORKER,
     FailedToStart,
     Finished,
-    Heartbeat,
     Outcome,
     ShardFailed,
     Ticket,
@@ -95,8 +95,6 @@ class ShardRunnerActor:
     `ModelNotLoaded` if it failed."""
 
     def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
-        from zimage_batch.run.generation import ProgressCounter
-
         self.worker_id = f"{platform.node()}:{os.getpid()}"
         self.progress = ProgressCounter()
         self._runner: Any = None

@@ -8,9 +8,9 @@
 
 `Scheduler` knows nothing about Ray: it drives any `WorkerPool` (the Protocol below), which
 reports how each submitted shard ended as one of five outcomes, and what each worker's last
-heartbeat said. `run/pool.py` is the Ray
-implementation; `tests/test_scheduler.py` drives the same policy with a fake pool. The rules
-are those of docs/architecture.md, "Retries".
+heartbeat (`run/heartbeat.py`) said. `run/pool.py` is the Ray implementation;
+`tests/test_scheduler.py` drives the same policy with a fake pool. The rules are those of
+docs/architecture.md, "Retries".
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence, Union
 
+from zimage_batch.run.heartbeat import Heartbeat
 from zimage_batch.run.plan import Shard
 
 IN_FLIGHT_PER_WORKER = 2  # one generating, one reading or uploading beside it
@@ -70,20 +71,6 @@ class Unavailable:
 
 Outcome = Union[Finished, ShardFailed, WorkerDied, FailedToStart, Unavailable]
 Ticket = Hashable  # what a pool hands back for one submitted shard
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """A worker's answer to "still there?". `progress` moves whenever it finishes a batch (and
-    when a shard starts or ends, or its model is loaded); `loading`: its model is still loading
-    (a download may take long: a worker that answers while loading is making progress);
-    `slowest_batch_s`: its slowest batch so far; `shard`: the shard of its latest batch."""
-
-    worker: str  # host:pid
-    progress: int
-    loading: bool = False
-    slowest_batch_s: float = 0.0
-    shard: str | None = None
 
 
 class WorkerPool(Protocol):

@@ -37,7 +37,8 @@ from zimage_batch.output.metadata import metadata_table, parquet_bytes
 from zimage_batch.output.writers import make_writer
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
-from zimage_batch.run.generation import ProgressCounter, ShardGeneration, WorkerModel
+from zimage_batch.run.generation import ShardGeneration, WorkerModel
+from zimage_batch.run.heartbeat import ProgressCounter
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.rows import expand_rows, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
