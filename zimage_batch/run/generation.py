@@ -67,7 +67,7 @@ class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str, shard: str | None = None) -> None:
+                 base: str, *, shard: str | None = None) -> None:
         """`base` is the folder that relative source URIs of edit rows start from; `shard`
         names the shard in the worker's heartbeat."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size

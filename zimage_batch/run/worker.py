@@ -162,7 +162,7 @@ class ShardRunner:
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
         try:
-            generation = ShardGeneration(self.model, images, requests, writer, base, shard.name)
+            generation = ShardGeneration(self.model, images, requests, writer, base, shard=shard.name)
             outcomes = generation.run()
             writer.close()
             self.progress.tick()
