@@ -69,10 +69,18 @@ def test_status_and_report_on_unreachable_storage_are_one_line():
     ("seed=1.5", "seed: cannot use 1.5"),
     ("compile=maybe", "compile: cannot use 'maybe'"),
     ("max_source_pixels=0", "max_source_pixels must be >= 1"),
+    ("stall_timeout=0", "stall_timeout must be a positive number of seconds"),
+    ("stall_timeout=.inf", "stall_timeout must be a positive number of seconds"),
 ])
 def test_job_settings_are_checked_like_rows(setting, message):
     with pytest.raises(JobError, match=message.replace("*", r"\*").replace(".", r"\.")):
         load_job(None, {"manifest": "m.parquet", "output": "out"}, [setting])
+
+
+def test_stall_timeout_takes_any_positive_number_and_is_not_part_of_the_job():
+    base = load_job(None, {"manifest": "m", "output": "o"}, [])
+    job = load_job(None, {"manifest": "m", "output": "o"}, ["stall_timeout=0.5"])
+    assert base.stall_timeout is None and job.stall_timeout == 0.5 and job.fingerprint() == base.fingerprint()
 
 
 def test_switches_take_the_usual_words():

@@ -1,8 +1,11 @@
-"""The scheduling policy against a fake pool, without Ray: retries, suspects, give-up, stop, start-up failures.
+"""The scheduling policy against a fake pool, without Ray: retries, suspects, give-up, stop,
+start-up failures, stalled workers.
 
 The fake pool runs no code: each submitted shard ends, after a time on a fake clock, with the
 outcome a test's script gives it (or never). Its workers are numbered slots holding actors;
-an actor that dies fails every shard it holds, as a Ray actor does.
+an actor that dies fails every shard it holds, as a Ray actor does. Each actor answers
+heartbeats whose progress moves with the clock, until a test freezes it (no answer) or wedges
+it (answers, no progress).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Callable
 
 import pytest
 
+from zimage_batch.run.heartbeat import Heartbeat
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.scheduler import (
+    START_TIMEOUT_S,
     FailedToStart,
     Finished,
     Outcome,
@@ -28,6 +33,7 @@ from zimage_batch.run.scheduler import (
     Unavailable,
     WorkerDied,
     WorkersCannotStart,
+    stall_timeout_for,
     start_failure_message,
 )
 
@@ -53,10 +59,17 @@ def finishes(shard: Shard, attempt: int, actor: int) -> tuple[Outcome | None, fl
 class FakePool:
     """Implements the scheduler's WorkerPool Protocol on a fake clock."""
 
-    def __init__(self, size: int, script: Script = finishes, start_fails: Callable[[int], bool] = lambda actor: False):
+    def __init__(self, size: int, script: Script = finishes, start_fails: Callable[[int], bool] = lambda actor: False,
+                 frozen_at: Callable[[int], float] = lambda actor: float("inf"),
+                 wedged_at: Callable[[int], float] = lambda actor: float("inf"),
+                 loading_until: float = 0.0, batch_s: float = 1.0):
+        """From `frozen_at(actor)` on, an actor answers no heartbeat; from `wedged_at(actor)` on,
+        its progress stays put; until `loading_until` every actor says it is loading its model."""
         self.size = size
         self.script = script
         self.start_fails = start_fails
+        self.frozen_at, self.wedged_at = frozen_at, wedged_at
+        self.loading_until, self.batch_s = loading_until, batch_s
         self.now = 0.0
         self.actors = list(range(size))
         self.next_actor = size
@@ -100,6 +113,17 @@ class FakePool:
         self.actors[worker] = self.next_actor
         self.next_actor += 1
         self.replaced.append(worker)
+
+    def heartbeats(self) -> dict[int, Heartbeat]:
+        beats = {}
+        for worker, actor in enumerate(self.actors):
+            if self.now >= self.frozen_at(actor):
+                continue
+            mine = [r.shard.name for r in self.runs.values() if r.actor == actor]
+            progress = int(min(self.now, self.wedged_at(actor)))  # moves each second, until wedged
+            beats[worker] = Heartbeat(f"host:{1000 + actor}", progress, self.now < self.loading_until,
+                                      self.batch_s, mine[-1] if mine else None)
+        return beats
 
     def attempts_of(self, name: str) -> list[int]:
         return [r.attempt for r in self.submitted if r.shard.name == name]
@@ -311,3 +335,74 @@ def test_the_start_up_hint_follows_the_error(reason, hint):
 def test_the_scheduler_runs_without_ray():
     code = "import sys, zimage_batch.run.scheduler, zimage_batch.run.driver; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---------------------------------------------------------------------- stalled workers
+def never_on_first_actor(shard: Shard, attempt: int, actor: int) -> tuple[Outcome | None, float]:
+    """Shards on actor 0 never end (it hangs); on any other actor they finish."""
+    return (None, 0.0) if actor == 0 else finishes(shard, attempt, actor)
+
+
+@pytest.mark.parametrize("fault", ["frozen", "wedged"])
+def test_a_stalled_worker_is_replaced_and_its_shard_rerun_as_a_new_attempt(fault):
+    """Actor 0 stops at t=1.5 while it runs s0 alone: frozen (SIGSTOP: no heartbeat) or wedged
+    (heartbeats, no progress). Once stall_timeout passes without progress it is replaced, in one
+    line naming it and the shard; the shard runs again, charged (it ran alone), and the run ends."""
+    stops = {"frozen_at" if fault == "frozen" else "wedged_at": lambda actor: 1.5 if actor == 0 else float("inf")}
+    pool = FakePool(size=1, script=never_on_first_actor, **stops)
+    finish, results, lines = schedule(pool, shards(3), Rules(stall_timeout=30, in_flight_per_worker=1))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == ["s0", "s1", "s2"]
+    assert pool.replaced == [0] and pool.attempts_of("s0") == [1, 2]
+    assert len(lines) == 1 and lines[0].startswith("worker 0 (host:1000) made no progress for 3")
+    assert lines[0].endswith("s on shard s0; replacing it and retrying the shard")
+    assert 30 < pool.now - 3.0 < 33, "replaced about stall_timeout after the last progress"
+
+
+def test_a_stalled_worker_running_two_shards_leaves_both_as_suspects_free_of_charge():
+    """Both shards ran beside each other on the wedged worker: neither is charged, each reruns
+    alone (as when a worker dies running two), and the line names both."""
+    pool = FakePool(size=1, script=never_on_first_actor, wedged_at=lambda actor: 0.5 if actor == 0 else float("inf"))
+    finish, results, lines = schedule(pool, shards(3), Rules(stall_timeout=10, max_attempts=1))
+    assert finish.failed == {} and len(results) == 3
+    assert pool.attempts_of("s0") == [1, 1] and pool.attempts_of("s1") == [1, 1] and pool.replaced == [0]
+    assert lines == ["worker 0 (host:1000) made no progress for 11s on shard s1 (shard s0 beside it); "
+                     "replacing it and retrying both"]
+    reruns = [crowd for r, crowd in zip(pool.submitted, pool.crowding) if r.actor == 1 and r.shard.name in ("s0", "s1")]
+    assert sorted(reruns) == [["s0"], ["s1"]], "a suspect shared its worker"
+
+
+def test_a_shard_that_stalls_every_worker_is_given_up_after_max_attempts():
+    def script(shard, attempt, actor):
+        return (None, 0.0) if shard.name == "s1" else finishes(shard, attempt, actor)
+
+    pool = FakePool(size=1, script=script, wedged_at=lambda actor: 0.0)
+    finish, results, lines = schedule(pool, shards(3), Rules(stall_timeout=5, max_attempts=2, in_flight_per_worker=1))
+    assert list(finish.failed) == ["s1"] and "made no progress for" in finish.failed["s1"]
+    assert sorted(r["shard"] for r in results) == ["s0", "s2"] and pool.attempts_of("s1") == [1, 2]
+    assert len(lines) == 3 and lines[-1].startswith("shard s1 failed 2 times, giving up: worker host:")
+
+
+def test_the_default_stall_timeout_follows_the_slowest_batch():
+    assert stall_timeout_for(Rules(), 0.0) == 300.0 and stall_timeout_for(Rules(), 2.0) == 300.0
+    assert stall_timeout_for(Rules(), 45.0) == 450.0  # 10x the slowest batch
+    assert stall_timeout_for(Rules(stall_timeout=8), 45.0) == 8.0  # the job's setting wins
+    pool = FakePool(size=1, script=never_on_first_actor, frozen_at=lambda actor: 0.5 if actor == 0 else float("inf"),
+                    batch_s=60.0)
+    finish, results, lines = schedule(pool, shards(1), Rules(in_flight_per_worker=1))
+    assert finish.failed == {} and len(results) == 1 and len(lines) == 1
+    assert 600 < pool.now - 1.0 < 603, "10 x 60 s batches"
+
+
+def test_a_worker_loading_its_model_is_not_stalled_and_one_never_answering_failed_to_start():
+    """A model download longer than stall_timeout is progress while the worker answers; a worker
+    that never answered is taken for one that did not start: replaced after START_TIMEOUT_S,
+    its shards free of charge."""
+    pool = FakePool(size=1, loading_until=500.0, wedged_at=lambda actor: 0.0)
+    finish, results, lines = schedule(pool, shards(2), Rules(stall_timeout=10))
+    assert finish.failed == {} and len(results) == 2 and lines == [] and pool.replaced == []
+    pool = FakePool(size=1, script=never_on_first_actor, frozen_at=lambda actor: 0.0 if actor == 0 else float("inf"))
+    finish, results, lines = schedule(pool, shards(2), Rules(stall_timeout=10, max_attempts=1))
+    assert finish.failed == {} and len(results) == 2 and pool.replaced == [0]
+    assert all(r.attempt == 1 for r in pool.submitted)
+    assert lines == [f"worker 0 (no answer since it started) made no progress for {START_TIMEOUT_S + 1:.0f}s "
+                     "on shard s0 (shard s1 beside it); replacing it and retrying both"]

@@ -353,3 +353,14 @@ def test_a_publish_cut_short_is_finished_by_the_next_run(store, monkeypatch):
     assert Ledger(store).sweep_staging(Ledger(store).committed()) == ["s2"]
     assert store.exists("metadata/s2.parquet") and list(store.list("_staging/")) == []
     assert ledger.is_published("s2")
+
+
+def test_deleting_a_local_prefix_removes_temporary_files_of_writes_cut_short(tmp_path):
+    """A process killed mid-write leaves its hidden temporary file; a sweep of the folder takes it too."""
+    from zimage_batch.storage import _TMP_MARK
+
+    storage = open_storage(str(tmp_path))
+    storage.put_bytes("_staging/s/t/metadata/s.parquet", b"x")
+    (tmp_path / "_staging/s/t/metadata" / f"{_TMP_MARK}s.parquet.123").write_bytes(b"half")
+    storage.delete_prefix("_staging/s/")
+    assert not (tmp_path / "_staging" / "s").exists()

@@ -103,6 +103,7 @@ class JobSpec:
     lease_ttl: float = 120.0
     lease_renew_interval: float = 20.0
     wait: bool = False
+    stall_timeout: float | None = None  # seconds a busy worker may go without progress; None: derived
     progress_interval: float = 10.0
     report: bool = True  # write OUTPUT/report.html when the run ends
     strict_columns: bool = False  # refuse manifest columns that look like a misspelled known one
@@ -209,7 +210,7 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
-        _check_lease_settings(self.lease_ttl, self.lease_renew_interval)
+        _check_lease_settings(self.lease_ttl, self.lease_renew_interval, self.stall_timeout)
         if not 0 <= self.seed < 2**63:
             raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.max_source_pixels < 1:
@@ -306,9 +307,10 @@ def _check_control(job: JobSpec) -> None:
     if job.canny_low > job.canny_high:
         raise JobError(f"canny_low ({job.canny_low}) must not exceed canny_high ({job.canny_high})")
 
-def _check_lease_settings(ttl: float, renew_interval: float) -> None:
-    for name, value in (("lease_ttl", ttl), ("lease_renew_interval", renew_interval)):
-        if not (math.isfinite(value) and value > 0):
+def _check_lease_settings(ttl: float, renew_interval: float, stall_timeout: float | None) -> None:
+    """The lease's timing, and how long a busy worker may go without progress."""
+    for name, value in (("lease_ttl", ttl), ("lease_renew_interval", renew_interval), ("stall_timeout", stall_timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise JobError(f"{name} must be a positive number of seconds, got {value!r}")
     if renew_interval >= ttl:
         raise JobError(f"lease_renew_interval ({renew_interval:g} s) must be shorter than "

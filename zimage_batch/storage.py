@@ -435,11 +435,15 @@ class LocalStorage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         super().delete_prefix(prefix)
-        # Remove the folders left empty that lie entirely within the prefix.
+        # Remove the folders left empty that lie entirely within the prefix, and the temporary
+        # files of writes cut short there (a process killed mid-write; list() hides them).
         top = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        for dirpath, _dirs, files in os.walk(top, topdown=False):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             if rel != "." and f"{rel}/".startswith(prefix):
+                for name in files:
+                    if name.startswith(_TMP_MARK):
+                        Path(dirpath, name).unlink(missing_ok=True)
                 try:
                     os.rmdir(dirpath)
                 except OSError:  # not empty

@@ -31,6 +31,7 @@ from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
+from zimage_batch.run.heartbeat import ProgressCounter
 from zimage_batch.run.rows import Request, error_outcome, row_record
 from zimage_batch.run.settings import WorkerSettings
 
@@ -61,20 +62,22 @@ class WorkerModel:
     passthrough_names: frozenset[str]  # manifest columns copied into each sample's JSON
     worker_id: str
     batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
+    progress: ProgressCounter | None = None  # ticked by every batch, for the worker's heartbeat
 
 
 class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str, judge: ShardJudge | None = None) -> None:
+                 base: str, judge: ShardJudge | None = None, *, shard: str | None = None) -> None:
         """`base` is the folder that relative source URIs of edit rows start from; `judge` scores
-        each drawn image and keeps, redraws or filters it (a curated job)."""
+        each drawn image and keeps, redraws or filters it (a curated job); `shard` names the
+        shard in the worker's heartbeat."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
-        self.batch_sizes = model.batch_sizes
+        self.batch_sizes, self.progress, self.shard = model.batch_sizes, model.progress, shard
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.judge = judge
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
@@ -217,7 +220,10 @@ class ShardGeneration:
         try:
             return self.engine.generate(batch, len(batch))
         finally:
-            self.busy_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            if self.progress is not None:
+                self.progress.tick(self.shard, elapsed)
 
     def _encode_ahead(self) -> bool:
         """low_vram: the text encoder's one turn on the device for this shard. If it fails, each

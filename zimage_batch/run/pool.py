@@ -3,14 +3,19 @@
 It starts the actors (one GPU each when the cluster has GPUs, else CPU threads shared out, or
 ZIMAGE_BATCH_CPU_THREADS each),
 submits a shard to one of them, waits, and turns Ray's exceptions into the scheduler's typed
-outcomes. Ray is imported inside the methods: the rest of the package loads without it.
+outcomes. It keeps one heartbeat call out to each actor and hands the scheduler the answers
+that came back (a frozen actor's never does). Ray is imported inside the methods: the rest of
+the package loads without it.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import threading
 from typing import Any, Sequence
 
+from zimage_batch.run.heartbeat import Heartbeat, ProgressCounter
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.scheduler import (
     IN_FLIGHT_PER_WORKER,
@@ -46,6 +51,8 @@ def outcome_of(ref: Any) -> Outcome:
             return FailedToStart(short_error(exc))
         return WorkerDied(short_error(exc))
     except RayTaskError as exc:
+        if isinstance(exc.cause, ModelNotLoaded):  # the model loads beside the actor's start
+            return FailedToStart(str(exc.cause))
         return ShardFailed(short_error(exc))
 
 
@@ -74,21 +81,52 @@ def cpu_threads_per_worker(workers: int, setting: int | None) -> int:
     return setting or max(1, (os.cpu_count() or 2) // workers)
 
 
+class ModelNotLoaded(RuntimeError):
+    """The worker's model did not load (the message names why): the worker cannot run shards."""
+
+
 class ShardRunnerActor:
     """The Ray actor around a `run.worker.ShardRunner`. The model stack (torch, diffusers) is
     imported on the worker only: the driver, which creates the actors from this class, never
-    loads it (1-2 s of start-up and a few hundred MB per run otherwise)."""
+    loads it (1-2 s of start-up and a few hundred MB per run otherwise).
+
+    The model loads on a thread of its own, so that the actor answers `heartbeat()` from the
+    start (a model download may take many minutes); `run_shard` waits for it, and raises
+    `ModelNotLoaded` if it failed."""
 
     def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
-        from zimage_batch.run.worker import ShardRunner
+        self.worker_id = f"{platform.node()}:{os.getpid()}"
+        self.progress = ProgressCounter()
+        self._runner: Any = None
+        self._load_error = ""
+        self._loaded = threading.Event()
+        threading.Thread(target=self._load, args=(settings, threads), name="load-model", daemon=True).start()
 
-        self.runner = ShardRunner(settings, threads)
+    def _load(self, settings: WorkerSettings, threads: int | None) -> None:
+        try:
+            from zimage_batch.run.worker import ShardRunner
+
+            self._runner = ShardRunner(settings, threads, progress=self.progress)
+        except BaseException as exc:  # noqa: BLE001 - reported to the scheduler by run_shard
+            self._load_error = short_error(exc)
+        finally:
+            self._loaded.set()
+            self.progress.tick()
+
+    def _ready(self) -> Any:
+        self._loaded.wait()
+        if self._runner is None:
+            raise ModelNotLoaded(self._load_error)
+        return self._runner
 
     def run_shard(self, shard: Shard, attempt: int = 1) -> Any:
-        return self.runner.run_shard(shard, attempt)
+        return self._ready().run_shard(shard, attempt)
+
+    def heartbeat(self) -> Heartbeat:
+        return self.progress.heartbeat(self.worker_id, loading=not self._loaded.is_set())
 
     def stats(self) -> dict[str, Any]:
-        return self.runner.stats()
+        return self._ready().stats()
 
 
 class RayWorkerPool:
@@ -105,12 +143,14 @@ class RayWorkerPool:
         self.use_gpu = gpus > 0 and device != "cpu"
         self.size = workers or (gpus if self.use_gpu else 1)
         threads = None if self.use_gpu else cpu_threads_per_worker(self.size, cpu_threads)
-        options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER, "scheduling_strategy": "SPREAD"}
+        # One thread more than the shards in flight: heartbeats are answered beside them.
+        options: dict[str, Any] = {"max_concurrency": IN_FLIGHT_PER_WORKER + 1, "scheduling_strategy": "SPREAD"}
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self._actor_class = ray.remote(ShardRunnerActor).options(**options)
         self._args = (settings, threads)
         self.actors = [self._start() for _ in range(self.size)]
         self.replacements = 0
+        self._beats: dict[Any, int] = {}  # heartbeat call out -> its worker
 
     def _start(self) -> Any:
         return self._actor_class.remote(*self._args)
@@ -131,6 +171,25 @@ class RayWorkerPool:
         _kill(self.actors[worker])
         self.actors[worker] = self._start()
         self.replacements += 1
+        self._beats = {ref: w for ref, w in self._beats.items() if w != worker}  # the old actor's
+
+    def heartbeats(self) -> dict[int, Heartbeat]:
+        import ray
+
+        answered: dict[int, Heartbeat] = {}
+        ready, _ = ray.wait(list(self._beats), num_returns=len(self._beats), timeout=0) if self._beats else ([], [])
+        for ref in ready:
+            worker = self._beats.pop(ref)
+            try:
+                answered[worker] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a dead worker: its shards' outcomes say so
+                pass
+        for worker in set(range(self.size)) - set(self._beats.values()):
+            try:
+                self._beats[self.actors[worker].heartbeat.remote()] = worker
+            except Exception:  # noqa: BLE001 - a dead worker: its shards' outcomes say so
+                pass
+        return answered
 
     # ------------------------------------------------------------------ the rest
     def shutdown(self) -> None:

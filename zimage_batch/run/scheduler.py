@@ -3,11 +3,14 @@
     queue ─► dispatch (≤ IN_FLIGHT_PER_WORKER per worker; a suspect alone) ─► pool ─► outcome
       ▲                                                                               │
       └──────────── retry (charged or free) ◄── failed / worker died / unavailable ◄──┘
+                                                  ▲
+                                     stalled ─────┘ (heartbeats: no progress for stall_timeout)
 
 `Scheduler` knows nothing about Ray: it drives any `WorkerPool` (the Protocol below), which
-reports how each submitted shard ended as one of five outcomes. `run/pool.py` is the Ray
-implementation; `tests/test_scheduler.py` drives the same policy with a fake pool. The rules
-are those of docs/architecture.md, "Retries".
+reports how each submitted shard ended as one of five outcomes, and what each worker's last
+heartbeat (`run/heartbeat.py`) said. `run/pool.py` is the Ray implementation;
+`tests/test_scheduler.py` drives the same policy with a fake pool. The rules are those of
+docs/architecture.md, "Retries".
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence, Union
 
+from zimage_batch.run.heartbeat import Heartbeat
 from zimage_batch.run.plan import Shard
 
 IN_FLIGHT_PER_WORKER = 2  # one generating, one reading or uploading beside it
 MAX_FREE_REQUEUES = 20  # re-dispatches not charged to a shard (its worker died running another)
 WAIT_S = 1.0  # longest wait for an outcome between checks of the stop request and progress ticks
+STALL_FLOOR_S = 300.0  # the derived stall timeout: at least this, ...
+STALL_BATCHES = 10  # ... and at least this many times the worker's slowest batch so far
+START_TIMEOUT_S = 600.0  # a worker silent since it was started (placed, spawned, runtime_env set up)
 
 
 # ---------------------------------------------------------------------- what a pool reports
@@ -80,6 +87,10 @@ class WorkerPool(Protocol):
     def replace(self, worker: int) -> None:
         """Put a fresh worker in the place of `worker` (its tickets are forgotten)."""
 
+    def heartbeats(self) -> dict[int, Heartbeat]:
+        """The heartbeats answered since the last call, by worker; never waits long (a frozen
+        worker answers nothing, and is not waited for)."""
+
 
 # ---------------------------------------------------------------------- rules and results
 @dataclass(frozen=True)
@@ -90,6 +101,14 @@ class Rules:
     grace_period: float = 60.0  # seconds in-flight shards get once a stop is requested
     in_flight_per_worker: int = IN_FLIGHT_PER_WORKER
     max_free_requeues: int = MAX_FREE_REQUEUES
+    stall_timeout: float | None = None  # seconds without progress; None: derived (`stall_timeout_for`)
+
+
+def stall_timeout_for(rules: Rules, slowest_batch_s: float) -> float:
+    """The job's stall_timeout, else max(STALL_FLOOR_S, STALL_BATCHES x the worker's slowest batch)."""
+    if rules.stall_timeout is not None:
+        return rules.stall_timeout
+    return max(STALL_FLOOR_S, STALL_BATCHES * slowest_batch_s)
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,14 @@ class StopRequest:
 
 # ---------------------------------------------------------------------- the scheduler
 @dataclass
+class _Watch:
+    """One worker's liveness as the scheduler sees it, on the scheduler's clock."""
+
+    since: float  # when its progress last moved, or it last was idle
+    beat: Heartbeat | None = None  # its latest answer; None: none since it was started
+
+
+@dataclass
 class _State:
     queue: deque[Shard]
     attempts: dict[str, int] = field(default_factory=dict)  # charged tries per shard
@@ -163,6 +190,7 @@ class _State:
     failed_starts: int = 0  # workers that failed to start since the last finished shard
     failed: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None  # set once a stop is requested
+    watches: dict[int, _Watch] = field(default_factory=dict)  # worker -> its liveness
 
 
 class Scheduler:
@@ -207,6 +235,7 @@ class Scheduler:
             for ticket, outcome in self.pool.wait(list(s.in_flight), WAIT_S):
                 if ticket in s.in_flight:  # not dropped with its dead worker meanwhile
                     self._handle(ticket, outcome)
+            self._check_stalls()
             self.on_tick(len(s.queue), len(s.in_flight), self.pool.size)
         return Finish(dict(s.failed), stopped=False)
 
@@ -237,6 +266,7 @@ class Scheduler:
         shard, worker = s.in_flight.pop(ticket)
         if isinstance(outcome, Finished):
             s.failed_starts = 0
+            self._watch(worker).since = self.clock()
             s.suspects.discard(shard.name)
             self.on_result(outcome.result)
         elif isinstance(outcome, (ShardFailed, Unavailable)):
@@ -247,17 +277,76 @@ class Scheduler:
                 raise WorkersCannotStart(start_failure_message(outcome.reason))
             s.queue.appendleft(shard)
             self._drop_worker(worker)
-            self.pool.replace(worker)
+            self._replace(worker)
         elif isinstance(outcome, WorkerDied):
             # A worker that ran one shard alone died of it: charge that shard. A worker that ran
             # two leaves both as suspects, which then run alone until the culprit shows.
             others = self._drop_worker(worker)
             if others:
                 s.suspects.update([shard.name, *(o.name for o in others)])
-            self.pool.replace(worker)
+            self._replace(worker)
             self._retry(shard, outcome.reason, charged=not others)
         else:
             raise TypeError(f"not an outcome: {outcome!r}")
+
+    # ------------------------------------------------------------------ stalls
+    def _watch(self, worker: int) -> _Watch:
+        return self.state.watches.setdefault(worker, _Watch(self.clock()))
+
+    def _check_stalls(self) -> None:
+        """Take in the workers' heartbeats; replace a busy worker whose progress has not moved
+        for its stall timeout (a frozen worker answers nothing; a wedged one answers the same)."""
+        s = self.state
+        now = self.clock()
+        beats = self.pool.heartbeats()
+        busy = {w for _, w in s.in_flight.values()}
+        for worker in range(self.pool.size):
+            watch = self._watch(worker)
+            beat = beats.get(worker)
+            if beat is not None:
+                if watch.beat is None or beat.loading or beat.progress != watch.beat.progress:
+                    watch.since = now
+                watch.beat = beat
+            if worker not in busy:
+                watch.since = now
+                continue
+            limit = stall_timeout_for(self.rules, watch.beat.slowest_batch_s if watch.beat else 0.0)
+            if watch.beat is None:  # not started yet, as far as we know: Ray may still be setting it up
+                limit = max(limit, START_TIMEOUT_S)
+            if now - watch.since > limit:
+                self._stalled(worker, now - watch.since)
+
+    def _stalled(self, worker: int, seconds: float) -> None:
+        """Kill and replace a stalled worker; its shards run again. One that ran alone is charged
+        an attempt (it may be what wedges the device); two that ran side by side become suspects,
+        free of charge, as when a worker dies. A worker that never answered failed to start."""
+        s = self.state
+        beat = self._watch(worker).beat
+        mine = sorted(((t, shard) for t, (shard, w) in s.in_flight.items() if w == worker),
+                      key=lambda item: item[1].name != (beat.shard if beat else None))  # its latest batch's first
+        ticket, shard = mine[0]
+        who = beat.worker if beat else "no answer since it started"
+        beside = f" (shard {', '.join(o.name for _, o in mine[1:])} beside it)" if mine[1:] else ""
+        self.echo(f"worker {worker} ({who}) made no progress for {seconds:.0f}s on shard {shard.name}{beside}; "
+                  f"replacing it and retrying {'both' if mine[1:] else 'the shard'}")
+        reason = f"worker {who} made no progress for {seconds:.0f}s"
+        del s.in_flight[ticket]
+        others = self._drop_worker(worker)
+        self._replace(worker)
+        if beat is None:
+            s.failed_starts += 1
+            if s.failed_starts > self.pool.size * self.rules.max_attempts:
+                raise WorkersCannotStart(start_failure_message(reason))
+            s.queue.appendleft(shard)
+            return
+        if others:
+            s.suspects.update([shard.name, *(o.name for o in others)])
+        self._retry(shard, reason, charged=not others, quiet=True)
+
+    def _replace(self, worker: int) -> None:
+        """A fresh worker in its place, watched from now."""
+        self.pool.replace(worker)
+        self.state.watches[worker] = _Watch(self.clock())
 
     def _drop_worker(self, worker: int) -> list[Shard]:
         """Shards still in flight on a worker that died: queued again (first), not charged."""
@@ -270,8 +359,9 @@ class Scheduler:
             dropped.append(shard)
         return dropped
 
-    def _retry(self, shard: Shard, reason: str, charged: bool) -> None:
-        """Charge (or not) an attempt, then queue the shard again or give it up."""
+    def _retry(self, shard: Shard, reason: str, charged: bool, quiet: bool = False) -> None:
+        """Charge (or not) an attempt, then queue the shard again (`quiet`: without a line, the
+        caller said why) or give it up."""
         s = self.state
         name = shard.name
         if charged or s.free_requeues.get(name, 0) >= self.rules.max_free_requeues:
@@ -282,5 +372,6 @@ class Scheduler:
             s.failed[name] = reason
             self.echo(f"shard {name} failed {s.attempts[name]} times, giving up: {reason}")
         else:
-            self.echo(f"shard {name} attempt {s.attempts.get(name, 0)} failed ({reason}); retrying")
+            if not quiet:
+                self.echo(f"shard {name} attempt {s.attempts.get(name, 0)} failed ({reason}); retrying")
             s.queue.append(shard)

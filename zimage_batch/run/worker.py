@@ -46,6 +46,7 @@ from zimage_batch.output.writers import make_writer
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.generation import ShardGeneration, WorkerModel
+from zimage_batch.run.heartbeat import ProgressCounter
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.rows import expand_rows, images_of_row, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
@@ -60,7 +61,10 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, threads: int | None = None,
+                 progress: ProgressCounter | None = None) -> None:
+        """`progress`: what the worker's heartbeat reads (ticked by batches and shard steps)."""
+        self.progress = progress or ProgressCounter()
         if threads:
             torch.set_num_threads(threads)
         # Temporary files in this process's own folder, removed on SIGINT/SIGTERM; the folders of
@@ -128,6 +132,7 @@ class ShardRunner:
             passthrough_names=frozenset(self.manifest.passthrough.names),
             worker_id=self.worker_id,
             batch_sizes=self.batch_sizes,
+            progress=self.progress,
         )
         self.first_shard_started: float | None = None
 
@@ -155,6 +160,7 @@ class ShardRunner:
         if self._committed_marker(shard) is not None:
             return None
         _inject_fault(CRASH_ENV, shard.name)
+        self.progress.tick(shard.name)
         started = time.time()
         self.first_shard_started = self.first_shard_started or started
         file = self.files[shard.file]
@@ -181,9 +187,10 @@ class ShardRunner:
         try:
             judge = ShardJudge(self.curation, self.scorers, images, [images_of_row(row, self.settings) for row in images]
                                ) if self.scorers else None
-            generation = ShardGeneration(self.model, images, requests, writer, base, judge)
+            generation = ShardGeneration(self.model, images, requests, writer, base, judge, shard=shard.name)
             outcomes = generation.run()
             writer.close()
+            self.progress.tick()
             records = [row_record(row, request, self.settings) | outcome
                        for row, request, outcome in zip(images, requests, outcomes)]
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
@@ -201,6 +208,7 @@ class ShardRunner:
         marker = dataclasses.replace(marker, ok=ok, error=len(images) - ok - filtered, filtered=filtered, errors=errors,
                                      finished=time.time(), busy_s=generation.busy_s)
         _inject_fault(FAIL_BEFORE_COMMIT_ENV, shard.name)
+        self.progress.tick()
         try:
             check_fence(self.storage, self.settings.run)  # a run that lost OUTPUT's lease commits nothing
         except LeaseLost:
@@ -214,6 +222,7 @@ class ShardRunner:
         # unpublished for the lease's holder to judge (docs/architecture.md, "One writer per OUTPUT").
         check_fence(self.storage, self.settings.run)
         self.ledger.publish(marker)
+        self.progress.tick()
         metrics.rows_done(self.worker_id, ok, len(images) - ok)
         return marker
 
@@ -228,10 +237,12 @@ class ShardRunner:
         return [{**row, "prompt": expanded[row["prompt"]], "prompt_original": row["prompt"]} for row in rows]
 
     def _committed_marker(self, shard: Shard) -> CommitMarker | None:
-        """The shard's marker if it is committed, its publishing finished if it was cut short."""
+        """The shard's marker if it is committed, its publishing finished if it was cut short,
+        and what a killed attempt left in staging removed (a worker replaced mid-publish)."""
         marker = self.ledger.marker(shard.name, (shard.start, shard.end))
         if marker is not None:
             self.ledger.ensure_published(marker)
+            self.ledger.remove_staging(shard.name)
         return marker
 
     def _give_up(self, marker: CommitMarker) -> None:
