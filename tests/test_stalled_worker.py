@@ -16,7 +16,6 @@ from output_check import check_exactly_once
 from test_fault_tolerance import _start_run, _wait_for_commits, _worker_processes
 from test_job_e2e import make_manifest
 
-
 STALL_TIMEOUT = 15  # longer than any one step of a shard takes here, even on a loaded 2-core machine
 
 
