@@ -19,6 +19,8 @@ import yaml
 
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
+from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
+from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.layout import FORMATS
 
@@ -63,6 +65,14 @@ class JobSpec:
     canny_high: float = 200.0
     controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
     num_images: int = 1  # images per row (a row's `num_images` overrides it); image k uses seed + k
+    # derived inpaint masks and outpainting (edit manifests; inputs/mask_spec.py): the defaults
+    # of the rows' columns of the same names
+    mask: str | None = None  # alpha: the source's transparent area is repainted
+    mask_grow: int = 0  # pixels: the mask dilated (negative: eroded)
+    mask_blur: int = 0  # pixels: the mask's edge blurred
+    outpaint: str | None = None  # WxH: the canvas the source is placed on
+    aspect: str | None = None  # W:H: the smallest canvas of that aspect ratio holding the source
+    anchor: str | None = None  # where the source sits on the canvas: center (default) | top | bottom | left | right
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -107,10 +117,11 @@ class JobSpec:
         "lora",
         "loras",
         "num_images",
+        *MASK_JOB_FIELDS,
     )
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
-    ADDED_OUTPUT_FIELDS = ("lora", "loras")
+    ADDED_OUTPUT_FIELDS = ("lora", "loras", *MASK_JOB_FIELDS)
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
@@ -185,6 +196,10 @@ class JobSpec:
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
         self._validate_control()
+        try:
+            MaskJob.from_mapping(self.to_dict()).check()
+        except MaskSettingError as exc:
+            raise JobError(str(exc)) from None
         low_vram = str(self.low_vram).lower()
         self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
         if self.low_vram not in ("on", "off", "auto"):

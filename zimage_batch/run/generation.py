@@ -25,6 +25,7 @@ from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import load_row
+from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
@@ -59,6 +60,7 @@ class WorkerModel:
     passthrough_names: frozenset[str]  # manifest columns copied into each sample's JSON
     worker_id: str
     batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
+    masks: MaskJob | None = None  # an edit job that keeps masks: the rows' mask defaults
 
 
 class ShardGeneration:
@@ -75,6 +77,8 @@ class ShardGeneration:
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
+        self.masks = model.masks
+        self.mask_files: dict[int, bytes] = {}  # inpaint rows of a job that keeps masks: the mask as used
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
         self.confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
         self.busy_s = 0.0  # model time of this shard's own batches (not of a shard beside it)
@@ -141,6 +145,8 @@ class ShardGeneration:
                 else:
                     self.requests[i] = loaded.request
                     ready.append(i)
+                    if loaded.mask_png is not None:
+                        self.mask_files[i] = loaded.mask_png
             for batch in self._cut(ready):
                 yield batch
                 for i in batch:  # the pixels of a drawn batch's sources are no longer needed
@@ -159,7 +165,7 @@ class ShardGeneration:
         source pool, ahead of the GPU)."""
         limit = self.settings.max_source_pixels or images.DEFAULT_MAX_PIXELS
         canny = self.settings.control.canny if self.settings.control else (0.0, 0.0)
-        return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny)
+        return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny, self.masks)
 
     # ------------------------------------------------------------------ the model
     def _generate(self, batch: list[Request]) -> list[np.ndarray | BaseException]:
@@ -215,7 +221,8 @@ class ShardGeneration:
         meta = row_record(row, self.requests[i], self.settings) | {"sha256": digest, "duration_ms": duration_ms}
         meta |= self.lineage.get(i) or {}
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
-        location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
+        location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta,
+                                   mask=self.mask_files.pop(i, None))
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms}
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_batch.inputs.control import ControlJob
+from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
 from zimage_batch.model.variants import get_variant
@@ -37,6 +38,7 @@ class WorkerSettings:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> source
     lora: str | None = None  # the adapter spec of rows whose `lora` is empty
     control: ControlJob | None = None  # the ControlNet and the rows' condition defaults (variants that run one)
+    masks: MaskJob = MaskJob()  # the rows' mask defaults: derived masks and outpainting (edit manifests)
     run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
 
     @classmethod
@@ -65,4 +67,5 @@ class WorkerSettings:
             loras=dict(job.loras),
             lora=job.lora,
             control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
+            masks=MaskJob.from_mapping(job.to_dict()),
         )

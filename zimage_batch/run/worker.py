@@ -27,6 +27,7 @@ from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.mask_spec import masks_used
 from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
@@ -70,8 +71,10 @@ class ShardRunner:
         # names; its engine draws every kind of request.
         control = settings.control
         self.controlnet = resolve_pinned(control.controlnet, control.controlnet_id) if control else None
+        # catalogue editing: an edit job with masks keeps each mask as used (metadata, <key>.mask.png)
+        self.keep_masks = self.edit and masks_used(self.manifest.schema.names, settings.masks)
         self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
-            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None))
+            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, masks=self.keep_masks))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -110,6 +113,7 @@ class ShardRunner:
             passthrough_names=frozenset(self.manifest.passthrough.names),
             worker_id=self.worker_id,
             batch_sizes=self.batch_sizes,
+            masks=settings.masks if self.keep_masks else None,
         )
         self.first_shard_started: float | None = None
 
@@ -165,7 +169,7 @@ class ShardRunner:
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
             metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
                                       lora=bool(self.settings.loras), control=self.controlnet is not None,
-                                      image_index=self.image_index)
+                                      image_index=self.image_index, masks=self.keep_masks)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
