@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
+from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
@@ -128,9 +129,13 @@ def check_manifest(job: JobSpec) -> tuple[Manifest, ResolvedJob]:
     if manifest.kind == "prompt" and spec.control not in (None, "none"):
         raise JobError(f"control: {spec.control} derives each row's condition from its source image, and "
                        f"{spec.manifest} is a prompt manifest (no source column); give control_image instead")
+    masks = MaskJob.from_mapping(spec.to_dict())
+    if manifest.kind == "prompt" and (masks.derives or masks.mask_grow or masks.mask_blur or masks.anchor):
+        raise JobError(f"mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and "
+                       f"{spec.manifest} is a prompt manifest (no source column); leave them unset")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
-                    control_image=spec.control_image, default_num_images=d["num_images"])
+                    control_image=spec.control_image, default_num_images=d["num_images"], masks=masks)
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
 
 
