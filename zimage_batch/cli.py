@@ -256,8 +256,10 @@ def validate(manifest: str, variant: str, settings: tuple[str, ...]) -> None:
 @click.option("--controlnet", "controlnet", type=click.Choice(["1.0", "2.0", "2.1"]),
               help="Write a tiny ControlNet Union of this version instead (matching the tiny models): "
                    "one .safetensors file when DIRECTORY ends in .safetensors, else a diffusers folder")
+@click.option("--segmenter", is_flag=True,
+              help="Write a tiny random CLIPSeg folder instead (the `segmenter` of masks from words)")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None) -> None:
+                            controlnet: str | None, segmenter: bool) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
@@ -269,6 +271,11 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
     from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 
     try:
+        if segmenter:
+            from zimage_batch.model.segmenter import make_tiny_segmenter
+
+            click.echo(f"tiny CLIPSeg segmenter written to {make_tiny_segmenter(directory, seed)}")
+            return
         if controlnet:
             folder = not directory.endswith(".safetensors")
             path = make_tiny_controlnet(directory, controlnet, seed, folder=folder)

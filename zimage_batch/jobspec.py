@@ -73,6 +73,11 @@ class JobSpec:
     outpaint: str | None = None  # WxH: the canvas the source is placed on
     aspect: str | None = None  # W:H: the smallest canvas of that aspect ratio holding the source
     anchor: str | None = None  # where the source sits on the canvas: center (default) | top | bottom | left | right
+    mask_prompt: str | None = None  # words: the mask is where CLIPSeg finds them
+    mask_threshold: float | None = None  # CLIPSeg probability from which a pixel repaints (None: 0.4)
+    mask_invert: bool = False  # repaint where the words are not
+    segmenter: str | None = None  # CLIPSeg weights (None: CIDAS/clipseg-rd64-refined); a folder: local, s3://, hub
+    segmenter_id: str | None = None  # resolved by the run (sha256, cache entry or hub commit), not a setting
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -125,7 +130,7 @@ class JobSpec:
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-    RESOLVED_FIELDS = ("controlnet_id",)  # worked out by the run, never a setting
+    RESOLVED_FIELDS = ("controlnet_id", "segmenter_id")  # worked out by the run, never a setting
 
     def output_fields(self) -> tuple[str, ...]:
         """The fields the fingerprint covers for this job."""
@@ -196,6 +201,8 @@ class JobSpec:
         if not 1 <= self.quality <= 100:
             raise JobError("quality must be in 1..100")
         self._validate_control()
+        if self.segmenter and "://" not in self.segmenter and os.path.exists(os.path.expanduser(self.segmenter)):
+            self.segmenter = os.path.abspath(os.path.expanduser(self.segmenter))  # not a hub id
         try:
             MaskJob.from_mapping(self.to_dict()).check()
         except MaskSettingError as exc:
@@ -311,7 +318,7 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false"
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
-    for name in ("manifest", "output", "model", "controlnet", "control_image"):
+    for name in ("manifest", "output", "model", "controlnet", "control_image", "segmenter"):
         value = values.get(name)
         if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
             continue

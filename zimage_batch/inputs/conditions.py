@@ -23,7 +23,7 @@ from zimage_batch.generate.edit import prepare_source
 from zimage_batch.generate.requests import ControlRequest, EditRequest
 from zimage_batch.inputs import images
 from zimage_batch.inputs.control import DERIVED, GIVEN
-from zimage_batch.inputs.mask_spec import MaskJob, RowMask, row_mask
+from zimage_batch.inputs.mask_spec import WORDS, MaskJob, RowMask, row_mask
 from zimage_batch.inputs.masks import MaskError
 from zimage_batch.model.variants import Variant
 
@@ -81,8 +81,9 @@ def load_control_row(template: ControlRequest, source: str | None, mask: str | N
             condition = derive(template.control, image, width, height, canny)
             lineage["control_sha256"] = hashlib.sha256(np.asarray(condition).tobytes()).hexdigest()
         source_image = None
-        if template.inpaint:
-            source_image, mask_image = prepare_source(image, mask_image, "inpaint", width, height)
+        if template.inpaint:  # a words row is sized now, its mask made later
+            mode = "img2img" if spec is not None and spec.kind == WORDS else "inpaint"
+            source_image, mask_image = prepare_source(image, mask_image, mode, width, height)
     except (images.SourceError, MaskError) as exc:
         return images.EditRow(None, lineage, str(exc))
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC, sizes
@@ -90,7 +91,7 @@ def load_control_row(template: ControlRequest, source: str | None, mask: str | N
     request = replace(template, width=width, height=height, control_image=condition, image=source_image,
                       mask=mask_image if template.inpaint else None)
     loaded = images.EditRow(request, lineage)
-    return images.keep_mask(loaded, spec) if keep else loaded
+    return images.pending_words(images.keep_mask(loaded, spec), image, spec) if keep else loaded
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:

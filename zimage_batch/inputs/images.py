@@ -29,7 +29,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from zimage_batch.generate.edit import prepare_source
 from zimage_batch.generate.requests import EditRequest
 from zimage_batch.inputs import masks
-from zimage_batch.inputs.mask_spec import RowMask
+from zimage_batch.inputs.mask_spec import WORDS, RowMask
 from zimage_batch.model.variants import Variant
 from zimage_batch.storage import StorageError, is_s3, open_storage, split_s3_uri
 from zimage_batch.text import first_line
@@ -152,18 +152,22 @@ class EditRow:
     lineage: dict[str, Any]  # source, source_sha256, source_width, source_height, mode, strength, mask
     error: str | None = None
     mask_png: bytes | None = None  # the mask as the model used it, stored beside the output
+    segment: tuple[Image.Image, RowMask] | None = None  # a words row: its source for CLIPSeg, mask to come
 
 
 def source_and_mask(data: bytes, source: str, mask: str | None, spec: RowMask | None, max_pixels: int,
                     lineage: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
     """A row's decoded source (RGB) and mask, before sizing: the given mask file, or one derived
-    from the source (masks.py), grown and blurred; the row's lineage gets the source's size."""
+    from the source (masks.py), grown and blurred (a words row's mask comes later: None here); the
+    row's lineage gets the source's size."""
     decoded = decode_upright(data, source, max_pixels)
     try:
         image = to_rgb(decoded)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SourceError(f"source is corrupt or truncated: {source} ({first_line(exc, 200)})") from None
     lineage["source_width"], lineage["source_height"] = image.size
+    if spec is not None and spec.kind == WORDS:
+        return image, None
     if spec is not None and spec.derived:
         return masks.derive(spec, decoded, image, source)
     mask_image = decode(fetch(mask, "mask"), mask, max_pixels, "mask").convert("L") if mask else None
@@ -177,10 +181,28 @@ def mask_lineage(spec: RowMask | None, mask: str | None) -> dict[str, Any]:
     if spec is None:
         return {"mask_sha256": None, "mask_grow": None, "mask_blur": None, "outpaint": None, "anchor": None}
     canvas = spec.canvas and f"{spec.canvas[0]}x{spec.canvas[1]}"
-    outpainted = spec.kind == "outpaint"
+    outpainted, words = spec.kind == "outpaint", spec.kind == WORDS
     return {"mask": spec.kind if spec.derived else mask, "mask_sha256": None, "mask_grow": spec.grow,
             "mask_blur": spec.blur, "outpaint": (canvas or spec.aspect) if outpainted else None,
-            "anchor": spec.anchor if outpainted else None}
+            "anchor": spec.anchor if outpainted else None, "mask_prompt": spec.prompt,
+            "mask_threshold": spec.threshold if words else None, "mask_invert": spec.invert if words else None}
+
+
+def pending_words(row: EditRow, image: Image.Image, spec: RowMask | None) -> EditRow:
+    """A words row, loaded but for its mask: it waits for CLIPSeg (`complete_words`)."""
+    if row.error or spec is None or spec.kind != WORDS:
+        return row
+    return replace(row, segment=(image, spec))
+
+
+def complete_words(row: EditRow, probability: np.ndarray) -> EditRow:
+    """A words row's mask from CLIPSeg's probabilities over its source, at the output size,
+    checked and kept."""
+    _, spec = row.segment
+    mask, request = masks.words_mask(probability, spec), row.request
+    if mask.size != (request.width, request.height):
+        mask = mask.resize((request.width, request.height), Image.Resampling.LANCZOS)
+    return keep_mask(replace(row, request=replace(request, mask=mask), segment=None), spec)
 
 
 def keep_mask(row: EditRow, spec: RowMask | None) -> EditRow:
@@ -217,9 +239,10 @@ def load_edit_row(template: EditRequest, source: str, mask: str | None, variant:
     try:
         data = fetch(source)
         lineage["source_sha256"] = hashlib.sha256(data).hexdigest()
-        image, mask_image = source_and_mask(data, source, mask, spec, max_pixels, lineage)
-        width, height = output_size(image.width, image.height, variant, template.width, template.height)
-        image, mask_image = prepare_source(image, mask_image, template.mode, width, height)
+        original, mask_image = source_and_mask(data, source, mask, spec, max_pixels, lineage)
+        width, height = output_size(original.width, original.height, variant, template.width, template.height)
+        words = spec is not None and spec.kind == WORDS  # sized now, its mask made later
+        image, mask_image = prepare_source(original, mask_image, "img2img" if words else template.mode, width, height)
     except (SourceError, masks.MaskError) as exc:
         return EditRow(None, lineage, str(exc))
     except ValueError as exc:  # the reference pipeline's own checks (size, aspect ratio)
@@ -227,7 +250,7 @@ def load_edit_row(template: EditRequest, source: str, mask: str | None, variant:
     except (struct.error, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC
         return EditRow(None, lineage, f"source could not be decoded: {source} ({type(exc).__name__})")
     loaded = EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
-    return keep_mask(loaded, spec) if keep else loaded
+    return pending_words(keep_mask(loaded, spec), original, spec) if keep else loaded
 
 
 def prefetch(

@@ -10,10 +10,13 @@ A row's mask, from its own columns, else the job's settings of the same names:
     aspect: W:H          area is repainted. `aspect` picks the smallest canvas of that aspect
                          ratio that holds the source.
     anchor               center (default) | top | bottom | left | right: where the source sits
+    mask_prompt          words ("the background"): the mask is where CLIPSeg (the job's
+                         `segmenter`) finds them, its probability at least `mask_threshold`
+                         (default 0.4); `mask_invert: true` repaints everything else
     mask_grow            pixels (source pixels): the mask dilated (negative: eroded)
     mask_blur            pixels: a Gaussian blur of the mask's edge
 
-A row may have a mask or an outpaint canvas, not both. Rows with either run as inpaint.
+A row has one of: a mask, mask words, an outpaint canvas. Rows with any of them run as inpaint.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 ALPHA = "alpha"
+WORDS = "words"  # RowMask.kind of a mask from mask_prompt
+DEFAULT_THRESHOLD = 0.4
+DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 ANCHORS = ("center", "top", "bottom", "left", "right")
 MAX_GROW = 1024  # pixels, either way
 MAX_BLUR = 256
@@ -36,7 +42,8 @@ _OUTPAINT = re.compile(r"^\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*$")
 _ASPECT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*$")
 # the manifest columns of derived masks (edit manifests only) and their type families
 MASK_COLUMNS = {"mask_grow": "integer", "mask_blur": "integer", "outpaint": "string", "aspect": "string",
-                "anchor": "string"}
+                "anchor": "string", "mask_prompt": "string", "mask_threshold": "number",
+                "mask_invert": "boolean or number"}
 # metadata columns of a job that uses masks: what made each row's mask, and the stored mask's sha256
 MASK_METADATA_COLUMNS = {
     "mask_sha256": pa.string(),
@@ -44,8 +51,12 @@ MASK_METADATA_COLUMNS = {
     "mask_blur": pa.int64(),
     "outpaint": pa.string(),
     "anchor": pa.string(),
+    "mask_prompt": pa.string(),
+    "mask_threshold": pa.float64(),
+    "mask_invert": pa.bool_(),
 }
-JOB_FIELDS = ("mask", "mask_grow", "mask_blur", "outpaint", "aspect", "anchor")
+JOB_FIELDS = ("mask", "mask_grow", "mask_blur", "outpaint", "aspect", "anchor", "mask_prompt", "mask_threshold",
+              "mask_invert", "segmenter_id")
 
 
 class MaskSettingError(ValueError):
@@ -62,15 +73,24 @@ class MaskJob:
     outpaint: str | None = None
     aspect: str | None = None
     anchor: str | None = None  # None: center
+    mask_prompt: str | None = None
+    mask_threshold: float | None = None  # None: 0.4
+    mask_invert: bool = False
+    segmenter: str | None = None  # None: CIDAS/clipseg-rd64-refined
+    segmenter_id: str | None = None  # its identity, as the driver resolved it
 
     @classmethod
     def from_mapping(cls, job: Mapping[str, Any]) -> MaskJob:
-        return cls(**{name: job[name] for name in JOB_FIELDS if job.get(name) is not None})
+        return cls(**{name: job[name] for name in (*JOB_FIELDS, "segmenter") if job.get(name) is not None})
 
     @property
     def derives(self) -> bool:
         """Whether the job's own settings derive a mask for every row."""
-        return bool(self.mask or self.outpaint or self.aspect)
+        return bool(self.mask or self.outpaint or self.aspect or self.mask_prompt)
+
+    @property
+    def segmenter_source(self) -> str:
+        return self.segmenter or DEFAULT_SEGMENTER
 
     def check(self) -> None:
         """Refuse bad job settings (one line)."""
@@ -79,8 +99,10 @@ class MaskJob:
                                    f"column), got {self.mask!r}")
         if self.outpaint and self.aspect:
             raise MaskSettingError("outpaint and aspect both set the canvas; set one of them")
-        if self.mask and (self.outpaint or self.aspect):
-            raise MaskSettingError("mask: alpha and outpaint/aspect both set the mask; set one of them")
+        if sum(map(bool, (self.mask, self.outpaint or self.aspect, self.mask_prompt))) > 1:
+            raise MaskSettingError("mask, mask_prompt and outpaint/aspect each set the mask; set one of them")
+        if self.mask_threshold is not None and not 0 <= self.mask_threshold <= 1:
+            raise MaskSettingError(f"mask_threshold must be in 0..1, got {self.mask_threshold}")
         if self.outpaint is not None:
             parse_outpaint(self.outpaint)
         if self.aspect is not None:
@@ -115,12 +137,15 @@ def parse_aspect(text: str) -> float:
 class RowMask:
     """How one row's mask is made."""
 
-    kind: str  # file | alpha | outpaint
+    kind: str  # file | alpha | outpaint | words
     grow: int = 0
     blur: int = 0
     canvas: tuple[int, int] | None = None  # outpaint: WxH
     aspect: str | None = None  # outpaint: W:H
     anchor: str = "center"
+    prompt: str | None = None  # words
+    threshold: float = DEFAULT_THRESHOLD
+    invert: bool = False
 
     @property
     def derived(self) -> bool:
@@ -138,6 +163,11 @@ def row_mask(row: Mapping[str, Any], job: MaskJob) -> RowMask | None:
     outpaint, aspect = row.get("outpaint"), row.get("aspect")
     if not outpaint and not aspect:
         outpaint, aspect = job.outpaint, job.aspect
+    words = row.get("mask_prompt") or job.mask_prompt
+    if words:
+        threshold = value("mask_threshold")
+        return RowMask(WORDS, grow, blur, prompt=str(words), invert=bool(value("mask_invert")),
+                       threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold))
     if outpaint:
         return RowMask("outpaint", grow, blur, canvas=parse_outpaint(outpaint), anchor=anchor)
     if aspect:
@@ -145,6 +175,11 @@ def row_mask(row: Mapping[str, Any], job: MaskJob) -> RowMask | None:
     if mask:
         return RowMask(ALPHA if mask == ALPHA else "file", grow, blur)
     return None
+
+
+def uses_words(columns: Any, job: MaskJob) -> bool:
+    """Whether a job on a manifest with these columns makes masks from words (needs a segmenter)."""
+    return bool(job.mask_prompt) or "mask_prompt" in set(columns)
 
 
 def masks_used(columns: Any, job: MaskJob) -> bool:
@@ -168,7 +203,16 @@ def derived_rows(batch: pa.RecordBatch, job: MaskJob) -> pa.Array:
         alpha = pc.fill_null(pc.equal(pc.cast(batch.column("mask"), pa.string()), ALPHA), False)
     own_mask = given("mask")
     job_alpha = pc.and_(pc.invert(own_mask), pa.array([job.mask == ALPHA] * n))
-    return pc.or_(pc.or_(alpha, job_alpha), canvas_rows(batch, job))
+    return pc.or_(pc.or_(pc.or_(alpha, job_alpha), canvas_rows(batch, job)), word_rows(batch, job))
+
+
+def word_rows(batch: pa.RecordBatch, job: MaskJob) -> pa.Array:
+    """True where a row's mask comes from words (its own mask_prompt, else the job's)."""
+    n = batch.num_rows
+    if "mask_prompt" not in batch.schema.names:
+        return pa.array([bool(job.mask_prompt)] * n)
+    own = pc.fill_null(pc.greater(pc.utf8_length(pc.cast(batch.column("mask_prompt"), pa.string())), 0), False)
+    return pc.or_(own, pa.array([bool(job.mask_prompt)] * n))
 
 
 def canvas_rows(batch: pa.RecordBatch, job: MaskJob) -> pa.Array:
@@ -216,11 +260,18 @@ def check_mask_batch(batch: pa.RecordBatch, job: MaskJob, fail_if: Callable[[str
     has_mask = pc.or_(is_set("mask"), pa.array([bool(job.mask)] * n))
     fail_if("mask", pc.and_(has_mask, canvas_rows(batch, job)),
             "is set on rows that are also outpainted (outpaint/aspect make their own mask); keep one of them")
+    words = word_rows(batch, job)
+    fail_if("mask_prompt", pc.and_(words, has_mask), "is set on rows that also have a mask; keep one of them")
+    fail_if("mask_prompt", pc.and_(words, canvas_rows(batch, job)),
+            "is set on rows that are also outpainted (outpaint/aspect make their own mask); keep one of them")
+    if "mask_threshold" in names:
+        threshold = batch.column("mask_threshold")
+        fail_if("mask_threshold", pc.or_(pc.less(threshold, 0), pc.greater(threshold, 1)), "must be in 0..1")
     if "mode" in names:
         fail_if("mode", pc.and_(derived_rows(batch, job), pc.fill_null(pc.is_in(strings("mode"),
                                                                                 pa.array(["img2img", "edit"])), False)),
-                "asks for img2img or edit on rows whose mask is derived (alpha, outpaint, aspect: they run as "
-                "inpaint); leave it empty")
+                "asks for img2img or edit on rows whose mask is derived (alpha, words, outpaint, aspect: they run "
+                "as inpaint); leave it empty")
 
 
 def _bad_values(values: pa.Array, parse: Callable[[str], Any]) -> pa.Array:

@@ -8,6 +8,9 @@ ahead of the GPU, in the source's own pixels, before the source and mask are siz
   by repeating the source's edge pixels outwards (each new pixel takes the colour of the nearest
   source pixel), which gives the model the source's colours to start from, and the mask is the
   new area. A canvas smaller than the source on either side is an error row naming both sizes.
+* words (mask_prompt): CLIPSeg's probability of the words at each source pixel (generate/
+  segmenter.py, on the worker's device, a window of rows at once); pixels from `mask_threshold`
+  repaint, the rest not (`mask_invert` swaps them).
 * then, for every mask: `mask_grow` dilates it by that many pixels (an elliptical kernel;
   negative erodes), so an outpaint mask reaches that far into the source for a seamless edge;
   `mask_blur` blurs its edge (Gaussian, radius in pixels).
@@ -111,10 +114,18 @@ def derive(spec: RowMask, decoded: Image.Image, rgb: Image.Image, uri: str) -> t
     return image, refine(mask, spec.grow, spec.blur)
 
 
+def words_mask(probability: np.ndarray, spec: RowMask) -> Image.Image:
+    """The mask of a words row from its CLIPSeg probabilities (source size), grown and blurred."""
+    found = probability >= spec.threshold
+    mask = np.where(found != spec.invert, 255, 0).astype(np.uint8)
+    return refine(Image.fromarray(mask, "L"), spec.grow, spec.blur)
+
+
 def check_not_empty(mask: Image.Image, spec: RowMask, uri: str) -> None:
     """A derived mask must repaint something (at the size the model sees it)."""
     if int(np.asarray(mask).max(initial=0)) < REPAINTED:
-        what = "the source is opaque" if spec.kind == ALPHA else "the canvas adds nothing"
+        what = {ALPHA: "the source is opaque", "outpaint": "the canvas adds nothing"}.get(
+            spec.kind, f"CLIPSeg finds no {spec.prompt!r} at threshold {spec.threshold:g}")
         raise MaskError(f"the derived mask is empty, nothing to repaint ({spec.kind}: {what}): {uri}")
 
 

@@ -23,6 +23,7 @@ import torch
 
 from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
+from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import load_row
 from zimage_batch.inputs.mask_spec import MaskJob
@@ -61,6 +62,7 @@ class WorkerModel:
     worker_id: str
     batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
     masks: MaskJob | None = None  # an edit job that keeps masks: the rows' mask defaults
+    segmenter: Segmenter | None = None  # masks from words: CLIPSeg, run on the model thread
 
 
 class ShardGeneration:
@@ -77,7 +79,7 @@ class ShardGeneration:
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
-        self.masks = model.masks
+        self.masks, self.segmenter = model.masks, model.segmenter
         self.mask_files: dict[int, bytes] = {}  # inpaint rows of a job that keeps masks: the mask as used
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
         self.confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
@@ -138,7 +140,7 @@ class ShardGeneration:
         )
         for window in windows:
             ready = []
-            for i, loaded in window:
+            for i, loaded in self._segment(window):
                 self.lineage[i] = loaded.lineage
                 if loaded.error:
                     self.outcomes[i] = error_outcome(loaded.error)
@@ -151,6 +153,19 @@ class ShardGeneration:
                 yield batch
                 for i in batch:  # the pixels of a drawn batch's sources are no longer needed
                     release_pixels(self.requests[i])
+
+    def _segment(self, window: list[tuple[int, images.EditRow]]) -> list[tuple[int, images.EditRow]]:
+        """The window's words rows get their masks: CLIPSeg on the model thread, the window at once."""
+        waiting = [k for k, (_, loaded) in enumerate(window) if loaded.segment is not None]
+        if not waiting:
+            return window
+        sources = [window[k][1].segment for k in waiting]
+        found = self.model_thread.submit(self.segmenter.probabilities, [image for image, _ in sources],
+                                         [spec.prompt for _, spec in sources]).result()
+        window = list(window)
+        for k, probability in zip(waiting, found):
+            window[k] = (window[k][0], images.complete_words(window[k][1], probability))
+        return window
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
         return cut_batches(self.requests, indices, self._size_of)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from zimage_batch.inputs.manifest import Limits, Manifest, open_manifest, validate_manifest
-from zimage_batch.inputs.mask_spec import MaskJob
+from zimage_batch.inputs.mask_spec import MaskJob, uses_words
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
 from zimage_batch.model.controlnet import check_controlnet_fits
+from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
@@ -105,7 +106,20 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None) -> Pre
     check_adapters_fit(adapters, model.path)  # keys and shapes against the transformer's config
     if spec.controlnet:
         resolved = with_controlnet(resolved, model.path)
+    if manifest.kind == "edit" and uses_words(manifest.schema.names, MaskJob.from_mapping(spec.to_dict())):
+        resolved = with_segmenter(resolved)
     return Prepared(manifest, resolved, model)
+
+
+def with_segmenter(job: ResolvedJob) -> ResolvedJob:
+    """Masks from words: the CLIPSeg weights fetched and checked before any worker starts, and
+    the job with their identity (`segmenter_id`), which the fingerprint covers."""
+    spec = job.spec
+    source = MaskJob.from_mapping(spec.to_dict()).segmenter_source
+    segmenter = resolve_addon(source, "segmenter")
+    check_segmenter(segmenter.path, source)
+    spec = dataclasses.replace(spec, segmenter_id=segmenter.identity)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
 def with_controlnet(job: ResolvedJob, model_dir: str) -> ResolvedJob:

@@ -26,8 +26,9 @@ from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
-from zimage_batch.inputs.mask_spec import masks_used
+from zimage_batch.inputs.mask_spec import masks_used, uses_words
 from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.sources import resolve_model
@@ -114,8 +115,16 @@ class ShardRunner:
             worker_id=self.worker_id,
             batch_sizes=self.batch_sizes,
             masks=settings.masks if self.keep_masks else None,
+            segmenter=self._segmenter(device),
         )
         self.first_shard_started: float | None = None
+
+    def _segmenter(self, device: str) -> Segmenter | None:
+        """Masks from words: the job's CLIPSeg, the very weights its fingerprint names, on the model's device."""
+        masks = self.settings.masks
+        if not (self.edit and uses_words(self.manifest.schema.names, masks)):
+            return None
+        return Segmenter(resolve_pinned(masks.segmenter_source, masks.segmenter_id, "segmenter").path, device)
 
     def _first_shape(self) -> tuple[int, int]:
         """(width, height) of the manifest's first row (the job's defaults where it has none, and
