@@ -32,25 +32,30 @@ def cutout(width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels, "RGBA")
 
 
-def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_local):
+def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_local, tmp_path):
     store = open_storage(f"s3://{s3_bucket}/shop")
     store.put_bytes("cutouts/a.png", png(cutout(64, 64)))
     store.put_bytes("cutouts/b.png", png(cutout(80, 64)))
     store.put_bytes("photos/c.png", png(cutout(64, 64).convert("RGB")))
-    rows = {"id": ["sku-a", "sku-b", "sku-c", "sku-no-alpha"],
-            "source": ["cutouts/a.png", "cutouts/b.png", "photos/c.png", "photos/c.png"],
-            "prompt": ["on a marble table"] * 2 + ["a wider shot", "on wood"],
-            "mask": ["alpha", "alpha", None, "alpha"], "aspect": [None, None, "4:5", None]}
+    rows = {"id": ["sku-a", "sku-b", "sku-c", "sku-no-alpha", "sku-words"],
+            "source": ["cutouts/a.png", "cutouts/b.png", "photos/c.png", "photos/c.png", "photos/c.png"],
+            "prompt": ["on a marble table"] * 2 + ["a wider shot", "on wood", "on grass"],
+            "mask": ["alpha", "alpha", None, "alpha", None], "aspect": [None, None, "4:5", None, None],
+            "mask_prompt": [None] * 4 + ["the background"]}
+    segmenter = cli_in_process("make-tiny-model", str(tmp_path / "clipseg"), "--segmenter")
+    assert segmenter.returncode == 0, segmenter.stderr[-2000:]
     buffer = io.BytesIO()
     pq.write_table(pa.table(rows), buffer)
     store.put_bytes("manifest.parquet", buffer.getvalue())
     output = f"s3://{s3_bucket}/edited"
     args = ("run", "--manifest", f"s3://{s3_bucket}/shop/manifest.parquet", "--output", output, "--model", "tiny:turbo",
-            "--format", "webdataset", "--set", "mask_grow=2", "--set", "num_inference_steps=2")
+            "--format", "webdataset", "--set", "mask_grow=2", "--set", f"segmenter={tmp_path / 'clipseg'}",
+            "--set", "num_inference_steps=2")
     result = cli_in_process(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     by_id = {r["id"]: r for r in check_exactly_once(output, rows["id"])}
-    assert [by_id[i]["status"] for i in rows["id"]] == ["ok", "ok", "ok", "error"]
+    assert [by_id[i]["status"] for i in rows["id"]] == ["ok", "ok", "ok", "error", "ok"]
+    assert (by_id["sku-words"]["mask"], by_id["sku-words"]["mask_prompt"]) == ("words", "the background")
     assert "no alpha channel" in by_id["sku-no-alpha"]["error"] and "photos/c.png" in by_id["sku-no-alpha"]["error"]
     assert (by_id["sku-a"]["mask"], by_id["sku-a"]["mask_grow"], by_id["sku-a"]["mode"]) == ("alpha", 2, "inpaint")
     assert (by_id["sku-c"]["mask"], by_id["sku-c"]["outpaint"], by_id["sku-c"]["anchor"]) == ("outpaint", "4:5", "center")

@@ -108,7 +108,9 @@ def test_job_settings_check_and_fingerprint():
                               ({"aspect": "4:0"}, "aspect must be W:H"), ({"anchor": "middle"}, "anchor must be one of"),
                               ({"outpaint": "64x64", "aspect": "1:1"}, "set one of them"),
                               ({"mask": "alpha", "aspect": "1:1"}, "set one of them"),
-                              ({"mask_blur": -1}, "mask_blur must be in")]:
+                              ({"mask_blur": -1}, "mask_blur must be in"),
+                              ({"mask": "alpha", "mask_prompt": "the sky"}, "set one of them"),
+                              ({"mask_threshold": 2.0}, "mask_threshold must be in 0..1")]:
         with pytest.raises(JobError, match=re.escape(problem)):
             JobSpec(manifest="m", output="o", **settings).validate()
 
@@ -123,6 +125,9 @@ def test_job_settings_check_and_fingerprint():
     ({"mask_grow": [5000]}, {}, "column 'mask_grow' must be in"),
     ({"mask": ["alpha"], "mode": ["img2img"]}, {}, "column 'mode' asks for img2img or edit on rows whose mask is derived"),
     ({"mask": ["m.png"]}, {"aspect": "4:5"}, "column 'mask' is set on rows that are also outpainted"),
+    ({"mask": ["alpha"], "mask_prompt": ["the background"]}, {}, "column 'mask_prompt' is set on rows that also have a mask"),
+    ({"mask_prompt": ["the sky"], "outpaint": ["96x96"]}, {}, "column 'mask_prompt' is set on rows that are also outpainted"),
+    ({"mask_prompt": ["the sky"], "mask_threshold": [1.5]}, {}, "column 'mask_threshold' must be in 0..1"),
 ])
 def test_bad_mask_settings_refused_before_any_work(tmp_path, columns, job, problem):
     from zimage_batch.run.preflight import check_manifest

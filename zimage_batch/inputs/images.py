@@ -6,7 +6,10 @@ writes as an `error` row; `prefetch` runs it on a thread pool ahead of the GPU. 
 EXIF orientation, converts palette, grayscale, alpha (composited on white), CMYK (through its
 ICC profile when it has one) and 16-bit images to 8-bit RGB, and refuses images with more
 pixels than a limit before decoding them (decompression bombs). Relative source paths are
-relative to the manifest file that lists them (`resolve_uri`).
+relative to the manifest file that lists them (`resolve_uri`). A mask may instead be derived
+from the source (masks.py: its alpha, an outpaint canvas, words through CLIPSeg, the last
+completed after the window's CLIPSeg pass); in a job that keeps masks, the mask as used comes
+back as a PNG with its sha256.
 """
 
 from __future__ import annotations
