@@ -122,7 +122,6 @@ class JobSpec:
         "lora",
         "loras",
         "num_images",
-        *MASK_JOB_FIELDS,
     )
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
@@ -133,8 +132,9 @@ class JobSpec:
     RESOLVED_FIELDS = ("controlnet_id", "segmenter_id")  # worked out by the run, never a setting
 
     def output_fields(self) -> tuple[str, ...]:
-        """The fields the fingerprint covers for this job."""
-        return self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
+        """The fields the fingerprint covers for this job (the mask settings when any is set)."""
+        masks = MASK_JOB_FIELDS if any(getattr(self, name) for name in MASK_JOB_FIELDS) else ()
+        return self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ()) + masks
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
