@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from cli_in_process import cli_in_process
 from output_check import check_exactly_once
 from PIL import Image
 
+from zimage_batch.output.review import repainted
 from zimage_batch.storage import open_storage
 
 
@@ -32,7 +35,13 @@ def cutout(width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels, "RGBA")
 
 
-def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_local, tmp_path):
+@pytest.fixture(scope="module")
+def pages() -> dict[str, str]:
+    """The report page of the run below, for the rendering check."""
+    return {}
+
+
+def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_local, tmp_path, pages):
     store = open_storage(f"s3://{s3_bucket}/shop")
     store.put_bytes("cutouts/a.png", png(cutout(64, 64)))
     store.put_bytes("cutouts/b.png", png(cutout(80, 64)))
@@ -60,7 +69,7 @@ def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_lo
     assert (by_id["sku-a"]["mask"], by_id["sku-a"]["mask_grow"], by_id["sku-a"]["mode"]) == ("alpha", 2, "inpaint")
     assert (by_id["sku-c"]["mask"], by_id["sku-c"]["outpaint"], by_id["sku-c"]["anchor"]) == ("outpaint", "4:5", "center")
     assert (by_id["sku-c"]["width"], by_id["sku-c"]["height"]) == (64, 80)  # the 4:5 canvas of a 64x64 photo
-    members = {}
+    members: dict[str, bytes] = {}
     for info in open_storage(output).list("shards/"):
         with tarfile.open(fileobj=io.BytesIO(open_storage(output).get_bytes(info.key))) as tar:
             members |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -70,7 +79,23 @@ def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_lo
             mask = members[f"{key}.mask.png"]
             assert hashlib.sha256(mask).hexdigest() == row["mask_sha256"]
             assert Image.open(io.BytesIO(mask)).size == (row["width"], row["height"])
+    # the report: source | mask | output for each edited image, most repainted first
+    page = open_storage(output).get_bytes("report.html").decode("utf-8")
+    shown = re.findall(r'class=triptych data-repainted="(\d+)%"', page)
+    shares = sorted((repainted(members[f"{r['image'].split('#', 1)[1].rsplit('.', 1)[0]}.mask.png"])
+                     for r in by_id.values() if r["status"] == "ok"), reverse=True)
+    assert [int(v) for v in shown] == [round(100 * share) for share in shares] and len(shown) == 4
+    assert "Before and after" in page and "not readable" not in page and page.count("<img") >= 4 * 3
+    pages["report"] = page
     again = cli_in_process(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "no shards committed by this run" in again.stdout  # nothing redone
     assert check_exactly_once(output, rows["id"])
+
+
+def test_the_review_renders_in_chromium(pages, tmp_path):
+    from test_status_report import render_in_chromium
+
+    assert "report" in pages, "the run above did not get to its report"
+    _, loaded, images, _ = render_in_chromium(pages["report"], tmp_path)
+    assert loaded == images and images >= 12

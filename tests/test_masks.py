@@ -175,3 +175,14 @@ def test_the_mask_is_kept_beside_the_output(tmp_path, fmt):
         kept = table.column("mask_image").to_pylist()
         assert kept[0] == {"bytes": mask, "path": "k1.mask.png"} and kept[1] is None
         assert b"mask_image" in table.schema.metadata[b"huggingface"]
+
+
+def test_the_review_finds_each_format_s_mask():
+    from zimage_batch.output.review import mask_location, repainted
+
+    assert mask_location("images/s0/k1.webp") == "images/s0/k1.mask.png"
+    assert mask_location("shards/s0.tar#k1.jpg") == "shards/s0.tar#k1.mask.png"
+    assert mask_location("data/s0.parquet#k1") == "data/s0.parquet#k1"  # its mask_image cell
+    half = np.zeros((4, 4), np.uint8)
+    half[:2] = 200
+    assert repainted(masks.mask_png(Image.fromarray(half, "L"))) == 0.5 and repainted(b"not a png") is None
