@@ -87,6 +87,8 @@ def test_background_replaced_and_outpainted_on_s3_exactly_once(s3_bucket, ray_lo
     assert [int(v) for v in shown] == [round(100 * share) for share in shares] and len(shown) == 4
     assert "Before and after" in page and "not readable" not in page and page.count("<img") >= 4 * 3
     pages["report"] = page
+    card = open_storage(output).get_bytes("README.md").decode("utf-8")  # load_dataset reads each mask as an Image
+    assert re.search(r"name: mask\.png\n\s*dtype: image", card), card
     again = cli_in_process(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "no shards committed by this run" in again.stdout  # nothing redone
