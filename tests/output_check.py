@@ -88,7 +88,10 @@ def check_no_orphans(output: str, rows: list[dict]) -> None:
     for info in storage.list():
         top = info.key.split("/", 1)[0]
         assert top != "_staging", f"staged file {info.key} left behind by a finished run"
-        if top == "images":
+        if top == "images" and info.key.endswith(".mask.png"):  # an edited image's kept mask, beside it
+            image = info.key[: -len(".mask.png")]
+            assert any(r.startswith(image + ".") for r in referenced), f"orphan mask {info.key}"
+        elif top == "images":
             assert info.key in referenced, f"orphan image {info.key}"
         elif top in ("shards", "data", "metadata"):
             shard = info.key.split("/", 1)[1].rsplit(".", 1)[0]

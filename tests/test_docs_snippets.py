@@ -35,7 +35,7 @@ from cli_in_process import cli_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ["README.md", "docs/manifests.md", "docs/models.md", "docs/outputs.md", "docs/operations.md",
-             "docs/curation.md", "docs/prompts.md", "docs/performance.md", "docs/architecture.md"]
+             "docs/curation.md", "docs/prompts.md", "docs/catalogue-editing.md", "docs/performance.md", "docs/architecture.md"]
 RUN = {"python", "bash", "sh"}
 SHOWN = {"text", "yaml"}
 MARKER = re.compile(r"<!--\s*snippet:\s*(skip \((?P<reason>[^)]+)\)|exit (?P<exit>\d+)|file (?P<file>\S+))\s*-->")

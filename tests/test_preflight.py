@@ -28,6 +28,8 @@ EARLIER_RECORD = {
             "wait": False, "scores": [], "scorers": {}, "keep": None, "max_tries": 1, "embeddings": False,
             "dedup_within_row": None, "scorer_ids": {}, "guidance_scale": None, "height": 768,
             "image_format": "jpeg", "lora": None, "loras": {}, "low_vram": "auto",
+            "anchor": None, "aspect": None, "mask": None, "mask_blur": 0, "mask_grow": 0, "mask_invert": False,
+            "mask_prompt": None, "mask_threshold": None, "outpaint": None, "segmenter": None, "segmenter_id": None,
             "manifest": "/data/prompts", "max_attempts": 3, "max_source_pixels": 64000000, "model": "tiny:base",
             "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": None,
             "output": "s3://bucket/out", "overwrite": False, "progress_interval": 10.0, "quality": 90,

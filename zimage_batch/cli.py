@@ -274,8 +274,10 @@ def validate(manifest: str | None, job_file: str | None, variant: str | None, se
                    "in .safetensors)")
 @click.option("--prompt-model", is_flag=True,
               help="Write a tiny random causal LM (Qwen3 layout, chat template) for prompt_expansion instead")
+@click.option("--segmenter", is_flag=True,
+              help="Write a tiny random CLIPSeg folder instead (the `segmenter` of masks from words)")
 def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tuple[str, ...], lora_format: str,
-                            controlnet: str | None, scorer: str | None, prompt_model: bool) -> None:
+                            controlnet: str | None, scorer: str | None, prompt_model: bool, segmenter: bool) -> None:
     """Write a tiny random-init checkpoint of VARIANT to DIRECTORY (draws noise; for tests and demos)."""
     if "://" in directory:
         _fail(ValueError(f"make-tiny-model writes a local folder, not {directory}; copy it there afterwards "
@@ -297,6 +299,11 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
             from zimage_batch.curate.tiny import make_tiny_scorer
 
             click.echo(f"tiny {scorer} scorer written to {make_tiny_scorer(directory, scorer, seed)}")
+            return
+        if segmenter:
+            from zimage_batch.model.segmenter import make_tiny_segmenter
+
+            click.echo(f"tiny CLIPSeg segmenter written to {make_tiny_segmenter(directory, seed)}")
             return
         if controlnet:
             folder = not directory.endswith(".safetensors")

@@ -21,6 +21,8 @@ from zimage_batch.curate.spec import Curation, CurationError, curation_of
 from zimage_batch.inputs.columns import suggestion
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
+from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
+from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.layout import FORMATS
 
@@ -86,6 +88,19 @@ class JobSpec:
     prompt_expansion_instructions: str | None = None  # the system prompt (None: the default, written for Z-Image)
     max_new_tokens: int = 256  # the most tokens an expansion adds
     caption: str = "expanded"  # expanded | original: the caption (WebDataset .txt) of an expanded row
+    # derived inpaint masks and outpainting (edit manifests; inputs/mask_spec.py): the defaults
+    # of the rows' columns of the same names
+    mask: str | None = None  # alpha: the source's transparent area is repainted
+    mask_grow: int = 0  # pixels: the mask dilated (negative: eroded)
+    mask_blur: int = 0  # pixels: the mask's edge blurred
+    outpaint: str | None = None  # WxH: the canvas the source is placed on
+    aspect: str | None = None  # W:H: the smallest canvas of that aspect ratio holding the source
+    anchor: str | None = None  # where the source sits on the canvas: center (default) | top | bottom | left | right
+    mask_prompt: str | None = None  # words: the mask is where CLIPSeg finds them
+    mask_threshold: float | None = None  # CLIPSeg probability from which a pixel repaints (None: 0.4)
+    mask_invert: bool = False  # repaint where the words are not
+    segmenter: str | None = None  # CLIPSeg weights (None: CIDAS/clipseg-rd64-refined); a folder: local, s3://, hub
+    segmenter_id: str | None = None  # resolved by the run (sha256, cache entry or hub commit), not a setting
     # how the job runs (not part of the fingerprint)
     max_source_pixels: int = 64_000_000  # edit manifests: larger source images become error rows
     workers: int | None = None
@@ -142,19 +157,20 @@ class JobSpec:
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
     ADDED_OUTPUT_FIELDS = ("lora", "loras", "scores", "scorer_ids", "keep", "max_tries", "embeddings",
-                           "dedup_within_row")
+                           "dedup_within_row", *MASK_JOB_FIELDS)
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
     # With prompt expansion these decide the prompts (and so the pixels); without, left out. The
     # model's identity, not its source, and the instructions as resolved (the default's text too).
     EXPANSION_FIELDS = ("prompt_expansion_id", "prompt_expansion_instructions", "max_new_tokens", "caption")
-    RESOLVED_FIELDS = ("controlnet_id", "scorer_ids", "prompt_expansion_id")  # worked out by the run, never a setting
+    RESOLVED_FIELDS = ("controlnet_id", "scorer_ids", "prompt_expansion_id", "segmenter_id")  # worked out by the run
 
     def output_fields(self) -> tuple[str, ...]:
-        """The fields the fingerprint covers for this job."""
+        """The fields the fingerprint covers for this job (the mask settings when any is set)."""
+        masks = MASK_JOB_FIELDS if any(getattr(self, name) for name in MASK_JOB_FIELDS) else ()
         return (self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
-                + (self.EXPANSION_FIELDS if self.prompt_expansion else ()))
+                + (self.EXPANSION_FIELDS if self.prompt_expansion else ()) + masks)
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
@@ -176,54 +192,8 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if self.manifest and self.template:
-            raise JobError("a job takes a manifest or a template, not both")
-        if not self.manifest and not self.template:
-            raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
-        if not self.output:
-            raise JobError("no output: give --output or 'output:' in the job file")
-        if self.format not in FORMATS:
-            raise JobError(f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise JobError(f"image_format must be one of {'|'.join(IMAGE_FORMATS)}, got {self.image_format!r}")
-        if not isinstance(self.models, dict) or not set(self.models) <= set(VARIANTS):
-            raise JobError(f"models maps variants ({'|'.join(VARIANTS)}) to model sources, got {self.models!r}")
-        self.models = {k: str(v) for k, v in self.models.items()}
-        _check_adapters(self)
-        if self.variant is not None and self.variant not in VARIANTS:
-            raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {self.variant!r}")
-        for name in ("shard_size", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise JobError(f"{name} must be >= 1")
-        if not 1 <= self.num_images <= MAX_NUM_IMAGES:
-            raise JobError(f"num_images must be in 1..{MAX_NUM_IMAGES}, got {self.num_images}")
-        for name in ("workers", "batch_size", "width", "height", "num_inference_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise JobError(f"{name} must be >= 1")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and value % 16:
-                raise JobError(f"{name} must be a multiple of 16, got {value}")
-        for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
-                     "progress_interval", "gpu_seconds_per_image"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
-        _check_lease_settings(self.lease_ttl, self.lease_renew_interval, self.stall_timeout)
-        if not 0 <= self.seed < 2**63:
-            raise JobError(f"seed must be in 0..2**63-1, got {self.seed}")
-        if self.max_source_pixels < 1:
-            raise JobError("max_source_pixels must be >= 1")
-        if not 1 <= self.quality <= 100:
-            raise JobError("quality must be in 1..100")
-        _check_control(self)
-        self._validate_curation()
-        _check_prompt_settings(self)
-        low_vram = str(self.low_vram).lower()
-        self.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
-        if self.low_vram not in ("on", "off", "auto"):
-            raise JobError(f"low_vram must be on, off or auto, got {self.low_vram!r}")
+        """Check every setting; put some in canonical form (absolute local paths, the lora spec)."""
+        _validate(self)
 
     def _validate_curation(self) -> None:
         """Scores known, keep safe and naming computed scores, max_tries >= 1; scores kept in a
@@ -263,6 +233,59 @@ class JobSpec:
             "num_images": self.num_images,
         }
 
+
+
+def _validate(job: JobSpec) -> None:
+    """Every setting checked, some put in canonical form (absolute local paths, the lora spec)."""
+    if job.manifest and job.template:
+        raise JobError("a job takes a manifest or a template, not both")
+    if not job.manifest and not job.template:
+        raise JobError("no manifest: give --manifest or 'manifest:' in the job file (or a 'template:' with 'slots:')")
+    if not job.output:
+        raise JobError("no output: give --output or 'output:' in the job file")
+    if job.format not in FORMATS:
+        raise JobError(f"format must be one of {'|'.join(FORMATS)}, got {job.format!r}")
+    if job.image_format not in IMAGE_FORMATS:
+        raise JobError(f"image_format must be one of {'|'.join(IMAGE_FORMATS)}, got {job.image_format!r}")
+    if not isinstance(job.models, dict) or not set(job.models) <= set(VARIANTS):
+        raise JobError(f"models maps variants ({'|'.join(VARIANTS)}) to model sources, got {job.models!r}")
+    job.models = {k: str(v) for k, v in job.models.items()}
+    _check_adapters(job)
+    if job.variant is not None and job.variant not in VARIANTS:
+        raise JobError(f"variant must be one of {'|'.join(VARIANTS)}, got {job.variant!r}")
+    for name in ("shard_size", "max_attempts"):
+        if getattr(job, name) < 1:
+            raise JobError(f"{name} must be >= 1")
+    if not 1 <= job.num_images <= MAX_NUM_IMAGES:
+        raise JobError(f"num_images must be in 1..{MAX_NUM_IMAGES}, got {job.num_images}")
+    for name in ("workers", "batch_size", "width", "height", "num_inference_steps"):
+        value = getattr(job, name)
+        if value is not None and value < 1:
+            raise JobError(f"{name} must be >= 1")
+    for name in ("width", "height"):
+        value = getattr(job, name)
+        if value is not None and value % 16:
+            raise JobError(f"{name} must be a multiple of 16, got {value}")
+    for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
+                 "progress_interval", "gpu_seconds_per_image"):
+        value = getattr(job, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
+    _check_lease_settings(job.lease_ttl, job.lease_renew_interval, job.stall_timeout)
+    if not 0 <= job.seed < 2**63:
+        raise JobError(f"seed must be in 0..2**63-1, got {job.seed}")
+    if job.max_source_pixels < 1:
+        raise JobError("max_source_pixels must be >= 1")
+    if not 1 <= job.quality <= 100:
+        raise JobError("quality must be in 1..100")
+    _check_control(job)
+    job._validate_curation()
+    _check_prompt_settings(job)
+    _check_masks(job)
+    low_vram = str(job.low_vram).lower()
+    job.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
+    if job.low_vram not in ("on", "off", "auto"):
+        raise JobError(f"low_vram must be on, off or auto, got {job.low_vram!r}")
 
 
 def _check_adapters(job: JobSpec) -> None:
@@ -306,6 +329,16 @@ def _check_control(job: JobSpec) -> None:
             raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
     if job.canny_low > job.canny_high:
         raise JobError(f"canny_low ({job.canny_low}) must not exceed canny_high ({job.canny_high})")
+
+def _check_masks(job: JobSpec) -> None:
+    """The mask and outpaint defaults (inputs/mask_spec.py); a local segmenter folder made absolute."""
+    if job.segmenter and "://" not in job.segmenter and os.path.exists(os.path.expanduser(job.segmenter)):
+        job.segmenter = os.path.abspath(os.path.expanduser(job.segmenter))  # not a hub id
+    try:
+        MaskJob.from_mapping(job.to_dict()).check()
+    except MaskSettingError as exc:
+        raise JobError(str(exc)) from None
+
 
 def _check_lease_settings(ttl: float, renew_interval: float, stall_timeout: float | None) -> None:
     """The lease's timing, and how long a busy worker may go without progress."""
@@ -373,7 +406,7 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false"
 
 def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
-    for name in ("manifest", "output", "model", "controlnet", "control_image", "prompt_expansion"):
+    for name in ("manifest", "output", "model", "controlnet", "control_image", "prompt_expansion", "segmenter"):
         value = values.get(name)
         if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
             continue

@@ -6,7 +6,10 @@ writes as an `error` row; `prefetch` runs it on a thread pool ahead of the GPU. 
 EXIF orientation, converts palette, grayscale, alpha (composited on white), CMYK (through its
 ICC profile when it has one) and 16-bit images to 8-bit RGB, and refuses images with more
 pixels than a limit before decoding them (decompression bombs). Relative source paths are
-relative to the manifest file that lists them (`resolve_uri`).
+relative to the manifest file that lists them (`resolve_uri`). A mask may instead be derived
+from the source (masks.py: its alpha, an outpaint canvas, words through CLIPSeg, the last
+completed after the window's CLIPSeg pass); in a job that keeps masks, the mask as used comes
+back as a PNG with its sha256.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from zimage_batch.generate.edit import prepare_source
 from zimage_batch.generate.requests import EditRequest
+from zimage_batch.inputs import masks
+from zimage_batch.inputs.mask_spec import WORDS, RowMask
 from zimage_batch.model.variants import Variant
 from zimage_batch.storage import StorageError, is_s3, open_storage, split_s3_uri
 from zimage_batch.text import first_line
@@ -78,6 +83,12 @@ def fetch(uri: str, what: str = "source") -> bytes:
 
 def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "source") -> Image.Image:
     """Decode image bytes into an upright 8-bit RGB image (see the module docstring)."""
+    return decode_upright(data, uri, max_pixels, what, rgb=True)
+
+
+def decode_upright(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "source",
+                   rgb: bool = False) -> Image.Image:
+    """Decode image bytes into an upright image, in its own mode unless `rgb` (its alpha kept)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
@@ -100,7 +111,7 @@ def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return to_rgb(image) if rgb else image
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise SourceError(f"{what} is corrupt or truncated: {uri} ({first_line(exc, 200)})") from None
 
@@ -143,14 +154,82 @@ class EditRow:
     request: Any  # the request ready for the engine (an EditRequest here; control.py: any kind), or None
     lineage: dict[str, Any]  # source, source_sha256, source_width, source_height, mode, strength, mask
     error: str | None = None
+    mask_png: bytes | None = None  # the mask as the model used it, stored beside the output
+    segment: tuple[Image.Image, RowMask] | None = None  # a words row: its source for CLIPSeg, mask to come
 
 
-def load_edit_row(
-    template: EditRequest, source: str, mask: str | None, variant: Variant, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> EditRow:
-    """Fetch, check and decode a row's source (and its mask, for inpaint), size the output and
-    prepare the pixels for the engine. Problems confined to the row come back as `error`."""
+def source_and_mask(data: bytes, source: str, mask: str | None, spec: RowMask | None, max_pixels: int,
+                    lineage: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
+    """A row's decoded source (RGB) and mask, before sizing: the given mask file, or one derived
+    from the source (masks.py), grown and blurred (a words row's mask comes later: None here); the
+    row's lineage gets the source's size."""
+    decoded = decode_upright(data, source, max_pixels)
+    try:
+        image = to_rgb(decoded)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise SourceError(f"source is corrupt or truncated: {source} ({first_line(exc, 200)})") from None
+    lineage["source_width"], lineage["source_height"] = image.size
+    if spec is not None and spec.kind == WORDS:
+        return image, None
+    if spec is not None and spec.derived:
+        return masks.derive(spec, decoded, image, source)
+    mask_image = decode(fetch(mask, "mask"), mask, max_pixels, "mask").convert("L") if mask else None
+    if mask_image is not None and spec is not None:
+        mask_image = masks.refine(mask_image, spec.grow, spec.blur)
+    return image, mask_image
+
+
+def mask_lineage(spec: RowMask | None, mask: str | None) -> dict[str, Any]:
+    """The metadata of a row's mask settings (jobs that keep masks), before the mask is made."""
+    if spec is None:
+        return {"mask_sha256": None, "mask_grow": None, "mask_blur": None, "outpaint": None, "anchor": None}
+    canvas = spec.canvas and f"{spec.canvas[0]}x{spec.canvas[1]}"
+    outpainted, words = spec.kind == "outpaint", spec.kind == WORDS
+    return {"mask": spec.kind if spec.derived else mask, "mask_sha256": None, "mask_grow": spec.grow,
+            "mask_blur": spec.blur, "outpaint": (canvas or spec.aspect) if outpainted else None,
+            "anchor": spec.anchor if outpainted else None, "mask_prompt": spec.prompt,
+            "mask_threshold": spec.threshold if words else None, "mask_invert": spec.invert if words else None}
+
+
+def pending_words(row: EditRow, image: Image.Image, spec: RowMask | None) -> EditRow:
+    """A words row, loaded but for its mask: it waits for CLIPSeg (`complete_words`)."""
+    if row.error or spec is None or spec.kind != WORDS:
+        return row
+    return replace(row, segment=(image, spec))
+
+
+def complete_words(row: EditRow, probability: np.ndarray) -> EditRow:
+    """A words row's mask from CLIPSeg's probabilities over its source, at the output size,
+    checked and kept."""
+    _, spec = row.segment
+    mask, request = masks.words_mask(probability, spec), row.request
+    if mask.size != (request.width, request.height):
+        mask = mask.resize((request.width, request.height), Image.Resampling.LANCZOS)
+    return keep_mask(replace(row, request=replace(request, mask=mask), segment=None), spec)
+
+
+def keep_mask(row: EditRow, spec: RowMask | None) -> EditRow:
+    """Check a derived mask at the output size and keep the mask as used (PNG, its sha256)."""
+    request = row.request
+    if row.error or request is None or request.mask is None:
+        return row
+    if spec is not None and spec.derived:
+        try:
+            masks.check_not_empty(request.mask, spec, row.lineage["source"])
+        except masks.MaskError as exc:
+            return EditRow(None, row.lineage, str(exc))
+    data = masks.mask_png(request.mask)
+    row.lineage["mask_sha256"] = hashlib.sha256(data).hexdigest()
+    return replace(row, mask_png=data)
+
+
+def load_edit_row(template: EditRequest, source: str, mask: str | None, variant: Variant,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, spec: RowMask | None = None, keep: bool = False) -> EditRow:
+    """Fetch, check and decode a row's source (and its mask, for inpaint: given, or derived
+    from `spec`), size the output and prepare the pixels for the engine; with `keep`, the mask
+    as used comes back too. Problems confined to the row come back as `error`."""
     mask = mask if template.mode == "inpaint" else None
+    spec = spec if template.mode == "inpaint" else None
     lineage: dict[str, Any] = {
         "source": source,
         "source_sha256": None,
@@ -159,22 +238,22 @@ def load_edit_row(
         "mode": template.mode,
         "strength": None if template.mode == "edit" else template.strength,
         "mask": mask,
-    }
+    } | (mask_lineage(spec, mask) if keep else {})
     try:
         data = fetch(source)
         lineage["source_sha256"] = hashlib.sha256(data).hexdigest()
-        image = decode(data, source, max_pixels)
-        lineage["source_width"], lineage["source_height"] = image.size
-        mask_image = decode(fetch(mask, "mask"), mask, max_pixels, "mask").convert("L") if mask else None
-        width, height = output_size(image.width, image.height, variant, template.width, template.height)
-        image, mask_image = prepare_source(image, mask_image, template.mode, width, height)
-    except SourceError as exc:
+        original, mask_image = source_and_mask(data, source, mask, spec, max_pixels, lineage)
+        width, height = output_size(original.width, original.height, variant, template.width, template.height)
+        words = spec is not None and spec.kind == WORDS  # sized now, its mask made later
+        image, mask_image = prepare_source(original, mask_image, "img2img" if words else template.mode, width, height)
+    except (SourceError, masks.MaskError) as exc:
         return EditRow(None, lineage, str(exc))
     except ValueError as exc:  # the reference pipeline's own checks (size, aspect ratio)
         return EditRow(None, lineage, f"source unusable for {template.mode}: {source} ({first_line(exc, 200)})")
     except (struct.error, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC
         return EditRow(None, lineage, f"source could not be decoded: {source} ({type(exc).__name__})")
-    return EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
+    loaded = EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
+    return pending_words(keep_mask(loaded, spec), original, spec) if keep else loaded
 
 
 def prefetch(

@@ -23,6 +23,7 @@ from zimage_batch.inputs import lora_spec
 from zimage_batch.inputs.control import CONTROL_METADATA_COLUMNS, check_control_batch
 from zimage_batch.inputs.ids import IdDigests, find_duplicates
 from zimage_batch.inputs.lora_spec import check_lora_column
+from zimage_batch.inputs.mask_spec import MASK_COLUMNS, MASK_METADATA_COLUMNS, MaskJob, check_mask_batch, derived_rows
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.storage import is_s3, open_storage, split_s3_uri
 
@@ -49,7 +50,8 @@ PROMPT_COLUMNS = {
     "num_images": INTEGER,
 }
 # `control` derives a ControlNet condition from the row's source (canny, tile)
-EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER, "control": STRING}
+EDIT_COLUMNS = {"source": STRING, "mode": STRING, "mask": STRING, "strength": NUMBER, "control": STRING,
+                **MASK_COLUMNS}  # derived masks and outpainting: inputs/mask_spec.py
 KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
 # metadata columns written for every row, in this order, before the pass-through columns
 METADATA_COLUMNS = {
@@ -91,19 +93,19 @@ EDIT_METADATA_COLUMNS = {
 # metadata columns the pipeline writes itself: a manifest column of that name would be lost
 RESERVED_COLUMNS = {
     "prompt": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | CONTROL_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
-    "edit": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS).keys()
-                      - KNOWN_COLUMNS.keys()),
+    "edit": frozenset((METADATA_COLUMNS | IMAGE_INDEX_COLUMN | EDIT_METADATA_COLUMNS | CONTROL_METADATA_COLUMNS
+                       | MASK_METADATA_COLUMNS).keys() - KNOWN_COLUMNS.keys()),
 }
 
 
 def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
                      control: bool = False, curated: dict[str, pa.DataType] | None = None,
-                     expanded: bool = False) -> dict[str, pa.DataType]:
+                     expanded: bool = False, masks: bool = False) -> dict[str, pa.DataType]:
     """The pipeline's own metadata columns, in order: image_index after id when the job uses
     num_images, `prompt_original` after `prompt` in a job that expands prompts, the edit lineage
     for edit manifests, `lora` in a job with adapters, the ControlNet conditions in a job with a
-    ControlNet, then a curated job's columns (scores, tries, the embedding:
-    `curate.spec.Curation.metadata_columns`)."""
+    ControlNet, the mask columns in an edit job that keeps masks (mask_spec.masks_used), then a
+    curated job's columns (scores, tries, the embedding: `curate.spec.Curation.metadata_columns`)."""
     columns = dict(METADATA_COLUMNS)
     if expanded:
         items = list(columns.items())
@@ -113,7 +115,9 @@ def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
         columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
     columns |= EDIT_METADATA_COLUMNS if edit else {}
     columns |= lora_spec.METADATA_COLUMN if lora else {}
-    return columns | (CONTROL_METADATA_COLUMNS if control else {}) | (curated or {})
+    columns |= CONTROL_METADATA_COLUMNS if control else {}
+    columns |= MASK_METADATA_COLUMNS if edit and masks else {}
+    return columns | (curated or {})
 
 
 MAX_LISTED = 5  # offending rows named in an error message
@@ -163,9 +167,10 @@ class Manifest:
         return job_num_images != 1 or "num_images" in self.schema.names
 
     def metadata_schema(self, image_index: bool = False, lora: bool = False, control: bool = False,
-                        curated: dict[str, pa.DataType] | None = None, expanded: bool = False) -> pa.Schema:
+                        curated: dict[str, pa.DataType] | None = None, expanded: bool = False,
+                        masks: bool = False) -> pa.Schema:
         """The columns of every ``metadata/<shard>.parquet`` of a job on this manifest."""
-        columns = metadata_columns(self.kind == "edit", image_index, lora, control, curated, expanded)
+        columns = metadata_columns(self.kind == "edit", image_index, lora, control, curated, expanded, masks)
         return pa.schema(list(columns.items()) + list(self.passthrough))
 
     @property
@@ -413,6 +418,7 @@ class Limits:
     control: str | None = None  # the job's derived condition (canny | tile | none)
     control_image: str | None = None  # the job's condition image
     default_num_images: int = 1
+    masks: MaskJob = MaskJob()  # the job's mask settings (derived masks, outpainting)
 
 
 def validate_manifest(manifest: Manifest, limits: Limits) -> set[str]:
@@ -536,6 +542,7 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
         strength = column("strength")
         if strength is not None:
             fail_if("strength", pc.or_(pc.less_equal(strength, 0), pc.greater(strength, 1)), "must be in (0, 1]")
+        check_mask_batch(batch, limits.masks, fail_if)
         _check_edit_modes(batch, limits, fail_if)
     for name, default in (("width", limits.default_width), ("height", limits.default_height)):
         values = column(name)
@@ -625,6 +632,7 @@ def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if: Callable[[
     n = batch.num_rows
     mask = batch.column("mask") if "mask" in batch.schema.names else pa.nulls(n, pa.string())
     has_mask = pc.fill_null(pc.greater(pc.utf8_length(pc.cast(mask, pa.string())), 0), False)
+    has_mask = pc.or_(has_mask, derived_rows(batch, limits.masks))  # alpha, outpaint, aspect: inpaint
     given = batch.column("mode") if "mode" in batch.schema.names else pa.nulls(n, pa.string())
     given = pc.cast(given, pa.string())
     variants = batch.column("variant") if "variant" in batch.schema.names else pa.nulls(n, pa.string())

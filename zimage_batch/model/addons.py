@@ -28,7 +28,7 @@ from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
 from zimage_batch.text import first_line
 
 SAFETENSORS = ".safetensors"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt"]  # *.txt: a segmenter's tokenizer merges
 
 
 @dataclass(frozen=True)

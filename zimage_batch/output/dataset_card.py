@@ -65,12 +65,14 @@ def data_features(state: OutputState, metadata: pa.Schema) -> list[dict[str, Any
     fmt, image_format = job.get("format", "files"), job.get("image_format", "png")
     if fmt == "files":
         return yaml_features(metadata)
+    masks = "mask_sha256" in metadata.names  # an edit job that keeps each inpaint row's mask beside its image
     if fmt == "parquet":
-        return yaml_features(data_schema(state), images={"image"})
+        return yaml_features(data_schema(state), images={"image", "mask_image"} if masks else {"image"})
     sample = pa.struct([pa.field(f.name, json_type(f.type)) for f in sample_fields(metadata)])
     ext = get_image_format(image_format).ext
-    return yaml_features(pa.schema([("__key__", pa.string()), (ext, pa.binary()), ("txt", pa.string()),
-                                    ("json", sample)]), images={ext})
+    mask = [("mask.png", pa.binary())] if masks else []
+    return yaml_features(pa.schema([("__key__", pa.string()), (ext, pa.binary()), *mask, ("txt", pa.string()),
+                                    ("json", sample)]), images={ext, "mask.png"} if masks else {ext})
 
 
 def front_matter(state: OutputState, metadata: pa.Schema | None) -> dict[str, Any]:

@@ -77,6 +77,14 @@ def image_key(shard: str, key: str, ext: str) -> str:
     return f"{images_prefix(shard)}{key}.{ext}"
 
 
+MASK_SUFFIX = ".mask.png"  # an edited image's inpaint mask, as used, beside it (keys hold no dots)
+
+
+def mask_key(shard: str, key: str) -> str:
+    """--format files: the inpaint mask of one image of a shard."""
+    return f"{images_prefix(shard)}{key}{MASK_SUFFIX}"
+
+
 def tar_key(shard: str) -> str:
     return f"{FORMAT_FOLDERS['webdataset']}{shard}.tar"
 

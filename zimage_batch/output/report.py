@@ -3,7 +3,8 @@
 The page makes no requests: thumbnails are embedded as JPEG data URIs and the chart is inline
 SVG, so it opens from a laptop even when OUTPUT is on S3. It holds the job's figures (as
 `status` reports them), a gallery (prompt, seed, id), the error rows, throughput over time,
-each worker's busy fraction and the job settings. All text from the job is escaped.
+each worker's busy fraction and the job settings; for edit jobs that keep masks, source | mask
+| output side by side, most repainted first (review.py). All text from the job is escaped.
 
 Large jobs are sampled: at most MAX_THUMBNAILS images, evenly spaced over at most
 MAX_SAMPLE_SHARDS committed shards spread across the job (the same sample every time).
@@ -29,6 +30,7 @@ from zimage_batch.curate.report import curation_section
 from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker
+from zimage_batch.output.review import review_section
 from zimage_batch.output.status import OutputState, load_output, summarize
 from zimage_batch.storage import Storage, open_storage
 from zimage_batch.text import plural
@@ -72,6 +74,7 @@ def render(state: OutputState) -> str:
         _errors_section(errors, errors_total, failed_shards(state, figures)),
         _gallery_section(sample, thumbs, sample_note),
         curation_section(state.storage, [m.shard for m in state.markers], state.job.get("job", {}), thumbnails),
+        review_section(state, read_images, _thumbnail, _e),  # edit jobs that keep masks: before and after
         _settings_section(state.job),
     ]
     return PAGE.format(title=_e(f"zimage-batch report: {state.storage.uri}"), body="\n".join(body))
@@ -152,9 +155,9 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id") -> dict[str, bytes]:
+def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id", column: str = "image") -> dict[str, bytes]:
     """Image bytes by each row's `key` column (id, or image for one entry per image), following
-    each row's `image` location for every output format:
+    each row's `image` location for every output format (Parquet: that row's `column` cell):
 
         images/<shard>/<key>.png      (files)     the object itself
         shards/<shard>.tar#<key>.png  (webdataset) a member of the tar
@@ -179,9 +182,11 @@ def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id") -
 
     def read_container(item: tuple[str, dict[str, str]]) -> None:
         obj, members = item
-        reader = _tar_members if obj.endswith(".tar") else _parquet_members
         try:
-            read = reader(storage, obj, set(members))
+            if obj.endswith(".tar"):
+                read = _tar_members(storage, obj, set(members))
+            else:
+                read = _parquet_members(storage, obj, set(members), column)
         except FileNotFoundError:
             return
         for member, data in read.items():
@@ -204,18 +209,20 @@ def _tar_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, byte
     return out
 
 
-def _parquet_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, bytes]:
+def _parquet_members(storage: Storage, obj: str, wanted: set[str], name: str = "image") -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     with storage.open_read(obj) as f:
         pf = pq.ParquetFile(f)
+        if name not in pf.schema_arrow.names:
+            return out
         key = "__key__" if "__key__" in pf.schema_arrow.names else "key"  # "key": outputs written before the datasets layout
-        image = ["image.bytes"] if pa.types.is_struct(pf.schema_arrow.field("image").type) else ["image"]
+        image = [f"{name}.bytes"] if pa.types.is_struct(pf.schema_arrow.field(name).type) else [name]
         for group in range(pf.num_row_groups):
             keys = pf.read_row_group(group, columns=[key]).column(key).to_pylist()
             if wanted.intersection(keys):
-                column = pf.read_row_group(group, columns=image).column("image")
+                column = pf.read_row_group(group, columns=image).column(name)
                 values = column.combine_chunks().field("bytes") if pa.types.is_struct(column.type) else column
-                out |= {k: v for k, v in zip(keys, values.to_pylist()) if k in wanted}
+                out |= {k: v for k, v in zip(keys, values.to_pylist()) if k in wanted and v is not None}
     return out
 
 
@@ -447,6 +454,8 @@ table {{ border-collapse: collapse; font-size: 13px; }}
 td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }}
 .bar {{ display: inline-block; width: 120px; height: 10px; background: #eee; vertical-align: middle; }}
 .bar div {{ height: 100%; background: #2da44e; }}
+.review {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(390px, 1fr)); gap: 12px; }}
+.three {{ display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; }}
 </style></head>
 <body>
 {body}

@@ -79,6 +79,7 @@ OUTPUT_FORMATS = layout.FORMATS
 # Shard names become a path component: no slashes, no leading dot (so never "." or "..").
 _SHARD_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
 _KEY_MAX = 200
+MASK_IMAGE_COLUMN = "mask_image"  # --format parquet: the inpaint mask as used, in a job that keeps masks
 _SHARD_MAX = 200
 
 
@@ -181,8 +182,9 @@ class ShardWriter(ABC):
     #: in a job that expands prompts with `caption: original`.
     caption_field = "prompt"
 
-    def add(self, key: str, image_bytes: bytes, meta: dict) -> str:
-        """Store one sample; return the value for the metadata ``image`` column."""
+    def add(self, key: str, image_bytes: bytes, meta: dict, mask: bytes | None = None) -> str:
+        """Store one sample (and its inpaint mask as used, a PNG, as ``<key>.mask.png`` or the
+        Parquet ``mask_image`` column); return the value for the metadata ``image`` column."""
         self._check_open()
         key = _check_key(key)
         if key in self._seen:
@@ -192,7 +194,7 @@ class ShardWriter(ABC):
             meta = {}
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-        location = self._add(key, data, meta)
+        location = self._add(key, data, meta, None if mask is None else _as_bytes(mask))
         self._seen.add(key)
         self._keys.append(key)
         return location
@@ -238,7 +240,7 @@ class ShardWriter(ABC):
 
     # -- for subclasses -----------------------------------------------------------------------
     @abstractmethod
-    def _add(self, key: str, data: bytes, meta: dict) -> str: ...
+    def _add(self, key: str, data: bytes, meta: dict, mask: bytes | None = None) -> str: ...
 
     @abstractmethod
     def _close(self) -> None: ...
@@ -300,9 +302,15 @@ class FilesWriter(ShardWriter):
     def object_key(self, key: str) -> str:
         return layout.image_key(self.shard, key, self.ext)
 
-    def _add(self, key: str, data: bytes, meta: dict) -> str:
+    def _add(self, key: str, data: bytes, meta: dict, mask: bytes | None = None) -> str:
         self._raise_error()
         obj = self.object_key(key)
+        self._upload(obj, data)
+        if mask is not None:
+            self._upload(layout.mask_key(self.shard, key), mask)
+        return obj
+
+    def _upload(self, obj: str, data: bytes) -> None:
         self._slots.acquire()
         try:
             fut = self._pool.submit(self.storage.put_bytes, obj, data)
@@ -312,7 +320,6 @@ class FilesWriter(ShardWriter):
         fut.add_done_callback(self._done)
         self._futures.append(fut)
         self._object_keys.add(obj)
-        return obj
 
     def _done(self, fut: Future) -> None:
         self._slots.release()
@@ -417,11 +424,13 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
         self._path = os.path.join(self._make_tmpdir("zimage-wds-"), f"{self.shard}.tar")
         self._tar: tarfile.TarFile | None = tarfile.open(self._path, "w", format=tarfile.PAX_FORMAT)
 
-    def _add(self, key: str, data: bytes, meta: dict) -> str:
+    def _add(self, key: str, data: bytes, meta: dict, mask: bytes | None = None) -> str:
         js = meta_json(meta)  # fail on bad metadata before anything is written
         caption = _caption(meta, self.caption_field)
         img_name = f"{key}.{self.ext}"
         self._tar.addfile(_tar_member(img_name, len(data)), io.BytesIO(data))
+        if mask is not None:
+            self._tar.addfile(_tar_member(f"{key}{layout.MASK_SUFFIX}", len(mask)), io.BytesIO(mask))
         self._tar.addfile(_tar_member(f"{key}.txt", len(caption)), io.BytesIO(caption))
         self._tar.addfile(_tar_member(f"{key}.json", len(js)), io.BytesIO(js))
         return f"{self.object}#{img_name}"
@@ -472,11 +481,13 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
         self._rows: list[dict[str, Any]] = []
         self._buffered = 0
 
-    def _add(self, key: str, data: bytes, meta: dict) -> str:
+    def _add(self, key: str, data: bytes, meta: dict, mask: bytes | None = None) -> str:
         row = {name: meta.get(name) for name in self.schema.names[3:]}
         row_id = meta.get("id")
         row |= {self.KEY_COLUMN: key, "id": None if row_id is None else str(row_id),
                 "image": {"bytes": data, "path": f"{key}.{self.ext}"}}
+        if MASK_IMAGE_COLUMN in row:
+            row[MASK_IMAGE_COLUMN] = None if mask is None else {"bytes": mask, "path": f"{key}{layout.MASK_SUFFIX}"}
         self._rows.append(row)
         self._buffered += len(data)
         if self._buffered >= self.ROW_GROUP_BYTES or len(self._rows) >= self.ROW_GROUP_ROWS:
@@ -531,7 +542,11 @@ def parquet_schema(fields: pa.Schema | None = None) -> pa.Schema:
     first = [pa.field(ParquetWriter.KEY_COLUMN, pa.string()), pa.field("id", pa.string()),
              pa.field("image", IMAGE_STRUCT), pa.field("prompt", pa.string())]
     taken = {f.name for f in first}
-    return with_features(pa.schema(first + [f for f in fields if f.name not in taken]), images={"image"})
+    rest = [f for f in fields if f.name not in taken]
+    if "mask_sha256" in fields.names:  # a job that keeps masks: each inpaint row's mask as used
+        rest.append(pa.field(MASK_IMAGE_COLUMN, IMAGE_STRUCT))
+    images = {"image", MASK_IMAGE_COLUMN} if "mask_sha256" in fields.names else {"image"}
+    return with_features(pa.schema(first + rest), images=images)
 
 
 # ---------------------------------------------------------------------------------------------

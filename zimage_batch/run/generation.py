@@ -25,8 +25,10 @@ from zimage_batch.curate.judge import FILTER, KEEP, REDRAW, ShardJudge
 from zimage_batch.curate.scorers import Scored
 from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
+from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import load_row
+from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
@@ -63,6 +65,8 @@ class WorkerModel:
     worker_id: str
     batch_sizes: BatchSizer | None = None  # each batch key's size from its shape (else batch_size)
     progress: ProgressCounter | None = None  # ticked by every batch, for the worker's heartbeat
+    masks: MaskJob | None = None  # an edit job that keeps masks: the rows' mask defaults
+    segmenter: Segmenter | None = None  # masks from words: CLIPSeg, run on the model thread
 
 
 class ShardGeneration:
@@ -82,6 +86,8 @@ class ShardGeneration:
         self.judge = judge
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
+        self.masks, self.segmenter = model.masks, model.segmenter
+        self.mask_files: dict[int, bytes] = {}  # inpaint rows of a job that keeps masks: the mask as used
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
         self.confirmed = 0  # stored[:confirmed] are done and their outcomes recorded
         self.busy_s = 0.0  # model time of this shard's own batches (not of a shard beside it)
@@ -168,17 +174,32 @@ class ShardGeneration:
         )
         for window in windows:
             ready = []
-            for i, loaded in window:
+            for i, loaded in self._segment(window):
                 self.lineage[i] = loaded.lineage
                 if loaded.error:
                     self.outcomes[i] = error_outcome(loaded.error)
                 else:
                     self.requests[i] = loaded.request
                     ready.append(i)
+                    if loaded.mask_png is not None:
+                        self.mask_files[i] = loaded.mask_png
             for batch in self._cut(ready):
                 yield batch
                 for i in batch:  # the pixels of a drawn batch's sources are no longer needed
                     release_pixels(self.requests[i])
+
+    def _segment(self, window: list[tuple[int, images.EditRow]]) -> list[tuple[int, images.EditRow]]:
+        """The window's words rows get their masks: CLIPSeg on the model thread, the window at once."""
+        waiting = [k for k, (_, loaded) in enumerate(window) if loaded.segment is not None]
+        if not waiting:
+            return window
+        sources = [window[k][1].segment for k in waiting]
+        found = self.model_thread.submit(self.segmenter.probabilities, [image for image, _ in sources],
+                                         [spec.prompt for _, spec in sources]).result()
+        window = list(window)
+        for k, probability in zip(waiting, found):
+            window[k] = (window[k][0], images.complete_words(window[k][1], probability))
+        return window
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
         return cut_batches(self.requests, indices, self._size_of)
@@ -193,7 +214,7 @@ class ShardGeneration:
         source pool, ahead of the GPU)."""
         limit = self.settings.max_source_pixels or images.DEFAULT_MAX_PIXELS
         canny = self.settings.control.canny if self.settings.control else (0.0, 0.0)
-        return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny)
+        return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny, self.masks)
 
     # ------------------------------------------------------------------ the model
     def _generate(self, batch: list[Request]) -> list[np.ndarray | BaseException]:
@@ -254,7 +275,8 @@ class ShardGeneration:
         curated = self.judge.extra(i) if self.judge else {}
         meta |= curated
         meta |= {k: v for k, v in row.items() if k in self.passthrough_names}
-        location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta)
+        location = self.writer.add(sample_key(row["id"], row.get("image_index")), data, meta,
+                                   mask=self.mask_files.pop(i, None))
         return {"status": "ok", "error": None, "image": location, "sha256": digest, "duration_ms": duration_ms,
                 **curated}
 

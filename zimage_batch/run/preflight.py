@@ -18,6 +18,7 @@ from zimage_batch.curate.spec import CurationError
 from zimage_batch.generate.expansion import DEFAULT_INSTRUCTIONS
 from zimage_batch.inputs.columns import misspelled, typo_message
 from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
+from zimage_batch.inputs.mask_spec import MaskJob, uses_words
 from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
 from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
 from zimage_batch.model.adapter_fit import check_adapters_fit
@@ -25,6 +26,7 @@ from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
 from zimage_batch.model.controlnet import check_controlnet_fits
 from zimage_batch.model.prompt_model import resolve_prompt_model
+from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
@@ -118,6 +120,8 @@ def prepare(job: JobSpec, check_output: Callable[[], None] | None = None,
         resolved = with_controlnet(resolved, model.path)
     if spec.prompt_expansion:
         resolved = with_prompt_expansion(resolved)
+    if manifest.kind == "edit" and uses_words(manifest.schema.names, MaskJob.from_mapping(spec.to_dict())):
+        resolved = with_segmenter(resolved)
     return Prepared(manifest, resolved, model)
 
 
@@ -146,6 +150,17 @@ def with_prompt_expansion(job: ResolvedJob) -> ResolvedJob:
     addon = resolve_prompt_model(spec.prompt_expansion)  # type: ignore[arg-type] - set by the caller's check
     spec = dataclasses.replace(spec, prompt_expansion_id=addon.identity,
                                prompt_expansion_instructions=spec.prompt_expansion_instructions or DEFAULT_INSTRUCTIONS)
+    return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
+
+
+def with_segmenter(job: ResolvedJob) -> ResolvedJob:
+    """Masks from words: the CLIPSeg weights fetched and checked before any worker starts, and
+    the job with their identity (`segmenter_id`), which the fingerprint covers."""
+    spec = job.spec
+    source = MaskJob.from_mapping(spec.to_dict()).segmenter_source
+    segmenter = resolve_addon(source, "segmenter")
+    check_segmenter(segmenter.path, source)
+    spec = dataclasses.replace(spec, segmenter_id=segmenter.identity)
     return dataclasses.replace(job, spec=spec, fingerprint=spec.fingerprint())
 
 
@@ -183,9 +198,13 @@ def check_manifest(job: JobSpec, warn: Callable[[str], None] | None = None) -> t
     if spec.prompt_expansion and "prompt_original" in manifest.schema.names:
         raise JobError(f"{manifest.uri}: column 'prompt_original' is the metadata column of the prompt before "
                        "expansion (prompt_expansion); rename it to keep it")
+    masks = MaskJob.from_mapping(spec.to_dict())
+    if manifest.kind == "prompt" and (masks.derives or masks.mask_grow or masks.mask_blur or masks.anchor):
+        raise JobError(f"mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and "
+                       f"{spec.manifest} is a prompt manifest (no source column); leave them unset")
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
-                    control_image=spec.control_image, default_num_images=d["num_images"])
+                    control_image=spec.control_image, default_num_images=d["num_images"], masks=masks)
     return manifest, resolved.with_variants(validate_manifest(manifest, limits))
 
 

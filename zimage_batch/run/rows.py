@@ -12,6 +12,7 @@ from zimage_batch.generate.requests import ControlRequest, EditRequest, Generati
 from zimage_batch.inputs.control import control_request, row_control
 from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
 from zimage_batch.inputs.manifest import derive_seed
+from zimage_batch.inputs.mask_spec import row_mask
 from zimage_batch.model.variants import Variant
 from zimage_batch.run.settings import WorkerSettings
 
@@ -41,13 +42,14 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         lora=resolve_lora(row.get("lora"), settings.lora),
     )
     control = row_control(row, settings.control) if settings.control else None
+    has_mask = edit and row_mask(row, settings.masks) is not None  # given, or derived (alpha, outpaint)
     if control:  # ControlNet text-to-image, or ControlNet inpaint for an edit row with a mask
         width, height = (row.get("width") or settings.width, row.get("height") or settings.height)
         if not edit:
             width, height = int(value("width")), int(value("height"))
-        return control_request(common, width, height, control, inpaint=edit and bool(row.get("mask")))
+        return control_request(common, width, height, control, inpaint=has_mask)
     if edit:
-        mode = infer_mode(row.get("mode"), bool(row.get("mask")), variant)
+        mode = infer_mode(row.get("mode"), has_mask, variant)
         width, height = row.get("width") or settings.width, row.get("height") or settings.height
         return EditRequest(width=width, height=height, mode=mode, strength=float(value("strength")), **common)
     return GenerationRequest(width=int(value("width")), height=int(value("height")), **common)

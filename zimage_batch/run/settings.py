@@ -7,6 +7,7 @@ from typing import Any
 
 from zimage_batch.curate.spec import Curation
 from zimage_batch.inputs.control import ControlJob
+from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.inputs.templates import TemplateSpec
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.sources import source_for_variant
@@ -45,6 +46,7 @@ class WorkerSettings:
     prompt_expansion_instructions: str | None = None
     max_new_tokens: int = 256
     caption: str = "expanded"  # expanded | original: what an expanded row's caption is
+    masks: MaskJob = MaskJob()  # the rows' mask defaults: derived masks and outpainting (edit manifests)
     run: str | None = None  # the run's id, which holds OUTPUT's lease: commits are fenced by it
     curation: Curation | None = None  # scores, keep, tries, embeddings (a curated job)
 
@@ -80,4 +82,5 @@ class WorkerSettings:
             caption=job.caption,
             control=ControlJob.from_mapping(job.to_dict()) if "controlnet" in get_variant(variant).tasks else None,
             curation=curation if (curation := job.curation()).active else None,
+            masks=MaskJob.from_mapping(job.to_dict()),
         )

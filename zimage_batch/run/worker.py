@@ -31,7 +31,9 @@ from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.expansion import PromptExpander
 from zimage_batch.generate.requests import GenerationRequest
+from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.mask_spec import has_alpha_rows, masks_used, uses_words
 from zimage_batch.inputs.templates import TemplateManifest
 from zimage_batch.model.adapters import adapter_files
 from zimage_batch.model.addons import resolve_pinned
@@ -88,9 +90,11 @@ class ShardRunner:
         self.curation = settings.curation
         self.curated = self.curation.metadata_columns() if self.curation else None
         self.expanded = bool(settings.prompt_expansion)  # rows' prompts rewritten by a causal LM first
+        # catalogue editing: an edit job that derives masks keeps each mask as used (metadata, <key>.mask.png)
+        self.keep_masks = self.edit and masks_used(self.manifest.schema.names, settings.masks, self._alpha_rows())
         self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
             self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, curated=self.curated,
-            expanded=self.expanded))
+            expanded=self.expanded, masks=self.keep_masks))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
@@ -133,8 +137,23 @@ class ShardRunner:
             worker_id=self.worker_id,
             batch_sizes=self.batch_sizes,
             progress=self.progress,
+            masks=settings.masks if self.keep_masks else None,
+            segmenter=self._segmenter(device),
         )
         self.first_shard_started: float | None = None
+
+    def _alpha_rows(self) -> bool:
+        """Whether any row of an edit manifest asks for its mask from the source's alpha."""
+        if not self.edit or "mask" not in self.manifest.schema.names:
+            return False
+        return has_alpha_rows(self.manifest.read_column(f, "mask") for f in self.manifest.files)
+
+    def _segmenter(self, device: str) -> Segmenter | None:
+        """Masks from words: the job's CLIPSeg, the very weights its fingerprint names, on the model's device."""
+        masks = self.settings.masks
+        if not (self.edit and uses_words(self.manifest.schema.names, masks)):
+            return None
+        return Segmenter(resolve_pinned(masks.segmenter_source, masks.segmenter_id, "segmenter").path, device)
 
     def _first_shape(self) -> tuple[int, int]:
         """(width, height) of the manifest's first row (the job's defaults where it has none, and
@@ -196,7 +215,8 @@ class ShardRunner:
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
             metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
                                       lora=bool(self.settings.loras), control=self.controlnet is not None,
-                                      image_index=self.image_index, curated=self.curated, expanded=self.expanded)
+                                      image_index=self.image_index, curated=self.curated, expanded=self.expanded,
+                                      masks=self.keep_masks)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
         except BaseException:
             writer.abort()
