@@ -13,6 +13,7 @@ are those of docs/architecture.md, "Retries".
 from __future__ import annotations
 
 import signal
+import statistics
 import sys
 import time
 from collections import deque
@@ -24,6 +25,9 @@ from zimage_batch.run.plan import Shard
 IN_FLIGHT_PER_WORKER = 2  # one generating, one reading or uploading beside it
 MAX_FREE_REQUEUES = 20  # re-dispatches not charged to a shard (its worker died running another)
 WAIT_S = 1.0  # longest wait for an outcome between checks of the stop request and progress ticks
+DURATIONS_KEPT = 1000  # latest finished shards' durations the speculation's median is taken over
+SPECULATE_MARGIN = 0.1  # a second copy must be expected to end this share of a shard's time sooner
+SPECULATE_EVERY = 0.02  # share of a shard's time between two looks for tail shards to copy
 
 
 # ---------------------------------------------------------------------- what a pool reports
@@ -80,6 +84,9 @@ class WorkerPool(Protocol):
     def replace(self, worker: int) -> None:
         """Put a fresh worker in the place of `worker` (its tickets are forgotten)."""
 
+    # A pool may also have `cancel(ticket)`: the scheduler no longer waits for that ticket (the
+    # other copy of its shard finished); the pool stops it if it can, and never reports it.
+
 
 # ---------------------------------------------------------------------- rules and results
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Rules:
     grace_period: float = 60.0  # seconds in-flight shards get once a stop is requested
     in_flight_per_worker: int = IN_FLIGHT_PER_WORKER
     max_free_requeues: int = MAX_FREE_REQUEUES
+    speculate: bool = False  # run a second copy of tail shards on idle workers (the job's default is on)
 
 
 @dataclass(frozen=True)
@@ -153,16 +161,68 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------------- the scheduler
+class _InFlight(dict):
+    """ticket -> (shard, worker), indexed by worker and by shard name, with each ticket's
+    estimated start: a worker runs its shards one after another, so a ticket starts when it is
+    submitted to an idle worker, or when the ticket before it on its worker leaves."""
+
+    def __init__(self, clock: Callable[[], float], workers: int, limit: int) -> None:
+        super().__init__()
+        self.clock, self.limit = clock, limit
+        self.open = set(range(workers))  # workers holding fewer than `limit` tickets
+        self.on_worker: dict[int, dict[Ticket, None]] = {}  # in submission order
+        self.of_shard: dict[str, set[Ticket]] = {}
+        self.started: dict[Ticket, float | None] = {}
+
+    def __setitem__(self, ticket: Ticket, value: tuple[Shard, int]) -> None:
+        if ticket in self:
+            self.pop(ticket)
+        shard, worker = value
+        super().__setitem__(ticket, value)
+        mine = self.on_worker.setdefault(worker, {})
+        self.started[ticket] = None if mine else self.clock()
+        mine[ticket] = None
+        if len(mine) >= self.limit:
+            self.open.discard(worker)
+        self.of_shard.setdefault(shard.name, set()).add(ticket)
+
+    def pop(self, ticket: Ticket, *default: Any) -> Any:
+        if ticket not in self and default:
+            return default[0]
+        shard, worker = super().pop(ticket)
+        mine = self.on_worker[worker]
+        del mine[ticket]
+        if len(mine) < self.limit:
+            self.open.add(worker)
+        if not mine:
+            del self.on_worker[worker]
+        elif self.started[next(iter(mine))] is None:
+            self.started[next(iter(mine))] = self.clock()
+        copies = self.of_shard[shard.name]
+        copies.discard(ticket)
+        if not copies:
+            del self.of_shard[shard.name]
+        del self.started[ticket]
+        return shard, worker
+
+    def __delitem__(self, ticket: Ticket) -> None:
+        self.pop(ticket)
+
+
 @dataclass
 class _State:
     queue: deque[Shard]
+    in_flight: _InFlight  # ticket -> (shard, worker)
     attempts: dict[str, int] = field(default_factory=dict)  # charged tries per shard
     free_requeues: dict[str, int] = field(default_factory=dict)  # uncharged re-dispatches per shard
-    in_flight: dict[Ticket, tuple[Shard, int]] = field(default_factory=dict)  # ticket -> (shard, worker)
     suspects: set[str] = field(default_factory=set)  # on a worker that died next to another shard
     failed_starts: int = 0  # workers that failed to start since the last finished shard
     failed: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None  # set once a stop is requested
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
+    finished: int = 0  # shards finished (durations noted)
+    copies_started: int = 0  # second copies of tail shards (speculation)
+    copies_cancelled: int = 0  # copies no longer waited for: the other copy finished first
 
 
 class Scheduler:
@@ -190,7 +250,11 @@ class Scheduler:
         self.echo = echo
         self.stop = stop or StopRequest()
         self.clock = clock
-        self.state = _State(queue=deque(shards))
+        self.state = _State(queue=deque(shards), in_flight=_InFlight(clock, pool.size, rules.in_flight_per_worker))
+        self._draining: set[int] = set()  # workers left to empty so that a queued suspect can run alone
+        self._next_speculation = 0.0  # clock time of the next look for tail shards to copy
+        self._pace: dict[int, float] = {}  # worker -> its last shard's duration over the median
+        self._median: tuple[int, float] = (0, 0.0)  # (finished shards counted, their median duration)
 
     def run(self) -> Finish:
         """Dispatch, wait, handle outcomes, until done or stopped; raises WorkersCannotStart."""
@@ -205,23 +269,29 @@ class Scheduler:
             if s.deadline is None:
                 self._dispatch()
             for ticket, outcome in self.pool.wait(list(s.in_flight), WAIT_S):
-                if ticket in s.in_flight:  # not dropped with its dead worker meanwhile
-                    self._handle(ticket, outcome)
+                if ticket in s.in_flight and not self._settle_copies(ticket, outcome):
+                    self._handle(ticket, outcome)  # (not dropped with its dead worker meanwhile)
             self.on_tick(len(s.queue), len(s.in_flight), self.pool.size)
         return Finish(dict(s.failed), stopped=False)
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
-        """Fill each worker up to `in_flight_per_worker` shards; a suspect shard runs alone on a worker."""
+        """Fill each worker up to `in_flight_per_worker` shards; a suspect shard runs alone on a
+        worker. With nothing left to start, idle workers run second copies of tail shards."""
         s = self.state
-        for worker in range(self.pool.size):
-            mine = [shard for shard, w in s.in_flight.values() if w == worker]
-            if any(shard.name in s.suspects for shard in mine):
+        plain_left = True  # whether the queue may still hold a shard that is not a suspect
+        for worker in sorted(s.in_flight.open) if s.queue else ():
+            if not s.queue:
+                break
+            mine = [s.in_flight[t][0] for t in s.in_flight.on_worker.get(worker, ())]
+            if any(shard.name in s.suspects for shard in mine) or (mine and self._drains_for_suspect(worker)):
                 continue
+            self._draining.discard(worker)
             while s.queue and len(mine) < self.rules.in_flight_per_worker:
                 position = 0 if not mine else next(
-                    (k for k, shard in enumerate(s.queue) if shard.name not in s.suspects), None)
+                    (k for k, shard in enumerate(s.queue) if shard.name not in s.suspects), None) if plain_left else None
                 if position is None:
+                    plain_left = False
                     break
                 shard = s.queue[position]
                 del s.queue[position]
@@ -230,6 +300,97 @@ class Scheduler:
                 mine.append(shard)
                 if shard.name in s.suspects:
                     break
+        if self.rules.speculate and not s.queue and len(s.in_flight.on_worker) < self.pool.size:
+            self._speculate()
+
+    def _drains_for_suspect(self, worker: int) -> bool:
+        """Whether `worker` (busy) takes nothing new, so that it empties for the suspect at the head
+        of the queue: one worker drains per suspect, else suspects wait for the tail of the job."""
+        s = self.state
+        if s.queue[0].name not in s.suspects:
+            return False
+        if worker not in self._draining and len(self._draining) < len(s.suspects):
+            self._draining.add(worker)
+        return worker in self._draining
+
+    # ------------------------------------------------------------------ speculation
+    def _speculate(self) -> None:
+        """Give each idle worker a second copy of the running shard expected to end last, while
+        a copy started now is expected to end sooner than it. Expected ends: a shard runs for the
+        median duration of finished shards times its worker's pace (its last shard's duration
+        over the median), one that has run longer than that for as long again as it has run; a
+        shard waiting behind another on its worker starts when that one ends. A copy is never
+        charged as an attempt: it carries the attempt number of the first."""
+        s = self.state
+        median = self._median_duration()
+        now = self.clock()
+        if median is None or now < self._next_speculation:
+            return
+        self._next_speculation = now + median * SPECULATE_EVERY
+        idle = [w for w in range(self.pool.size) if w not in s.in_flight.on_worker]
+        ends = sorted(((end, ticket) for ticket, end in self._expected_ends(now, median)), reverse=True)
+        for (end, ticket), worker in zip(ends, idle):
+            if end <= now + median * (1 + SPECULATE_MARGIN):
+                break
+            shard, _ = s.in_flight[ticket]
+            copy = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
+            s.in_flight[copy] = (shard, worker)
+            s.copies_started += 1
+
+    def _expected_ends(self, now: float, median: float) -> list[tuple[Ticket, float]]:
+        """(ticket, expected end) of each shard that could get a second copy: one copy running,
+        not a suspect."""
+        s = self.state
+        out = []
+        for worker, tickets in s.in_flight.on_worker.items():
+            end, expected = now, median * self._pace.get(worker, 1.0)
+            for ticket in tickets:
+                started = s.in_flight.started[ticket]
+                if started is None:
+                    end += expected
+                else:
+                    ran = now - started
+                    end = started + (expected if ran <= expected else 2 * ran)
+                shard, _ = s.in_flight[ticket]
+                if len(s.in_flight.of_shard[shard.name]) == 1 and shard.name not in s.suspects:
+                    out.append((ticket, end))
+        return out
+
+    def _median_duration(self) -> float | None:
+        s = self.state
+        if not s.durations:
+            return None
+        if self._median[0] != s.finished:
+            self._median = (s.finished, statistics.median(s.durations))
+        return self._median[1]
+
+    def _settle_copies(self, ticket: Ticket, outcome: Outcome) -> bool:
+        """Before `_handle`: a finished shard's duration is noted and its other copy, if any, is
+        cancelled (neither a failure nor retried). A copy that ended otherwise while another copy
+        runs is dropped, uncharged, its worker replaced if it died; True when that settled it."""
+        s = self.state
+        shard, worker = s.in_flight[ticket]
+        started = s.in_flight.started[ticket]
+        others = s.in_flight.of_shard[shard.name] - {ticket}
+        if isinstance(outcome, Finished):
+            if started is not None:
+                s.durations.append(self.clock() - started)
+                s.finished += 1
+                self._pace[worker] = s.durations[-1] / (self._median_duration() or 1.0)
+            for other in others:
+                s.in_flight.pop(other)
+                s.copies_cancelled += 1
+                cancel = getattr(self.pool, "cancel", None)
+                if cancel is not None:
+                    cancel(other)
+            return False
+        if not others:
+            return False
+        s.in_flight.pop(ticket)
+        if isinstance(outcome, (WorkerDied, FailedToStart)):
+            self._drop_worker(worker)
+            self.pool.replace(worker)
+        return True
 
     # ------------------------------------------------------------------ outcomes
     def _handle(self, ticket: Ticket, outcome: Outcome) -> None:
@@ -263,8 +424,11 @@ class Scheduler:
         """Shards still in flight on a worker that died: queued again (first), not charged."""
         s = self.state
         dropped = []
-        for ticket in [t for t, (_, w) in s.in_flight.items() if w == worker]:
+        self._pace.pop(worker, None)  # a fresh worker takes its place
+        for ticket in list(s.in_flight.on_worker.get(worker, ())):
             shard, _ = s.in_flight.pop(ticket)
+            if shard.name in s.in_flight.of_shard:  # its other copy runs on
+                continue
             s.free_requeues[shard.name] = s.free_requeues.get(shard.name, 0) + 1
             s.queue.appendleft(shard)
             dropped.append(shard)
