@@ -65,14 +65,16 @@ class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str) -> None:
-        """`base` is the folder that relative source URIs of edit rows start from."""
+                 base: str, before_batch: Callable[[], None] | None = None) -> None:
+        """`base` is the folder that relative source URIs of edit rows start from; `before_batch`
+        runs before each batch (it may raise to end the attempt)."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
         self.batch_sizes = model.batch_sizes
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
+        self.before_batch = before_batch
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
         self.stored: list[tuple[int, Future]] = []  # (row, its store task), in submission order
@@ -85,6 +87,8 @@ class ShardGeneration:
         encoded_ahead = self.engine.low_vram and self._encode_ahead()
         try:
             for batch in self._batches():
+                if self.before_batch is not None:
+                    self.before_batch()
                 self._confirm(STORE_BACKLOG_BATCHES * max(self.batch_size, len(batch)))
                 started = time.perf_counter()
                 pixels = self._generate([self.requests[i] for i in batch])

@@ -50,6 +50,7 @@ def outcome_of(ref: Any) -> Outcome:
 
 
 CPU_THREADS_ENV = "ZIMAGE_BATCH_CPU_THREADS"
+CANCELLED_WAIT_S = 30.0  # at shutdown, the longest wait for cancelled copies to remove their staged files
 
 
 def cpu_threads_setting(environ: Any = os.environ) -> int | None:
@@ -79,10 +80,10 @@ class ShardRunnerActor:
     imported on the worker only: the driver, which creates the actors from this class, never
     loads it (1-2 s of start-up and a few hundred MB per run otherwise)."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, threads: int | None = None, index: int = 0) -> None:
         from zimage_batch.run.worker import ShardRunner
 
-        self.runner = ShardRunner(settings, threads)
+        self.runner = ShardRunner(settings, threads, index)
 
     def run_shard(self, shard: Shard, attempt: int = 1) -> Any:
         return self.runner.run_shard(shard, attempt)
@@ -109,11 +110,12 @@ class RayWorkerPool:
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self._actor_class = ray.remote(ShardRunnerActor).options(**options)
         self._args = (settings, threads)
-        self.actors = [self._start() for _ in range(self.size)]
+        self.actors = [self._start(worker) for worker in range(self.size)]
         self.replacements = 0
+        self.cancelled: list[Any] = []  # tickets no longer waited for, still perhaps running
 
-    def _start(self) -> Any:
-        return self._actor_class.remote(*self._args)
+    def _start(self, worker: int) -> Any:
+        return self._actor_class.remote(*self._args, worker)
 
     # ------------------------------------------------------------------ WorkerPool
     def submit(self, worker: int, shard: Shard, attempt: int) -> Ticket:
@@ -129,11 +131,27 @@ class RayWorkerPool:
 
     def replace(self, worker: int) -> None:
         _kill(self.actors[worker])
-        self.actors[worker] = self._start()
+        self.actors[worker] = self._start(worker)
         self.replacements += 1
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The other copy of the shard committed: Ray drops this one if it has not started; if it
+        runs, it sees the commit before its next batch, removes its staged files and returns."""
+        import ray
+
+        self.cancelled.append(ticket)
+        try:
+            ray.cancel(ticket)
+        except Exception:  # noqa: BLE001 - it ended meanwhile, or Ray cannot cancel it: it stops itself
+            pass
 
     # ------------------------------------------------------------------ the rest
     def shutdown(self) -> None:
+        """Stop the workers, once cancelled copies have cleaned up (up to CANCELLED_WAIT_S)."""
+        import ray
+
+        if self.cancelled:
+            ray.wait(self.cancelled, num_returns=len(self.cancelled), timeout=CANCELLED_WAIT_S)
         for actor in self.actors:
             _kill(actor)
 

@@ -221,6 +221,7 @@ class _State:
     deadline: float | None = None  # set once a stop is requested
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
     finished: int = 0  # shards finished (durations noted)
+    copied: set[str] = field(default_factory=set)  # shards that had a second copy (once per run at most)
     copies_started: int = 0  # second copies of tail shards (speculation)
     copies_cancelled: int = 0  # copies no longer waited for: the other copy finished first
 
@@ -335,11 +336,12 @@ class Scheduler:
             shard, _ = s.in_flight[ticket]
             copy = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
             s.in_flight[copy] = (shard, worker)
+            s.copied.add(shard.name)
             s.copies_started += 1
 
     def _expected_ends(self, now: float, median: float) -> list[tuple[Ticket, float]]:
         """(ticket, expected end) of each shard that could get a second copy: one copy running,
-        not a suspect."""
+        never copied before, not a suspect."""
         s = self.state
         out = []
         for worker, tickets in s.in_flight.on_worker.items():
@@ -352,7 +354,8 @@ class Scheduler:
                     ran = now - started
                     end = started + (expected if ran <= expected else 2 * ran)
                 shard, _ = s.in_flight[ticket]
-                if len(s.in_flight.of_shard[shard.name]) == 1 and shard.name not in s.suspects:
+                if len(s.in_flight.of_shard[shard.name]) == 1 and shard.name not in s.suspects \
+                        and shard.name not in s.copied:
                     out.append((ticket, end))
         return out
 

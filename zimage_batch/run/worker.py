@@ -53,7 +53,9 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, threads: int | None = None, index: int = 0) -> None:
+        """`index`: the worker's place in its pool (the slow-worker drill slows place 0)."""
+        self.slowdown = _slow_worker_factor() if index == 0 else 1.0
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
@@ -157,7 +159,8 @@ class ShardRunner:
         writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
         try:
-            generation = ShardGeneration(self.model, images, requests, writer, base)
+            watch = _AttemptWatch(self.ledger, shard.name, self.slowdown)
+            generation = ShardGeneration(self.model, images, requests, writer, base, before_batch=watch)
             outcomes = generation.run()
             writer.close()
             records = [row_record(row, request, self.settings) | outcome
@@ -167,6 +170,10 @@ class ShardRunner:
                                       lora=bool(self.settings.loras), control=self.controlnet is not None,
                                       image_index=self.image_index)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
+        except Superseded:  # another attempt (a speculative copy, or the first) committed the shard
+            writer.abort()
+            self._give_up(marker)
+            return None
         except BaseException:
             writer.abort()
             self._give_up(marker)
@@ -215,11 +222,49 @@ class ShardRunner:
                 "busy_fraction": min(1.0, self.engine.busy_seconds / wall) if wall else 0.0}
 
 
+SUPERSEDED_CHECK_S = 1.0  # at most this often, between batches, an attempt looks for another's commit
+
+
+class Superseded(Exception):
+    """Another attempt of the shard committed while this one ran: this one stops, nothing new."""
+
+
+class _AttemptWatch:
+    """Runs before each batch of an attempt: stops it (`Superseded`) once another attempt of
+    the shard has committed (the scheduler ran a second copy and stopped waiting for this one),
+    and slows the slow-worker drill's worker down."""
+
+    def __init__(self, ledger: Ledger, shard: str, slowdown: float) -> None:
+        self.ledger, self.shard, self.slowdown = ledger, shard, slowdown
+        self.last = self.looked = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * (now - self.last))
+            now = time.monotonic()
+        self.last = now
+        if now - self.looked >= SUPERSEDED_CHECK_S:
+            self.looked = now
+            if self.ledger.marker(self.shard) is not None:
+                raise Superseded(f"shard {self.shard} was committed by another attempt")
+
+
 # Fault injection for drills and tests: shards whose name contains one of the comma-separated
 # strings in these variables crash their worker process when they start (CRASH_ENV), or fail
 # with an error once everything is staged, just before the commit (FAIL_BEFORE_COMMIT_ENV).
 CRASH_ENV = "ZIMAGE_BATCH_FAULT_CRASH_SHARDS"
 FAIL_BEFORE_COMMIT_ENV = "ZIMAGE_BATCH_FAULT_FAIL_BEFORE_COMMIT"
+# The worker in place 0 of its pool runs this many times slower (it pauses before each batch).
+SLOW_WORKER_ENV = "ZIMAGE_BATCH_FAULT_SLOW_WORKER"
+
+
+def _slow_worker_factor() -> float:
+    value = os.environ.get(SLOW_WORKER_ENV, "").strip()
+    if not value:
+        return 1.0
+    log.error("fault injection (%s): this worker runs %sx slower", SLOW_WORKER_ENV, value)
+    return max(1.0, float(value))
 
 
 def _inject_fault(variable: str, shard: str) -> None:
