@@ -14,7 +14,7 @@ from zimage_batch.run.preflight import check_manifest, job_record, prepare, reso
 
 # job.json of these settings as the driver wrote it before preflight existed (less the dead
 # `dtype` setting, plus the settings added since: `unsafe_allow_overwriting_commits`, `lora`,
-# `loras`, the ControlNet's, `num_images`, `gpu_seconds_per_image`): an OUTPUT written then must
+# `loras`, the ControlNet's, `num_images`, `gpu_seconds_per_image`, `speculate`): an OUTPUT written then must
 # resume, so the fingerprint stays put.
 EARLIER_RECORD = {
     "defaults": {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "guidance_scale": 4.0, "height": 768,
@@ -30,7 +30,7 @@ EARLIER_RECORD = {
             "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": None,
             "output": "s3://bucket/out", "overwrite": False, "progress_interval": 10.0, "quality": 90,
             "report": True, "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "<set>"}}, "seed": 7,
-            "shard_size": 1000, "strength": 0.6, "unsafe_allow_overwriting_commits": False, "variant": "base",
+            "shard_size": 1000, "speculate": True, "strength": 0.6, "unsafe_allow_overwriting_commits": False, "variant": "base",
             "width": 512, "workers": 4},
     "model_draws_noise": False,
     "output_fields": ["model", "variant", "models", "format", "image_format", "quality", "seed", "width", "height",

@@ -27,6 +27,7 @@ MAX_FREE_REQUEUES = 20  # re-dispatches not charged to a shard (its worker died 
 WAIT_S = 1.0  # longest wait for an outcome between checks of the stop request and progress ticks
 DURATIONS_KEPT = 1000  # latest finished shards' durations the speculation's median is taken over
 SPECULATE_MARGIN = 0.1  # a second copy must be expected to end this share of a shard's time sooner
+MAX_COPIES = 3  # running copies of one shard at most (the first and two more)
 SPECULATE_EVERY = 0.02  # share of a shard's time between two looks for tail shards to copy
 
 
@@ -221,7 +222,7 @@ class _State:
     deadline: float | None = None  # set once a stop is requested
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
     finished: int = 0  # shards finished (durations noted)
-    copied: set[str] = field(default_factory=set)  # shards that had a second copy (once per run at most)
+    no_copies: set[str] = field(default_factory=set)  # shards a copy of which failed on a live worker
     copies_started: int = 0  # second copies of tail shards (speculation)
     copies_cancelled: int = 0  # copies no longer waited for: the other copy finished first
 
@@ -281,16 +282,21 @@ class Scheduler:
         worker. With nothing left to start, idle workers run second copies of tail shards."""
         s = self.state
         plain_left = True  # whether the queue may still hold a shard that is not a suspect
+        waiting = sum(1 for name in s.suspects if name not in s.in_flight.of_shard) if s.queue else 0
         for worker in sorted(s.in_flight.open) if s.queue else ():
             if not s.queue:
                 break
             mine = [s.in_flight[t][0] for t in s.in_flight.on_worker.get(worker, ())]
-            if any(shard.name in s.suspects for shard in mine) or (mine and self._drains_for_suspect(worker)):
+            if any(shard.name in s.suspects for shard in mine) or (mine and self._drains_for(worker, waiting)):
                 continue
             self._draining.discard(worker)
             while s.queue and len(mine) < self.rules.in_flight_per_worker:
-                position = 0 if not mine else next(
-                    (k for k, shard in enumerate(s.queue) if shard.name not in s.suspects), None) if plain_left else None
+                if not mine:  # an empty worker: the first queued suspect, else the head of the queue
+                    position = next((k for k, shard in enumerate(s.queue) if shard.name in s.suspects), 0) \
+                        if waiting else 0
+                else:
+                    position = next((k for k, shard in enumerate(s.queue) if shard.name not in s.suspects),
+                                    None) if plain_left else None
                 if position is None:
                     plain_left = False
                     break
@@ -300,24 +306,25 @@ class Scheduler:
                 s.in_flight[ticket] = (shard, worker)
                 mine.append(shard)
                 if shard.name in s.suspects:
+                    waiting -= 1
                     break
         if self.rules.speculate and not s.queue and len(s.in_flight.on_worker) < self.pool.size:
             self._speculate()
 
-    def _drains_for_suspect(self, worker: int) -> bool:
-        """Whether `worker` (busy) takes nothing new, so that it empties for the suspect at the head
-        of the queue: one worker drains per suspect, else suspects wait for the tail of the job."""
-        s = self.state
-        if s.queue[0].name not in s.suspects:
-            return False
-        if worker not in self._draining and len(self._draining) < len(s.suspects):
+    def _drains_for(self, worker: int, waiting: int) -> bool:
+        """Whether `worker` (busy) takes nothing new, so that it empties for one of the `waiting`
+        queued suspects: one worker drains per suspect, else suspects would wait for a worker
+        that happens to be empty, which at scale is the tail of the job."""
+        if not waiting:
+            self._draining.clear()
+        elif worker not in self._draining and len(self._draining) < waiting:
             self._draining.add(worker)
         return worker in self._draining
 
     # ------------------------------------------------------------------ speculation
     def _speculate(self) -> None:
-        """Give each idle worker a second copy of the running shard expected to end last, while
-        a copy started now is expected to end sooner than it. Expected ends: a shard runs for the
+        """Give idle workers, fastest first, second copies of the running shards expected to end
+        last, while a copy started now is expected to end sooner than the shard. Expected ends: a shard runs for the
         median duration of finished shards times its worker's pace (its last shard's duration
         over the median), one that has run longer than that for as long again as it has run; a
         shard waiting behind another on its worker starts when that one ends. A copy is never
@@ -328,22 +335,23 @@ class Scheduler:
         if median is None or now < self._next_speculation:
             return
         self._next_speculation = now + median * SPECULATE_EVERY
-        idle = [w for w in range(self.pool.size) if w not in s.in_flight.on_worker]
+        # known paces first, fastest first; a fresh worker's pace is unknown (taken as 1)
+        idle = sorted((w not in self._pace, self._pace.get(w, 1.0), w)
+                      for w in range(self.pool.size) if w not in s.in_flight.on_worker)
         ends = sorted(((end, ticket) for ticket, end in self._expected_ends(now, median)), reverse=True)
-        for (end, ticket), worker in zip(ends, idle):
-            if end <= now + median * (1 + SPECULATE_MARGIN):
+        for (end, ticket), (_, pace, worker) in zip(ends, idle):  # the fastest idle worker for the latest shard
+            if end <= now + median * pace * (1 + SPECULATE_MARGIN):
                 break
             shard, _ = s.in_flight[ticket]
             copy = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
             s.in_flight[copy] = (shard, worker)
-            s.copied.add(shard.name)
             s.copies_started += 1
 
     def _expected_ends(self, now: float, median: float) -> list[tuple[Ticket, float]]:
-        """(ticket, expected end) of each shard that could get a second copy: one copy running,
-        never copied before, not a suspect."""
+        """(a ticket, expected end) of each shard that may get another copy: fewer than
+        MAX_COPIES running, none failed. A shard with two copies ends with the sooner."""
         s = self.state
-        out = []
+        ends: dict[str, tuple[float, Ticket]] = {}
         for worker, tickets in s.in_flight.on_worker.items():
             end, expected = now, median * self._pace.get(worker, 1.0)
             for ticket in tickets:
@@ -353,11 +361,11 @@ class Scheduler:
                 else:
                     ran = now - started
                     end = started + (expected if ran <= expected else 2 * ran)
-                shard, _ = s.in_flight[ticket]
-                if len(s.in_flight.of_shard[shard.name]) == 1 and shard.name not in s.suspects \
-                        and shard.name not in s.copied:
-                    out.append((ticket, end))
-        return out
+                name = s.in_flight[ticket][0].name
+                if name not in ends or end < ends[name][0]:
+                    ends[name] = (end, ticket)
+        return [(ticket, end) for name, (end, ticket) in ends.items()
+                if len(s.in_flight.of_shard[name]) < MAX_COPIES and name not in s.no_copies]
 
     def _median_duration(self) -> float | None:
         s = self.state
@@ -390,6 +398,8 @@ class Scheduler:
         if not others:
             return False
         s.in_flight.pop(ticket)
+        if isinstance(outcome, ShardFailed):
+            s.no_copies.add(shard.name)
         if isinstance(outcome, (WorkerDied, FailedToStart)):
             self._drop_worker(worker)
             self.pool.replace(worker)
