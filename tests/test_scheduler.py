@@ -354,3 +354,22 @@ def test_the_other_copy_is_cancelled_when_one_finishes():
     schedule(pool, shards(4), Rules(speculate=True))
     losers = [r for r in pool.submitted if r.ticket in cancelled]
     assert {r.shard.name for r in losers} == {"s0", "s1"} and all(r.actor == 0 for r in losers)
+
+
+def test_a_queued_suspect_gets_a_worker_emptied_for_it_before_the_queue_runs_out():
+    """s0 kills its worker, which also ran s1: both become suspects and run alone. s0 is queued
+    at the back; rather than wait for a worker that happens to be empty (the end of the job),
+    a worker takes nothing new until it is empty, then runs s0 alone."""
+
+    def script(shard, attempt, actor):
+        if shard.name == "s0" and actor == 0:
+            return WorkerDied("ActorDiedError: SIGKILL"), 1.5
+        return finishes(shard, attempt, actor)
+
+    pool = FakePool(size=2, script=script)
+    finish, results, _ = schedule(pool, shards(30))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == sorted(s.name for s in shards(30))
+    order = [r.shard.name for r in pool.submitted]
+    rerun = len(order) - 1 - order[::-1].index("s0")
+    assert rerun < order.index("s29"), order
+    assert pool.crowding[rerun] == ["s0"]  # alone on its worker
