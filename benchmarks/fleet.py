@@ -84,6 +84,7 @@ class SimPool:
         self.last_end = [0.0] * sc.workers  # each slot's last moment of work
         self.useful_s = self.redone_s = self.copies_lost_s = 0.0
         self.preemptions = self.nodes_lost = 0
+        self.beaten = -60.0  # when heartbeats last answered
         self._next_node_loss()
 
     # ------------------------------------------------------------------ events
@@ -170,6 +171,18 @@ class SimPool:
             self._kill(old)
         self.slots[worker] = self._new_actor(worker, self.now + self.sc.replace_delay_s)
 
+    def heartbeats(self) -> dict[int, Any]:
+        """Simulated workers never hang: every live one answers, its progress moving with the
+        clock, once a virtual minute (for a scheduler that checks for stalled workers)."""
+        try:
+            from zimage_batch.run.heartbeat import Heartbeat
+        except ImportError:  # a scheduler without the stall check
+            return {}
+        if self.now - self.beaten < 60.0:
+            return {}
+        self.beaten = self.now
+        return {w: Heartbeat(f"sim:{w}", int(self.now)) for w, actor in enumerate(self.slots) if actor.alive}
+
     def cancel(self, ticket: Ticket) -> None:
         """The other copy of this shard finished: a waiting copy is dropped, a running one stops."""
         actor = self.actor_of.get(ticket)
@@ -212,6 +225,9 @@ class Timed:
 
     def cancel(self, ticket: Ticket) -> None:
         self._timed("cancel", ticket)
+
+    def heartbeats(self) -> dict[int, Any]:
+        return self._timed("heartbeats")
 
 
 def simulate(sc: Scenario) -> dict[str, Any]:
