@@ -125,3 +125,17 @@ def test_prompts_benchmark_prints_both_figures():
     out = _run("benchmarks/prompts.py", "--rows", "2", "--new-tokens", "4", "--steps", "2")
     assert re.search(r"expansion is \d+% of the worker's model time", out)
     assert re.search(r"expansion is [\d.]+% of the FLOPs", out) and "bandwidth floor" in out
+
+
+def test_fleet_simulator_small():
+    """The real scheduler on 100 simulated workers, faults and all: every shard done, the copies
+    of tail shards bring the end closer than without them."""
+    import json
+
+    args = ("benchmarks/fleet.py", "--workers", "100", "--images", "300000", "--json")
+    on, off = (json.loads(_run(*args, "--speculate", mode)) for mode in ("on", "off"))
+    for r in (on, off):
+        assert r["shards_failed"] == 0 and r["makespan_over_ideal"] >= 1.0 and r["preemptions"] > 0
+        assert {"tail_idle_gpu_hours", "redone_gpu_hours", "dispatch_cpu_ms", "driver_peak_mib"} <= set(r)
+    assert on["copies_started"] > 0 and off["copies_started"] == 0
+    assert on["makespan_over_ideal"] < off["makespan_over_ideal"]

@@ -14,8 +14,8 @@ from zimage_batch.run.preflight import check_manifest, job_record, prepare, reso
 
 # job.json of these settings as the driver wrote it before preflight existed (less the dead
 # `dtype` setting, plus the settings added since: `unsafe_allow_overwriting_commits`, `lora`,
-# `loras`, the ControlNet's, `num_images`, `gpu_seconds_per_image`, `strict_columns`, `stall_timeout`, the
-# template's and prompt expansion's): an OUTPUT written then must resume, so the fingerprint stays put.
+# `loras`, the ControlNet's, `num_images`, `gpu_seconds_per_image`, `strict_columns`, `stall_timeout`,
+# `speculate`, the template's and prompt expansion's): an OUTPUT written then must resume, so the fingerprint stays put.
 EARLIER_RECORD = {
     "defaults": {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "guidance_scale": 4.0, "height": 768,
                  "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": 50, "strength": 0.6,
@@ -34,7 +34,7 @@ EARLIER_RECORD = {
             "models": {"turbo": "tiny:turbo"}, "negative_prompt": "blurry", "num_images": 1, "num_inference_steps": None,
             "output": "s3://bucket/out", "overwrite": False, "progress_interval": 10.0, "quality": 90,
             "report": True, "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "<set>"}}, "seed": 7,
-            "shard_size": 1000, "stall_timeout": None, "strength": 0.6, "strict_columns": False,
+            "shard_size": 1000, "speculate": True, "stall_timeout": None, "strength": 0.6, "strict_columns": False,
             "unsafe_allow_overwriting_commits": False,
             "variant": "base", "width": 512, "workers": 4,
             "template": None, "template_name": "template", "slots": {}, "expand": "product", "samples": None,

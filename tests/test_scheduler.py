@@ -406,3 +406,65 @@ def test_a_worker_loading_its_model_is_not_stalled_and_one_never_answering_faile
     assert all(r.attempt == 1 for r in pool.submitted)
     assert lines == [f"worker 0 (no answer since it started) made no progress for {START_TIMEOUT_S + 1:.0f}s "
                      "on shard s0 (shard s1 beside it); replacing it and retrying both"]
+
+
+def slow_actor_zero(shard, attempt, actor):
+    """Actor 0 runs ten times slower than the others."""
+    return Finished({"shard": shard.name}), 10.0 if actor == 0 else 1.0
+
+
+def test_idle_workers_run_second_copies_of_the_tail_and_the_first_to_finish_wins():
+    """Worker 0 is slow: once the queue is empty, the fast worker copies its shards (the one
+    waiting first, then the running one); each shard's result comes once, nothing is charged."""
+    pool = FakePool(size=2, script=slow_actor_zero)
+    finish, results, lines = schedule(pool, shards(6), Rules(speculate=True))
+    assert finish.failed == {} and lines == []
+    assert sorted(r["shard"] for r in results) == [f"s{i}" for i in range(6)]  # each once
+    copied = [r.shard.name for r in pool.submitted[6:]]
+    assert copied == ["s1", "s0"] and all(r.attempt == 1 for r in pool.submitted)  # copies are not attempts
+    assert all(r.actor == 1 for r in pool.submitted[6:])
+    assert pool.now <= 5.0
+
+    slow = FakePool(size=2, script=slow_actor_zero)
+    schedule(slow, shards(6), Rules(speculate=False))
+    assert len(slow.submitted) == 6 and slow.now == 10.0  # without copies: worker 0's 10 s
+
+
+def test_a_copy_that_fails_while_the_other_runs_is_neither_charged_nor_retried():
+    def script(shard, attempt, actor):
+        if shard.name == "s0" and actor == 1:  # the copy of s0 fails
+            return ShardFailed("RuntimeError: disk full"), 0.5
+        return slow_actor_zero(shard, attempt, actor)
+
+    pool = FakePool(size=2, script=script)
+    finish, results, lines = schedule(pool, shards(4), Rules(speculate=True))
+    assert finish.failed == {} and lines == [] and [r["shard"] for r in results] == ["s2", "s3", "s1", "s0"]
+    assert pool.attempts_of("s0") == [1, 1] and pool.now == 10.0  # copied once; the first ran on to its end
+
+
+def test_the_other_copy_is_cancelled_when_one_finishes():
+    cancelled = []
+    pool = FakePool(size=2, script=slow_actor_zero)
+    pool.cancel = cancelled.append
+    schedule(pool, shards(4), Rules(speculate=True))
+    losers = [r for r in pool.submitted if r.ticket in cancelled]
+    assert {r.shard.name for r in losers} == {"s0", "s1"} and all(r.actor == 0 for r in losers)
+
+
+def test_a_queued_suspect_gets_a_worker_emptied_for_it_before_the_queue_runs_out():
+    """s0 kills its worker, which also ran s1: both become suspects and run alone. s0 is queued
+    at the back; rather than wait for a worker that happens to be empty (the end of the job),
+    a worker takes nothing new until it is empty, then runs s0 alone."""
+
+    def script(shard, attempt, actor):
+        if shard.name == "s0" and actor == 0:
+            return WorkerDied("ActorDiedError: SIGKILL"), 1.5
+        return finishes(shard, attempt, actor)
+
+    pool = FakePool(size=2, script=script)
+    finish, results, _ = schedule(pool, shards(30))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == sorted(s.name for s in shards(30))
+    order = [r.shard.name for r in pool.submitted]
+    rerun = len(order) - 1 - order[::-1].index("s0")
+    assert rerun < order.index("s29"), order
+    assert pool.crowding[rerun] == ["s0"]  # alone on its worker

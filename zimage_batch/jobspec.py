@@ -113,6 +113,7 @@ class JobSpec:
     low_vram: str = "auto"  # on | off | auto: text encoder and transformer take turns on cards under 30 GB
     max_attempts: int = 3
     grace_period: float = 60.0
+    speculate: bool = True  # idle workers run second copies of the last shards; the first commit wins
     # one writer per OUTPUT: the run's lease lasts lease_ttl seconds unless renewed, every
     # lease_renew_interval seconds; wait: wait for another run's lease instead of refusing
     lease_ttl: float = 120.0

@@ -191,7 +191,8 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
     """Run the plan's shards: one worker pool per variant, the job's own variant first
     (`cpu_threads`: torch threads of each CPU worker, None to share the cores out)."""
     spec = job.spec
-    rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period, stall_timeout=spec.stall_timeout)
+    rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period, stall_timeout=spec.stall_timeout,
+                  speculate=spec.speculate)
     stop.install()
     try:
         by_variant: dict[str, list[Shard]] = {}

@@ -73,10 +73,12 @@ class ShardGeneration:
     """Generates and stores the rows of one shard attempt; `run()` returns each row's outcome."""
 
     def __init__(self, model: WorkerModel, rows: list[dict[str, Any]], requests: list[Request], writer: ShardWriter,
-                 base: str, judge: ShardJudge | None = None, *, shard: str | None = None) -> None:
+                 base: str, judge: ShardJudge | None = None, *, shard: str | None = None,
+                 before_batch: Callable[[], None] | None = None) -> None:
         """`base` is the folder that relative source URIs of edit rows start from; `judge` scores
         each drawn image and keeps, redraws or filters it (a curated job); `shard` names the
-        shard in the worker's heartbeat."""
+        shard in the worker's heartbeat; `before_batch` runs before each batch (it may raise to
+        end the attempt)."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
@@ -84,6 +86,7 @@ class ShardGeneration:
         self.batch_sizes, self.progress, self.shard = model.batch_sizes, model.progress, shard
         self.rows, self.requests, self.writer, self.base = rows, requests, writer, base
         self.judge = judge
+        self.before_batch = before_batch
         self.outcomes: list[dict[str, Any] | None] = [None] * len(rows)
         self.lineage: dict[int, dict[str, Any]] = {}  # edit rows: where the source came from
         self.masks, self.segmenter = model.masks, model.segmenter
@@ -120,6 +123,8 @@ class ShardGeneration:
 
     def _draw(self, batch: list[int]) -> list[int]:
         """Draw one batch, store its images (a curated job: those kept) and return the rows to redraw."""
+        if self.before_batch is not None:
+            self.before_batch()
         self._confirm(STORE_BACKLOG_BATCHES * max(self.batch_size, len(batch)))
         started = time.perf_counter()
         pixels = self._generate([self.requests[i] for i in batch])

@@ -57,6 +57,7 @@ def outcome_of(ref: Any) -> Outcome:
 
 
 CPU_THREADS_ENV = "ZIMAGE_BATCH_CPU_THREADS"
+CANCELLED_WAIT_S = 30.0  # at shutdown, the longest wait for cancelled copies to remove their staged files
 
 
 def cpu_threads_setting(environ: Any = os.environ) -> int | None:
@@ -94,19 +95,20 @@ class ShardRunnerActor:
     start (a model download may take many minutes); `run_shard` waits for it, and raises
     `ModelNotLoaded` if it failed."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, threads: int | None = None, index: int = 0) -> None:
+        """`index`: the worker's place in its pool."""
         self.worker_id = f"{platform.node()}:{os.getpid()}"
         self.progress = ProgressCounter()
         self._runner: Any = None
         self._load_error = ""
         self._loaded = threading.Event()
-        threading.Thread(target=self._load, args=(settings, threads), name="load-model", daemon=True).start()
+        threading.Thread(target=self._load, args=(settings, threads, index), name="load-model", daemon=True).start()
 
-    def _load(self, settings: WorkerSettings, threads: int | None) -> None:
+    def _load(self, settings: WorkerSettings, threads: int | None, index: int) -> None:
         try:
             from zimage_batch.run.worker import ShardRunner
 
-            self._runner = ShardRunner(settings, threads, progress=self.progress)
+            self._runner = ShardRunner(settings, threads, index, progress=self.progress)
         except BaseException as exc:  # noqa: BLE001 - reported to the scheduler by run_shard
             self._load_error = short_error(exc)
         finally:
@@ -148,12 +150,13 @@ class RayWorkerPool:
         options |= {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": 0}
         self._actor_class = ray.remote(ShardRunnerActor).options(**options)
         self._args = (settings, threads)
-        self.actors = [self._start() for _ in range(self.size)]
+        self.actors = [self._start(worker) for worker in range(self.size)]
         self.replacements = 0
         self._beats: dict[Any, int] = {}  # heartbeat call out -> its worker
+        self.cancelled: list[Any] = []  # tickets no longer waited for, still perhaps running
 
-    def _start(self) -> Any:
-        return self._actor_class.remote(*self._args)
+    def _start(self, worker: int) -> Any:
+        return self._actor_class.remote(*self._args, worker)
 
     # ------------------------------------------------------------------ WorkerPool
     def submit(self, worker: int, shard: Shard, attempt: int) -> Ticket:
@@ -169,7 +172,7 @@ class RayWorkerPool:
 
     def replace(self, worker: int) -> None:
         _kill(self.actors[worker])
-        self.actors[worker] = self._start()
+        self.actors[worker] = self._start(worker)
         self.replacements += 1
         self._beats = {ref: w for ref, w in self._beats.items() if w != worker}  # the old actor's
 
@@ -191,8 +194,24 @@ class RayWorkerPool:
                 pass
         return answered
 
+    def cancel(self, ticket: Ticket) -> None:
+        """The other copy of the shard committed: Ray drops this one if it has not started; if it
+        runs, it sees the commit before its next batch, removes its staged files and returns."""
+        import ray
+
+        self.cancelled.append(ticket)
+        try:
+            ray.cancel(ticket)
+        except Exception:  # noqa: BLE001 - it ended meanwhile, or Ray cannot cancel it: it stops itself
+            pass
+
     # ------------------------------------------------------------------ the rest
     def shutdown(self) -> None:
+        """Stop the workers, once cancelled copies have cleaned up (up to CANCELLED_WAIT_S)."""
+        import ray
+
+        if self.cancelled:
+            ray.wait(self.cancelled, num_returns=len(self.cancelled), timeout=CANCELLED_WAIT_S)
         for actor in self.actors:
             _kill(actor)
 

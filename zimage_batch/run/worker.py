@@ -63,9 +63,11 @@ SOURCE_THREADS = 16  # source fetches and decodes in flight per worker
 class ShardRunner:
     """Runs shards of one job on one loaded model."""
 
-    def __init__(self, settings: WorkerSettings, threads: int | None = None,
+    def __init__(self, settings: WorkerSettings, threads: int | None = None, index: int = 0,
                  progress: ProgressCounter | None = None) -> None:
-        """`progress`: what the worker's heartbeat reads (ticked by batches and shard steps)."""
+        """`index`: the worker's place in its pool (the slow-worker drill slows place 0);
+        `progress`: what the worker's heartbeat reads (ticked by batches and shard steps)."""
+        self.slowdown = _slow_worker_factor() if index == 0 else 1.0
         self.progress = progress or ProgressCounter()
         if threads:
             torch.set_num_threads(threads)
@@ -206,7 +208,9 @@ class ShardRunner:
         try:
             judge = ShardJudge(self.curation, self.scorers, images, [images_of_row(row, self.settings) for row in images]
                                ) if self.scorers else None
-            generation = ShardGeneration(self.model, images, requests, writer, base, judge, shard=shard.name)
+            watch = _AttemptWatch(self.ledger, shard.name, self.slowdown)
+            generation = ShardGeneration(self.model, images, requests, writer, base, judge, shard=shard.name,
+                                         before_batch=watch)
             outcomes = generation.run()
             writer.close()
             self.progress.tick()
@@ -218,6 +222,10 @@ class ShardRunner:
                                       image_index=self.image_index, curated=self.curated, expanded=self.expanded,
                                       masks=self.keep_masks)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
+        except Superseded:  # another attempt (a speculative copy, or the first) committed the shard
+            writer.abort()
+            self._give_up(marker)
+            return None
         except BaseException:
             writer.abort()
             self._give_up(marker)
@@ -288,11 +296,49 @@ def _load_expander(settings: WorkerSettings, device: str) -> PromptExpander:
     return PromptExpander(path, device, settings.prompt_expansion_instructions, settings.max_new_tokens)
 
 
+SUPERSEDED_CHECK_S = 1.0  # at most this often, between batches, an attempt looks for another's commit
+
+
+class Superseded(Exception):
+    """Another attempt of the shard committed while this one ran: this one stops, nothing new."""
+
+
+class _AttemptWatch:
+    """Runs before each batch of an attempt: stops it (`Superseded`) once another attempt of
+    the shard has committed (the scheduler ran a second copy and stopped waiting for this one),
+    and slows the slow-worker drill's worker down."""
+
+    def __init__(self, ledger: Ledger, shard: str, slowdown: float) -> None:
+        self.ledger, self.shard, self.slowdown = ledger, shard, slowdown
+        self.last = self.looked = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * (now - self.last))
+            now = time.monotonic()
+        self.last = now
+        if now - self.looked >= SUPERSEDED_CHECK_S:
+            self.looked = now
+            if self.ledger.marker(self.shard) is not None:
+                raise Superseded(f"shard {self.shard} was committed by another attempt")
+
+
 # Fault injection for drills and tests: shards whose name contains one of the comma-separated
 # strings in these variables crash their worker process when they start (CRASH_ENV), or fail
 # with an error once everything is staged, just before the commit (FAIL_BEFORE_COMMIT_ENV).
 CRASH_ENV = "ZIMAGE_BATCH_FAULT_CRASH_SHARDS"
 FAIL_BEFORE_COMMIT_ENV = "ZIMAGE_BATCH_FAULT_FAIL_BEFORE_COMMIT"
+# The worker in place 0 of its pool runs this many times slower (it pauses before each batch).
+SLOW_WORKER_ENV = "ZIMAGE_BATCH_FAULT_SLOW_WORKER"
+
+
+def _slow_worker_factor() -> float:
+    value = os.environ.get(SLOW_WORKER_ENV, "").strip()
+    if not value:
+        return 1.0
+    log.error("fault injection (%s): this worker runs %sx slower", SLOW_WORKER_ENV, value)
+    return max(1.0, float(value))
 
 
 def _inject_fault(variable: str, shard: str) -> None:
