@@ -623,13 +623,7 @@ class _S3ConditionalWrites:
         raise StorageError(f"conditional write to {self.url(key)} kept conflicting")
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
-        import botocore.exceptions
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return response["Body"].read(), response["ETag"]
-        except botocore.exceptions.ClientError as e:
-            self._raise_read_error(e, key)
+        return self._fetch(key)
 
     def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
         response = self._if_match(lambda: self.client.put_object(
@@ -741,16 +735,22 @@ class S3Storage(_S3ConditionalWrites, Storage):
         return self.get_range(key)
 
     def get_range(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes [start, end) of ``key`` (to its end when ``end`` is None). botocore retries the
-        request (5xx, throttling); a body cut off midway (outside its retries) is read again."""
+        """Bytes [start, end) of ``key`` (to its end when ``end`` is None)."""
+        ranged = {} if (start, end) == (0, None) else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        return self._fetch(key, **ranged)[0]
+
+    def _fetch(self, key: str, **request: Any) -> tuple[bytes, str]:
+        """One GET of ``key``: its body and ETag. botocore retries the request (5xx, throttling);
+        a body cut off midway (outside its retries) is read again."""
         import botocore.exceptions
+        import urllib3.exceptions
 
         cut_off = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
-                   botocore.exceptions.ReadTimeoutError)
-        ranged = {} if (start, end) == (0, None) else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+                   botocore.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"].read()
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **request)
+                return response["Body"].read(), response["ETag"]
             except botocore.exceptions.ClientError as e:
                 self._raise_read_error(e, key)
             except cut_off:

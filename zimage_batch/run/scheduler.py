@@ -32,6 +32,7 @@ WAIT_S = 1.0  # longest wait for an outcome between checks of the stop request a
 STALL_FLOOR_S = 300.0  # the derived stall timeout: at least this, ...
 STALL_BATCHES = 10  # ... and at least this many times the worker's slowest batch so far
 START_TIMEOUT_S = 600.0  # a worker silent since it was started (placed, spawned, runtime_env set up)
+STALL_CHECK_S = 5.0  # seconds between looks for stalled workers (a sixtieth of a shorter stall_timeout)
 DURATIONS_KEPT = 1000  # latest finished shards' durations the speculation's median is taken over
 SPECULATE_MARGIN = 0.1  # a second copy must be expected to end this share of a shard's time sooner
 MAX_COPIES = 3  # running copies of one shard at most (the first and two more)
@@ -248,6 +249,7 @@ class _State:
     failed: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None  # set once a stop is requested
     watches: dict[int, _Watch] = field(default_factory=dict)  # worker -> its liveness
+    stalls_checked: float = float("-inf")  # when stalled workers were last looked for
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
     finished: int = 0  # shards finished (durations noted)
     no_copies: set[str] = field(default_factory=set)  # shards a copy of which failed on a live worker
@@ -367,26 +369,29 @@ class _StallWatch:
 
     def _check_stalls(self) -> None:
         """Take in the workers' heartbeats; replace a busy worker whose progress has not moved
-        for its stall timeout (a frozen worker answers nothing; a wedged one answers the same)."""
+        for its stall timeout (a frozen worker answers nothing; a wedged one answers the same).
+        Every STALL_CHECK_S at most (a sixtieth of a shorter stall_timeout), over busy workers
+        only: at a thousand workers the loop comes here after every outcome."""
         s = self.state
         now = self.clock()
-        beats = self.pool.heartbeats()
-        busy = set(s.in_flight.on_worker)
-        for worker in range(self.pool.size):
+        timeout = self.rules.stall_timeout
+        if now - s.stalls_checked < (STALL_CHECK_S if timeout is None else min(STALL_CHECK_S, timeout / 60)):
+            return
+        s.stalls_checked = now
+        for worker, beat in self.pool.heartbeats().items():
             watch = self._watch(worker)
-            beat = beats.get(worker)
-            if beat is not None:
-                if watch.beat is None or beat.loading or beat.progress != watch.beat.progress:
-                    watch.since = now
-                watch.beat = beat
-            if worker not in busy:
+            if watch.beat is None or beat.loading or beat.progress != watch.beat.progress:
                 watch.since = now
-                continue
+            watch.beat = beat
+        for worker, tickets in list(s.in_flight.on_worker.items()):
+            watch = self._watch(worker)
+            busy_since = s.in_flight.started.get(next(iter(tickets)))  # an idle worker makes no progress
+            quiet = now - max(watch.since, now if busy_since is None else busy_since)
             limit = stall_timeout_for(self.rules, watch.beat.slowest_batch_s if watch.beat else 0.0)
             if watch.beat is None:  # not started yet, as far as we know: Ray may still be setting it up
                 limit = max(limit, START_TIMEOUT_S)
-            if now - watch.since > limit:
-                self._stalled(worker, now - watch.since)
+            if quiet > limit:
+                self._stalled(worker, quiet)
 
     def _stalled(self, worker: int, seconds: float) -> None:
         """Kill and replace a stalled worker; its shards run again. One that ran alone is charged
