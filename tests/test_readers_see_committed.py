@@ -171,6 +171,8 @@ def test_a_run_killed_part_way_shows_only_committed_shards(tmp_path, victim, ray
         images = several_images_manifest(manifest, 60, appended=7)  # the job's 2 images each
         stdout = rerun(manifest, out, *args, env=env)
         assert "already committed" in stdout and f"({120 + 14 - done:,} to generate)" in stdout, stdout
+        # the killed driver's lease: taken over at once (its pid is dead on this host), not after its TTL
+        assert "took over the lease" in stdout and "is no longer running on this host" in stdout, stdout
         after = {p.name: p.stat().st_mtime_ns for p in (out / "_commits").glob("*.json")}
         assert {name: after[name] for name in before} == before, "committed shards must not be redone"
     per_id = {row_id: n or 2 for row_id, n in images.items()}
