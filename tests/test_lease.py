@@ -152,3 +152,20 @@ def test_lease_record_round_trips_and_ignores_unknown_keys():
     record = LeaseRecord(run="r", host="h", pid=1, started=1.0, expires=2.0, ttl=1.0, pid_started=3.0)
     data = json.loads(record.to_json()) | {"added_later": 1}
     assert LeaseRecord.from_json(json.dumps(data).encode()) == record
+
+
+def test_a_zombie_holder_counts_as_dead(storage):
+    """A killed driver nobody has reaped yet is a zombie: its pid answers, but it runs no more."""
+    import platform
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and "Z" not in open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1][:3]:
+        time.sleep(0.05)
+    try:
+        _plant(storage, host=platform.node(), pid=proc.pid, expires=time.time() + 600)
+        lines = []
+        Lease(storage, "run-b", echo=lines.append).acquire()
+        assert any("no longer running" in line for line in lines)
+    finally:
+        proc.wait()

@@ -50,26 +50,36 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:16]
 
 
-def _process_started(pid: int) -> float | None:
-    """The start time of process `pid` (clock ticks since boot, Linux), to tell a reused pid;
-    None where /proc does not say."""
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """(state, start time in clock ticks since boot) of process `pid` from /proc (Linux); None
+    where /proc does not say."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return float(fields[19])  # field 22 of stat(5); the first two fields end at ')'
+            fields = f.read().rsplit(b")", 1)[1].split()  # the first two fields end at ')'
+        return fields[0].decode(), float(fields[19])  # fields 3 and 22 of stat(5)
     except (OSError, IndexError, ValueError):
         return None
 
 
+def _process_started(pid: int) -> float | None:
+    """The start time of process `pid`, to tell a reused pid; None where /proc does not say."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
 def _pid_alive(pid: int, started: float | None) -> bool:
+    """Whether process `pid` runs (not a zombie), and is the one that started at `started`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: it exists
         pass
-    now_started = _process_started(pid)
-    return started is None or now_started is None or now_started == started
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, now_started = stat
+    return state != "Z" and (started is None or now_started == started)
 
 
 @dataclass(frozen=True)
