@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zimage_batch.curate.report import curation_section
+from zimage_batch.inputs.mask_spec import ALPHA, WORDS
 from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker
@@ -125,10 +126,14 @@ def thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, str]:
         return {location: uri for location, uri in zip(images, uris) if uri}
 
 
+#: What the metadata's `mask` column says of a mask derived on the worker (not a file to show).
+DERIVED_MASKS = (ALPHA, WORDS, "outpaint")
+
+
 def source_thumbnails(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Data URIs of JPEG thumbnails of edit rows' sources and masks, by their URI (local paths
     or s3://, as the metadata records them); what cannot be read is left out."""
-    uris = sorted({row[c] for row in rows for c in ("source", "mask") if row.get(c)})
+    uris = sorted({row[c] for row in rows for c in ("source", "mask") if row.get(c) and row[c] not in DERIVED_MASKS})
 
     def one(uri: str) -> str | None:
         parent, _, name = uri.rstrip("/").rpartition("/")
@@ -316,7 +321,9 @@ def _edit_caption(row: dict[str, Any], thumbs: dict[str, str]) -> str:
     parts = [f"mode <b>{_e(row.get('mode'))}</b>"]
     if row.get("strength") is not None:
         parts.append(f"strength {_e(row['strength'])}")
-    if row.get("mask"):
+    if row.get("mask") in DERIVED_MASKS:  # derived on the worker (alpha, words, outpaint): the review shows it
+        parts.append(f"mask <b>{_e(row['mask'])}</b>")
+    elif row.get("mask"):
         thumb = thumbs.get(row["mask"])
         mask = f'<img class=mask src="{thumb}" alt="mask">' if thumb else "(not readable)"
         parts.append(f"mask <span title=\"{_e(row['mask'])}\">{mask}</span>")
