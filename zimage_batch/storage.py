@@ -649,20 +649,10 @@ class _S3ConditionalWrites:
             raise
 
     def supports_compare_and_swap(self) -> bool:
-        """Whether the store refuses a PutObject whose ``If-Match`` names another ETag (a probe
-        under _probe/, deleted after); a store that rejects the header outright is a StorageError."""
-        import botocore.exceptions
-
-        key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-if-match"
-        try:
-            self.put_if_absent(key, b"first")
-            return self.put_if_match(key, b"second", '"00000000000000000000000000000000"') is None
-        except botocore.exceptions.ClientError as e:
-            code = _error_code(e) or str(_status(e))
-            raise StorageError(f"{_endpoint(self)} rejects conditional writes (PutObject with If-Match, {code}), "
-                               f"which the lease on {self.uri} needs") from None
-        finally:
-            self.delete([key])
+        """Whether the store refuses a PutObject whose ``If-Match`` names another ETag (a probe)."""
+        stale = '"00000000000000000000000000000000"'
+        return _probe_conditional(self, "if-match", "If-Match", f"the lease on {self.uri} needs",
+                                  lambda key: self.put_if_match(key, b"second", stale) is None)
 
     def supports_create_only(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` write of a key (a probe)."""
@@ -926,19 +916,28 @@ def _s3_arrow_fs(bucket: str, prefix: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _probe_create_only(storage: S3Storage) -> bool:
-    """Write a scratch key under _probe/ twice with ``If-None-Match: *``: a store that enforces it
-    refuses the second (412, or 409 while the first is in flight). The key is deleted after. A
-    store that rejects the header outright is a StorageError."""
+    """Whether the store refuses a second ``If-None-Match: *`` write of one key (412, or 409
+    while the first is in flight)."""
+    # the first put_if_absent is False only when a lost answer was retried: created all the same
+    return _probe_conditional(storage, "create-only", "If-None-Match: *", f"commits to {storage.uri} need",
+                              lambda key: not storage.put_if_absent(key, b"second"))
+
+
+def _probe_conditional(storage: S3Storage, name: str, header: str, needed_by: str,
+                       refused: Callable[[str], bool]) -> bool:
+    """Create a scratch key under _probe/, then whether `refused(key)` (a second, conditional
+    write the store must turn down); the key is deleted after. A store that rejects the header
+    outright is a StorageError naming it and what needs it."""
     import botocore.exceptions
 
-    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-create-only"
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}-{name}"
     try:
-        storage.put_if_absent(key, b"first")  # False only when a lost answer was retried: created
-        return not storage.put_if_absent(key, b"second")
+        storage.put_if_absent(key, b"first")
+        return refused(key)
     except botocore.exceptions.ClientError as e:
         code = _error_code(e) or str(_status(e))
-        raise StorageError(f"{_endpoint(storage)} rejects conditional writes (PutObject with If-None-Match: *, "
-                           f"{code}), which commits to {storage.uri} need") from None
+        raise StorageError(f"{_endpoint(storage)} rejects conditional writes (PutObject with {header}, {code}), "
+                           f"which {needed_by}") from None
     finally:
         storage.delete([key])
 
