@@ -2,7 +2,7 @@
 seed + k, one metadata row per image with `image_index`, keys unique per (id, image_index), exactly
 once through flaky storage; one text encoding per distinct prompt; batches sized from their own
 shape. Exactly once per image through a driver SIGKILL, a resume with appended rows and a worker
-SIGKILL: tests/test_readers_see_committed.py, whose kill drills run rows of 1 to 3 images."""
+SIGKILL: tests/drills/test_readers_see_committed.py, whose kill drills run rows of 1 to 3 images."""
 
 from __future__ import annotations
 

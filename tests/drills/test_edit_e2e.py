@@ -23,7 +23,7 @@ from zimage_batch.model.variants import get_variant
 from zimage_batch.output.keys import safe_key
 from zimage_batch.storage import open_storage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------- sources of every kind
