@@ -25,7 +25,7 @@ import torch
 from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 from PIL import Image
-from test_edit_e2e import encode, gray_png, pattern
+from source_images import encode, gray_png, pattern
 
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import derive, fit
