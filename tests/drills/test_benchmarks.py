@@ -63,7 +63,7 @@ def test_gpu_worker_check_runs_on_cpu():
 
 
 def test_curation_benchmark_prints_the_measured_and_counted_shares():
-    out = _run("benchmarks/curation.py", "--rows", "2", "--batch-size", "2", "--shard-size", "2")
+    out = _run("benchmarks/curation.py", "--rows", "2", "--batch-size", "2", "--shard-size", "2", "--steps", "2")
     assert re.search(r"scoring [\d.]+ s = [\d.]+% of model time", out), out
     assert "Z-Image-Turbo 1024x1024 image at 8 NFE (6.15B transformer" in out and "all three scores" in out, out
 
