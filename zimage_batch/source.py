@@ -108,6 +108,13 @@ class Source:
         return self.text
 
 
+def made_portable(text: str) -> str:
+    """`text` as workers in another folder read it (`Source.portable`); text that names no
+    source as it is, for the use that fetches it to refuse."""
+    source = Source.try_parse(text)
+    return source.portable if source is not None else text
+
+
 def _reads_as_hub_id(text: str) -> bool:
     """org/repo or org/repo/path/file: every part non-empty, not a relative or home path."""
     parts = text.split("/")
