@@ -7,11 +7,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from zimage_batch.jobspec import load_job
+from zimage_batch.output.status import OutputState
 from zimage_batch.run.preflight import resolve
 from zimage_batch.source import Source, SourceError
 
@@ -110,6 +112,56 @@ def test_a_source_parses_as_itself_and_carries_its_identity():
     assert (pinned.kind, pinned.location, str(pinned)) == (source.kind, source.location, str(source))
     with pytest.raises(dataclasses.FrozenInstanceError):
         pinned.kind = "local"  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------ each use's kinds
+def _model(text):
+    from zimage_batch.model.sources import resolve_model
+
+    return resolve_model(text)
+
+
+def _addon(text):
+    from zimage_batch.model.addons import resolve_addon
+
+    return resolve_addon(text)
+
+
+def _adapter(text):
+    from zimage_batch.model.adapters import resolve_adapter
+
+    return resolve_adapter("style", text)
+
+
+@pytest.mark.parametrize("use, text, message", [
+    (_model, "gs://bucket/model", "model source 'gs://bucket/model' is not a folder, an s3:// prefix"),
+    (_model, "org/repo/unet.safetensors", "is not a folder, an s3:// prefix, a hub id or tiny:<variant>"),
+    (_model, "./missing", "model source './missing' is not a folder"),
+    (_model, "", "model source '' is not a folder"),
+    (_addon, "org/repo/README.md", "controlnet source 'org/repo/README.md' is not a local .safetensors file"),
+    (_addon, "file:///nets/net.safetensors", "is not a local .safetensors file or folder, an s3:// URI"),
+    (_addon, "  ", "controlnet source is empty"),
+    (_adapter, "tiny:2.1", "adapter 'style' (tiny:2.1): no such file or folder, and not an s3:// URI or a hub file"),
+    (_adapter, "https://example.com/style.safetensors", "no such file or folder, and not an s3:// URI"),
+])
+def test_each_use_refuses_the_kinds_it_cannot_take_before_any_fetch(use, text, message, tmp_path, monkeypatch):
+    from zimage_batch.model.checkpoint import ModelSourceError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError, match=re.escape(message)):
+        use(text)
+
+
+@pytest.mark.parametrize("record, noise", [
+    ({"job": {"model": "tiny:turbo"}}, True),
+    ({"job": {"model": "tiny:base"}, "model_draws_noise": False}, True),  # job.json before the flag existed
+    ({"job": {"model": "/models/made-by-make-tiny-model"}, "model_draws_noise": True}, True),
+    ({"job": {"model": "Tongyi-MAI/Z-Image-Turbo"}, "model_draws_noise": False}, False),
+    ({"job": {"model": "s3://bucket/models/z/"}}, False),
+    ({"job": {}}, False),
+])
+def test_the_report_and_card_note_of_noise_comes_from_the_recorded_source(record, noise):
+    assert OutputState(storage=None, job=record, markers=[]).model_draws_noise is noise  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ pinned from before
@@ -235,3 +287,10 @@ def test_no_string_tests_of_source_kinds_outside_the_source_module():
             if not any((module, m) in ALLOWED for m in MARKERS if m in text):
                 offenders.append(f"{module}:{line}: {text!r}")
     assert not offenders, "parse sources with zimage_batch.source.Source instead:\n" + "\n".join(offenders)
+
+
+def test_the_source_module_imports_no_stage():
+    tree = ast.parse((PACKAGE / "source.py").read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not [name for name in imported if name.startswith("zimage_batch")]
