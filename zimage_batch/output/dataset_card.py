@@ -112,7 +112,7 @@ def render_card(state: OutputState) -> str:
     model, fmt = str(job.get("model", "?")), job.get("format", "files")
     lines = ["---", yaml.safe_dump(front_matter(state, metadata), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# Images generated with {model}", ""]
-    if model.startswith("tiny:") or record.get("model_draws_noise"):
+    if state.model_draws_noise:
         lines += [f"> **Warning:** `{model}` is a tiny random-init checkpoint (for tests and demos): "
                   "these images are noise.", ""]
     lines += [f"Written by zimage-batch with `{model}` (variant `{job.get('variant')}`), "

@@ -66,7 +66,7 @@ def render(state: OutputState) -> str:
         f"<h1>zimage-batch report</h1><p class=muted>{_e(state.storage.uri)} &middot; generated "
         f"{_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}</p>",
     ]
-    if model.startswith("tiny:") or state.job.get("model_draws_noise"):
+    if state.model_draws_noise:
         body.append(f"<p class=note>Model {_e(model)} is a tiny random-init checkpoint: its images are noise.</p>")
     body += [
         _figures_section(figures),
