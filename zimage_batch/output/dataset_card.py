@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from zimage_batch.curate.report import card_lines
 from zimage_batch.output import layout
+from zimage_batch.output.curation import card_lines
 from zimage_batch.output.features import UnsupportedType, json_type, sample_fields, yaml_features
 from zimage_batch.output.status import OutputState, load_output
 from zimage_batch.output.throughput import images_of

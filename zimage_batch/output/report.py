@@ -26,10 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zimage_batch.curate.report import curation_section
 from zimage_batch.inputs.mask_spec import ALPHA, WORDS
 from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
+from zimage_batch.output.curation import curation_section
 from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.review import review_section
 from zimage_batch.output.status import OutputState, load_output, summarize
