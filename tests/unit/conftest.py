@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+from pathlib import Path
 
 import pytest
 import ray
@@ -13,13 +14,15 @@ import ray
 #: Words of a command line that runs the CLI or starts a Ray node.
 _DRILL_COMMANDS = ("zimage-batch", "zimage_batch.cli", "zimage_batch/cli", "ray.scripts", "ray start")
 
+_HERE = Path(__file__).resolve().parent
 _running_unit_test = False  # set while a test of this folder runs: its setup (fixtures), call and teardown
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
+    """pytest calls this hook for every test of the session, not only this folder's: check the path."""
     global _running_unit_test
-    _running_unit_test = True
+    _running_unit_test = _HERE in item.path.resolve().parents
     try:
         yield
     finally:
