@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 
 from zimage_batch.curate.report import curation_section
 from zimage_batch.inputs.mask_spec import ALPHA, WORDS
-from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
 from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.review import review_section
 from zimage_batch.output.status import OutputState, load_output, summarize
+from zimage_batch.redact import redact_env_vars
 from zimage_batch.storage import Storage, open_storage
 from zimage_batch.text import plural
 

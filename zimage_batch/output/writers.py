@@ -39,8 +39,8 @@ from zimage_batch.inputs.manifest import METADATA_COLUMNS
 from zimage_batch.output import layout
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features
 from zimage_batch.output.keys import KEY_RE
-from zimage_batch.run.threads import background_pool
 from zimage_batch.storage import Storage
+from zimage_batch.threads import background_pool
 
 __all__ = [
     "IMAGE_FORMATS",

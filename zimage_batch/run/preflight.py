@@ -20,7 +20,7 @@ from zimage_batch.inputs.columns import misspelled, typo_message
 from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
 from zimage_batch.inputs.mask_spec import MaskJob, uses_words
 from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
-from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
+from zimage_batch.jobspec import JobError, JobSpec
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
@@ -29,6 +29,7 @@ from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
+from zimage_batch.redact import redact_env_vars
 from zimage_batch.run.settings import WorkerSettings
 
 # Bytes per pixel of a stored image, generously: raw RGB for PNG; lossy formats far less.
