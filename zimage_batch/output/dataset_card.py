@@ -36,9 +36,10 @@ DATA_FILES = {"webdataset": "shards/*.tar", "parquet": "data/*.parquet", "files"
 METADATA_FILES = "metadata/*.parquet"
 
 
-def write_dataset_card(output: str | Storage) -> str:
-    """Render the card of OUTPUT and store it as OUTPUT/README.md; returns its location."""
-    state = load_output(output)
+def write_dataset_card(output: str | Storage | OutputState) -> str:
+    """Render the card of OUTPUT (or of OUTPUT as already read) and store it as OUTPUT/README.md;
+    returns its location."""
+    state = output if isinstance(output, OutputState) else load_output(output)
     state.storage.put_bytes(CARD_KEY, render_card(state).encode("utf-8"))
     return state.storage.url(CARD_KEY)
 

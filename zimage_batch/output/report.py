@@ -46,9 +46,10 @@ SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "se
                   "source", "mode", "strength", "mask"]  # the last four: edit jobs (before and after)
 
 
-def write_report(output: str | Storage) -> str:
-    """Render the report of OUTPUT and store it as OUTPUT/report.html; returns its location."""
-    state = load_output(output)
+def write_report(output: str | Storage | OutputState) -> str:
+    """Render the report of OUTPUT (or of OUTPUT as already read) and store it as
+    OUTPUT/report.html; returns its location."""
+    state = output if isinstance(output, OutputState) else load_output(output)
     page = render(state)
     state.storage.put_bytes(REPORT_KEY, page.encode("utf-8"))
     return state.storage.url(REPORT_KEY)
