@@ -24,9 +24,10 @@ from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
 from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.model.variants import VARIANTS, get_variant
-from zimage_batch.output.layout import FORMATS
+from zimage_batch.output.encoding import IMAGE_FORMATS as IMAGE_ENCODINGS
+from zimage_batch.output.formats import FORMAT_NAMES as FORMATS
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = tuple(IMAGE_ENCODINGS)  # png, jpeg, webp
 
 
 class JobError(ValueError):
