@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from zimage_batch.curate.report import card_lines
 from zimage_batch.output import layout
+from zimage_batch.output.curation import card_lines
 from zimage_batch.output.encoding import get_image_format
 from zimage_batch.output.features import UnsupportedType
 from zimage_batch.output.formats import CardInput, get_format
@@ -98,7 +98,7 @@ def render_card(state: OutputState) -> str:
     model, fmt = str(job.get("model", "?")), job.get("format", "files")
     lines = ["---", yaml.safe_dump(front_matter(state, metadata), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# Images generated with {model}", ""]
-    if model.startswith("tiny:") or record.get("model_draws_noise"):
+    if state.model_draws_noise:
         lines += [f"> **Warning:** `{model}` is a tiny random-init checkpoint (for tests and demos): "
                   "these images are noise.", ""]
     lines += [f"Written by zimage-batch with `{model}` (variant `{job.get('variant')}`), "

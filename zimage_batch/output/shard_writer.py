@@ -123,10 +123,6 @@ class ShardWriter(ABC):
         self._state = "aborted"
         self._abort()
 
-    @abstractmethod
-    def stored_keys(self) -> set[str]:
-        """Object keys (relative to OUTPUT) that this writer owns in storage."""
-
     def __enter__(self):
         return self
 

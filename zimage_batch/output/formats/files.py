@@ -38,7 +38,6 @@ class FilesWriter(ShardWriter):
         self._futures: list[Future] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._object_keys: set[str] = set()
 
     def object_key(self, key: str) -> str:
         return layout.image_key(self.shard, key, self.ext)
@@ -60,7 +59,6 @@ class FilesWriter(ShardWriter):
             raise
         fut.add_done_callback(self._done)
         self._futures.append(fut)
-        self._object_keys.add(obj)
 
     def _done(self, fut: Future) -> None:
         self._slots.release()
@@ -90,10 +88,6 @@ class FilesWriter(ShardWriter):
         for fut in self._futures:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def stored_keys(self) -> set[str]:
-        """Object keys of the images added so far (all durable once ``close()`` returns)."""
-        return set(self._object_keys)
 
 
 def read(storage: Storage, locations: Sequence[str], column: str = "image") -> dict[str, bytes]:

@@ -93,10 +93,6 @@ class ParquetWriter(TempDirMixin, ShardWriter):
         self._rows = []
         self._remove_tmpdir()
 
-    def stored_keys(self) -> set[str]:
-        """``{"data/<shard>.parquet"}``: the one object, written by ``close()``."""
-        return {self.object}
-
 
 def parquet_schema(fields: pa.Schema | None = None) -> pa.Schema:
     """The schema of a ``data/<shard>.parquet``: key, id, image and prompt first, then `fields`

@@ -119,10 +119,6 @@ class WebDatasetWriter(TempDirMixin, ShardWriter):
             self._tar = None
         self._remove_tmpdir()
 
-    def stored_keys(self) -> set[str]:
-        """``{"shards/<shard>.tar"}``: the one object, written by ``close()``."""
-        return {self.object}
-
 
 def read(storage: Storage, locations: Sequence[str], column: str = "image") -> dict[str, bytes]:
     """Members of the tars (`column` does not apply)."""
