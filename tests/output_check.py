@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from zimage_batch.output import formats
 from zimage_batch.storage import open_storage
 
 
@@ -33,31 +33,13 @@ def image_of(row: dict) -> str | tuple[str, int]:
 
 def read_images(output: str, rows: list[dict]) -> dict:
     """Image bytes by `image_of(row)` (the id, unless the job uses num_images), following each
-    row's `image` column for every format."""
-    storage = open_storage(output)
-    tars: dict[str, dict[str, bytes]] = {}
-    parquets: dict[str, dict[str, bytes]] = {}
-    images = {}
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        location = row["image"]
-        if "#" not in location:
-            images[image_of(row)] = storage.get_bytes(location)
-            continue
-        obj, member = location.split("#", 1)
-        if obj.endswith(".tar"):
-            if obj not in tars:
-                with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(obj))) as tar:
-                    tars[obj] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-            images[image_of(row)] = tars[obj][member]
-        else:
-            if obj not in parquets:
-                table = pq.read_table(io.BytesIO(storage.get_bytes(obj)))
-                images_ = [image["bytes"] for image in table.column("image").to_pylist()]
-                parquets[obj] = dict(zip(table.column("__key__").to_pylist(), images_))
-            images[image_of(row)] = parquets[obj][member]
-    return images
+    ok row's `image` column through its format's reader (`zimage_batch.output.formats`); every
+    one must be readable."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    found = formats.read_images(open_storage(output), [row["image"] for row in ok])
+    missing = [row["image"] for row in ok if row["image"] not in found]
+    assert not missing, f"images that cannot be read: {missing[:5]}"
+    return {image_of(row): found[row["image"]] for row in ok}
 
 
 def check_exactly_once(output: str, ids: list[str], num_images: int | dict[str, int] | None = None) -> list[dict]:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from zimage_batch.jobspec import load_job
-from zimage_batch.run.driver import RunSummary, run_job
+from zimage_batch.run.driver import run_job
 from zimage_batch.run.preflight import check_manifest
+from zimage_batch.run.summary import RunSummary
 
 __all__ = ["ManifestSummary", "RunSummary", "run", "status", "validate"]
 
@@ -35,19 +36,19 @@ def run(job_file: str | os.PathLike | None = None, *, echo: Callable[[str], None
     """Run a job: `job_file` (YAML), then `settings` (any job setting: manifest=, output=,
     model=, workers=, width=, models={"base": ...}, ...), like `zimage-batch run JOB --set`.
 
-    `echo` gets the progress lines (None: silent). Writes OUTPUT/report.html unless
-    report=False. Returns the summary: `ok`, `exit_code`, `problem`, `rows_ok`, `rows_left`, ...
+    `echo` gets the progress lines (None: silent). Like the CLI, writes the dataset card
+    (OUTPUT/README.md, what `datasets.load_dataset(OUTPUT)` reads) and OUTPUT/report.html unless
+    report=False; one that cannot be written is logged as a warning. Returns the summary: `ok`,
+    `exit_code`, `problem`, `rows_ok`, `rows_left`, `finish` (where the card and report are), ...
     """
     job = load_job(os.fspath(job_file) if job_file is not None else None, settings, [])
     say = echo or (lambda line: None)
     summary = run_job(job, echo=say)
-    if job.report:
-        from zimage_batch.output.report import write_report
-
-        try:
-            say(f"report: {write_report(summary.output)}")
-        except Exception as exc:  # noqa: BLE001 - the job itself is done
-            log.warning("could not write the report: %s", exc)
+    for line, warning in summary.finish.lines() if summary.finish else []:
+        if warning:
+            log.warning("%s", line)
+        else:
+            say(line)
     return summary
 
 

@@ -134,9 +134,8 @@ def run(job_file: str | None, format_: str | None, settings: tuple[str, ...], **
     if summary.problem:
         click.echo(f"error: {summary.problem}", err=True)
     click.echo(f"output: {summary.output}")
-    _write_card(summary.output)
-    if job.report:
-        _write_report(summary.output)
+    for line, warning in summary.finish.lines() if summary.finish else []:  # the dataset card, the report
+        click.echo(f"warning: {line}" if warning else line, err=warning)
     if summary.throughput is not None:  # the last line: the same figures as status and the report
         click.echo(f"throughput: {summary.throughput.text()}")
     sys.exit(summary.exit_code)
@@ -146,26 +145,6 @@ def _images_note(summary: Any) -> str:
     """' (4,000 images)' when rows draw several images (then ok and error count images)."""
     images = summary.rows_ok + summary.rows_error + summary.rows_filtered
     return f" ({images:,} images)" if summary.rows_done is not None and images != summary.rows_done else ""
-
-
-def _write_report(output: str) -> None:
-    """Write OUTPUT/report.html and say where; a failure here is reported, not fatal."""
-    from zimage_batch.output.report import write_report
-
-    try:
-        click.echo(f"report: {write_report(output)}")
-    except Exception as exc:  # noqa: BLE001 - the job itself is done
-        click.echo(f"warning: could not write the report: {first_line(exc)}", err=True)
-
-
-def _write_card(output: str) -> None:
-    """Write OUTPUT/README.md, the dataset card `load_dataset(OUTPUT)` reads; a failure is reported, not fatal."""
-    from zimage_batch.output.dataset_card import write_dataset_card
-
-    try:
-        click.echo(f"dataset card: {write_dataset_card(output)}")
-    except Exception as exc:  # noqa: BLE001 - the job itself is done
-        click.echo(f"warning: could not write the dataset card: {first_line(exc)}", err=True)
 
 
 @main.command("status")

@@ -24,10 +24,11 @@ from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
 from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.model.variants import VARIANTS, get_variant
-from zimage_batch.output.layout import FORMATS
+from zimage_batch.output.encoding import IMAGE_FORMATS as IMAGE_ENCODINGS
+from zimage_batch.output.formats import FORMAT_NAMES as FORMATS
 from zimage_batch.source import Source, made_portable
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = tuple(IMAGE_ENCODINGS)  # png, jpeg, webp
 
 
 class JobError(ValueError):
@@ -363,15 +364,6 @@ def _check_prompt_settings(job: JobSpec) -> None:
         raise JobError(f"max_new_tokens must be in 1..4096, got {job.max_new_tokens}")
     if job.prompt_expansion is not None and not str(job.prompt_expansion).strip():
         raise JobError("prompt_expansion needs a source (a causal LM folder: local, s3://, a hub id or tiny:prompt)")
-
-
-def redact_env_vars(settings: dict[str, Any], mark: str = "<set>") -> dict[str, Any]:
-    """`settings` (a job as a dict) with the values of runtime_env.env_vars replaced by `mark`:
-    only the names are shown or stored, the values may be credentials."""
-    env_vars = (settings.get("runtime_env") or {}).get("env_vars")
-    if not env_vars:
-        return settings
-    return {**settings, "runtime_env": {**settings["runtime_env"], "env_vars": {k: mark for k in env_vars}}}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(JobSpec)}

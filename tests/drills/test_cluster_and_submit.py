@@ -106,3 +106,7 @@ def test_submit_runs_the_job_on_the_cluster(tmp_path, ray_head):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SUCCEEDED" in result.stdout and "done: 40 ok" in result.stdout
     check_exactly_once(str(tmp_path / "out"), ids)
+    # the run on the cluster ends as every run does: its record, the dataset card and the report
+    out = tmp_path / "out"
+    assert f"dataset card: {out / 'README.md'}" in result.stdout and f"report: {out / 'report.html'}" in result.stdout
+    assert (out / "README.md").is_file() and (out / "report.html").is_file() and list((out / "_runs").glob("2*.json"))

@@ -61,8 +61,7 @@ def runs(tmp_path_factory):
             lines: list[str] = []
             summary = run_job(job, echo=lines.append)
             assert summary.exit_code == 0 and summary.rows_ok == ROWS, lines
-            from zimage_batch.output.dataset_card import write_dataset_card
-            write_dataset_card(str(tmp / fmt))  # as `run` does when the run ends
+            assert summary.finish.card == str(tmp / fmt / "README.md")  # run_job writes the card as it ends
             out[fmt] = {"dir": tmp / fmt, "summary": summary, "lines": lines, "job": job}
     finally:
         ray.shutdown()

@@ -25,20 +25,21 @@ import yaml
 
 from zimage_batch.output import layout
 from zimage_batch.output.curation import card_lines
-from zimage_batch.output.features import UnsupportedType, json_type, sample_fields, yaml_features
+from zimage_batch.output.encoding import get_image_format
+from zimage_batch.output.features import UnsupportedType
+from zimage_batch.output.formats import CardInput, get_format
 from zimage_batch.output.status import OutputState, load_output
 from zimage_batch.output.throughput import images_of
-from zimage_batch.output.writers import get_image_format
 from zimage_batch.storage import Storage
 
 CARD_KEY = layout.DATASET_CARD
-DATA_FILES = {"webdataset": "shards/*.tar", "parquet": "data/*.parquet", "files": "metadata/*.parquet"}
-METADATA_FILES = "metadata/*.parquet"
+METADATA_FILES = f"{layout.METADATA}*.parquet"
 
 
-def write_dataset_card(output: str | Storage) -> str:
-    """Render the card of OUTPUT and store it as OUTPUT/README.md; returns its location."""
-    state = load_output(output)
+def write_dataset_card(output: str | Storage | OutputState) -> str:
+    """Render the card of OUTPUT (or of OUTPUT as already read) and store it as OUTPUT/README.md;
+    returns its location."""
+    state = output if isinstance(output, OutputState) else load_output(output)
     state.storage.put_bytes(CARD_KEY, render_card(state).encode("utf-8"))
     return state.storage.url(CARD_KEY)
 
@@ -51,35 +52,20 @@ def metadata_schema(state: OutputState) -> pa.Schema | None:
         return pq.read_schema(f).remove_metadata()
 
 
-def data_schema(state: OutputState) -> pa.Schema | None:
-    """The schema of a committed ``data/<shard>.parquet`` (--format parquet)."""
-    if not state.markers:
-        return None
-    with state.storage.open_read(layout.parquet_key(state.markers[-1].shard)) as f:
-        return pq.read_schema(f).remove_metadata()
-
-
 def data_features(state: OutputState, metadata: pa.Schema) -> list[dict[str, Any]]:
-    """The ``features`` of the default config: what `datasets` yields for each sample."""
+    """The ``features`` of the default config: what `datasets` yields for each sample (as the
+    job's output format declares them)."""
     job = state.job.get("job", {})
-    fmt, image_format = job.get("format", "files"), job.get("image_format", "png")
-    if fmt == "files":
-        return yaml_features(metadata)
-    masks = "mask_sha256" in metadata.names  # an edit job that keeps each inpaint row's mask beside its image
-    if fmt == "parquet":
-        return yaml_features(data_schema(state), images={"image", "mask_image"} if masks else {"image"})
-    sample = pa.struct([pa.field(f.name, json_type(f.type)) for f in sample_fields(metadata)])
-    ext = get_image_format(image_format).ext
-    mask = [("mask.png", pa.binary())] if masks else []
-    return yaml_features(pa.schema([("__key__", pa.string()), (ext, pa.binary()), *mask, ("txt", pa.string()),
-                                    ("json", sample)]), images={ext, "mask.png"} if masks else {ext})
+    ext = get_image_format(job.get("image_format", "png")).ext
+    card = CardInput(state.storage, state.markers[-1].shard, metadata, ext)
+    return get_format(job.get("format", "files")).features(card)
 
 
 def front_matter(state: OutputState, metadata: pa.Schema | None) -> dict[str, Any]:
     """The card's YAML: tags, the configs and their features."""
     job = state.job.get("job", {})
     fmt = job.get("format", "files")
-    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES[fmt]}]}]
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": get_format(fmt).data_files}]}]
     card: dict[str, Any] = {
         "pretty_name": f"zimage-batch: {job.get('model', '?')}",
         "tags": ["synthetic", "text-to-image", "zimage-batch"],
@@ -131,14 +117,7 @@ def render_card(state: OutputState) -> str:
 
 
 def _usage(fmt: str, image_format: str) -> list[str]:
-    ext = get_image_format(image_format).ext
-    reads = {
-        "webdataset": [f'ds = load_dataset("path/to/this/folder", split="train")  # {ext}, txt (the prompt), json',
-                       "# or any WebDataset loader (urls: the shards/*.tar files):",
-                       f'# webdataset.WebDataset(urls).decode("pil").to_tuple("{ext}", "txt")'],
-        "parquet": ['ds = load_dataset("path/to/this/folder", split="train")  # image (PIL), prompt, settings'],
-        "files": ['ds = load_dataset("path/to/this/folder", split="train")  # the metadata; images under images/'],
-    }[fmt]
+    reads = get_format(fmt).loading(get_image_format(image_format).ext)
     return ["## Loading", "", "```python", "from datasets import load_dataset", "", *reads,
             f'meta = load_dataset("parquet", data_files="path/to/this/folder/{METADATA_FILES}", split="train")',
             "```", "", "The metadata as one table: `duckdb -c \"SELECT count(*) FROM 'metadata/*.parquet'\"`. "

@@ -17,22 +17,20 @@ import html
 import io
 import json
 import math
-import tarfile
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zimage_batch.inputs.mask_spec import ALPHA, WORDS
-from zimage_batch.jobspec import redact_env_vars
-from zimage_batch.output import layout
+from zimage_batch.output import formats, layout
 from zimage_batch.output.curation import curation_section
 from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.review import review_section
 from zimage_batch.output.status import OutputState, load_output, summarize
+from zimage_batch.redact import redact_env_vars
 from zimage_batch.storage import Storage, open_storage
 from zimage_batch.text import plural
 
@@ -46,9 +44,10 @@ SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image", "prompt", "se
                   "source", "mode", "strength", "mask"]  # the last four: edit jobs (before and after)
 
 
-def write_report(output: str | Storage) -> str:
-    """Render the report of OUTPUT and store it as OUTPUT/report.html; returns its location."""
-    state = load_output(output)
+def write_report(output: str | Storage | OutputState) -> str:
+    """Render the report of OUTPUT (or of OUTPUT as already read) and store it as
+    OUTPUT/report.html; returns its location."""
+    state = output if isinstance(output, OutputState) else load_output(output)
     page = render(state)
     state.storage.put_bytes(REPORT_KEY, page.encode("utf-8"))
     return state.storage.url(REPORT_KEY)
@@ -162,73 +161,11 @@ def _thumbnail(data: bytes) -> str | None:
 
 def read_images(storage: Storage, rows: list[dict[str, Any]], key: str = "id", column: str = "image") -> dict[str, bytes]:
     """Image bytes by each row's `key` column (id, or image for one entry per image), following
-    each row's `image` location for every output format (Parquet: that row's `column` cell):
-
-        images/<shard>/<key>.png      (files)     the object itself
-        shards/<shard>.tar#<key>.png  (webdataset) a member of the tar
-        data/<shard>.parquet#<key>    (parquet)    the `image` cell of row `key`
-
-    Containers are read in place (seeks, not whole downloads)."""
-    singles: dict[str, str] = {}
-    containers: dict[str, dict[str, str]] = {}  # object -> member -> id
-    for row in rows:
-        obj, sep, member = row["image"].partition("#")
-        if sep:
-            containers.setdefault(obj, {})[member] = row[key]
-        else:
-            singles[row[key]] = obj
-    found: dict[str, bytes] = {}
-
-    def read_single(item: tuple[str, str]) -> None:
-        try:
-            found[item[0]] = storage.get_bytes(item[1])
-        except FileNotFoundError:
-            pass
-
-    def read_container(item: tuple[str, dict[str, str]]) -> None:
-        obj, members = item
-        try:
-            if obj.endswith(".tar"):
-                read = _tar_members(storage, obj, set(members))
-            else:
-                read = _parquet_members(storage, obj, set(members), column)
-        except FileNotFoundError:
-            return
-        for member, data in read.items():
-            found[members[member]] = data
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(read_single, singles.items()))
-        list(pool.map(read_container, containers.items()))
-    return found
-
-
-def _tar_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    with storage.open_read(obj) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if member.name in wanted:
-                out[member.name] = tar.extractfile(member).read()
-                if len(out) == len(wanted):
-                    break
-    return out
-
-
-def _parquet_members(storage: Storage, obj: str, wanted: set[str], name: str = "image") -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    with storage.open_read(obj) as f:
-        pf = pq.ParquetFile(f)
-        if name not in pf.schema_arrow.names:
-            return out
-        key = "__key__" if "__key__" in pf.schema_arrow.names else "key"  # "key": outputs written before the datasets layout
-        image = [f"{name}.bytes"] if pa.types.is_struct(pf.schema_arrow.field(name).type) else [name]
-        for group in range(pf.num_row_groups):
-            keys = pf.read_row_group(group, columns=[key]).column(key).to_pylist()
-            if wanted.intersection(keys):
-                column = pf.read_row_group(group, columns=image).column(name)
-                values = column.combine_chunks().field("bytes") if pa.types.is_struct(column.type) else column
-                out |= {k: v for k, v in zip(keys, values.to_pylist()) if k in wanted and v is not None}
-    return out
+    each row's `image` location through its output format's reader (`output.formats`: an object
+    of its own, a tar member, a Parquet `column` cell); containers are read in place (seeks, not
+    whole downloads). Images that cannot be read are left out."""
+    found = formats.read_images(storage, [row["image"] for row in rows], column)
+    return {row[key]: found[row["image"]] for row in rows if row["image"] in found}
 
 
 def error_rows(state: OutputState) -> tuple[list[dict[str, Any]], int]:

@@ -15,6 +15,7 @@ Only shards that are committed and published (their metadata is in `metadata/`) 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,15 +67,17 @@ class OutputState:
         return (model is not None and model.draws_noise) or bool(self.job.get("model_draws_noise"))
 
 
-def load_output(output: str | Storage) -> OutputState:
-    """Read job.json, every commit marker and every `_runs/` record; NoJob if there is no job."""
+def load_output(output: str | Storage, committed: Iterable[CommitMarker] | None = None) -> OutputState:
+    """Read job.json, every commit marker and every `_runs/` record; NoJob if there is no job.
+    `committed`: every commit marker, when the caller has just read them (the end of a run);
+    else they are read here."""
     storage = open_storage(output) if isinstance(output, str) else output
-    job = Ledger(storage).read_job()
+    ledger = Ledger(storage)
+    job = ledger.read_job()
     if job is None:
         raise NoJob(f"{storage.uri} holds no job (no {layout.JOB_FILE})")
-    ledger = Ledger(storage)
     published = ledger.published_shards()
-    markers = [m for m in ledger.committed().values() if m.shard in published]
+    markers = [m for m in (ledger.committed().values() if committed is None else committed) if m.shard in published]
     overlaps = find_overlaps(markers)
     markers = sorted(without_extras(markers, overlaps), key=lambda m: m.shard)
     keys = [info.key for info in storage.list(layout.RUNS) if info.key.endswith(".json")]

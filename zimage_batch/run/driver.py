@@ -1,11 +1,13 @@
 """The driver: one job, from its settings to its records.
 
     preflight ─► lease on OUTPUT ─► claim OUTPUT (job.json) ─► overlaps ─► plan ─► run: cluster,
-    a worker pool per variant, the scheduler ─► records (_runs/) and the summary ─► release
+    a worker pool per variant, the scheduler ─► the summary ─► release ─► finish: the run's
+    record (_runs/), the dataset card, the report
 
 Each step has its module: `preflight` (refusals before anything is written, the job resolved
 once), `cluster` (Ray start-up, the workers' environment, shared paths), `pool` (Ray actors),
-`scheduler` (queue, retries, stop), `plan` (shards). This one tells the story.
+`scheduler` (queue, retries, stop), `plan` (shards), `finish` (record, card, report). This one
+tells the story.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from pyarrow.fs import LocalFileSystem
 
@@ -25,81 +27,25 @@ from zimage_batch.output import layout
 from zimage_batch.output.lease import Lease, new_run_id
 from zimage_batch.output.ledger import CommitMarker, Ledger
 from zimage_batch.output.overlaps import OverlappingShards, overlap_line, settle_overlaps, without_extras
-from zimage_batch.output.throughput import Throughput, run_throughput
+from zimage_batch.output.throughput import run_throughput
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
+from zimage_batch.run.finish import finish_run
 from zimage_batch.run.output_store import check_output_store, check_scratch_space
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.pool import RayWorkerPool, cpu_threads_setting
 from zimage_batch.run.preflight import Prepared, ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
+from zimage_batch.run.summary import RunSummary
 from zimage_batch.storage import Storage, is_s3, open_storage
 from zimage_batch.text import plural
 
 
-@dataclass
-class RunSummary:
-    """What a run did: rows and shards committed, shards given up, throughput, workers."""
-
-    output: str
-    rows_total: int
-    rows_ok: int = 0  # metadata rows (images) stored ok, in every committed shard
-    rows_error: int = 0  # metadata rows (images) that failed
-    rows_filtered: int = 0  # metadata rows (images) a curated job's keep rule turned down: done, no image
-    rows_done: int | None = None  # manifest rows of the committed shards (None: rows_ok + rows_error)
-    shards_committed: int = 0
-    shards_skipped: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
-    started: float = 0.0
-    elapsed_s: float = 0.0
-    throughput: Throughput | None = None  # of this run: images/s over wall time and over generation time
-    device: str | None = None  # GPU or CPU, once workers ran
-    workers: list[dict[str, Any]] = field(default_factory=list)
-    stopped: bool = False
-    run: str = ""  # the run's id (its lease token, in the markers it commits)
-    lost_lease: str | None = None  # why the run stopped: another run took OUTPUT's lease over
-    overlaps: str | None = None  # the line naming overlapping committed shards, if OUTPUT has any
-
-    @property
-    def rows_left(self) -> int:
-        """Rows of the manifest committed neither as ok nor as error."""
-        done = self.rows_ok + self.rows_error if self.rows_done is None else self.rows_done
-        return max(self.rows_total - done, 0)
-
-    @property
-    def exit_code(self) -> int:
-        """0 only when every row is committed once; 130 when stopped by a signal; else 1."""
-        if self.lost_lease or self.overlaps:
-            return 1
-        if self.stopped:
-            return 130
-        return 1 if self.failed or self.rows_left else 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def problem(self) -> str | None:
-        """Why the run is not complete, in one line; None when it is."""
-        if self.lost_lease:
-            return f"{self.lost_lease}; this run stopped, {self.rows_left} rows left"
-        if self.overlaps:
-            return self.overlaps
-        if self.stopped:
-            return f"stopped before the end with {self.rows_left} rows left; run again to resume"
-        if self.failed:
-            return f"{len(self.failed)} shard(s) failed, {self.rows_left} rows left; rerun to retry them"
-        if self.rows_left:
-            return (f"{self.rows_left} of {self.rows_total} rows are neither committed nor failed; "
-                    "run again to finish them")
-        return None
-
-
 def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run `job` to its end (or a stop); returns the summary. Refusals raise before anything is written."""
+    """Run `job` to its end (or a stop), then write its record, dataset card and report; returns
+    the summary (`summary.finish`: where card and report are). Refusals raise before anything is written."""
     started = time.time()
     cpu_threads = cpu_threads_setting()  # ZIMAGE_BATCH_CPU_THREADS: a bad value is refused first
     storage = open_storage(absolute(job.output))
@@ -119,13 +65,13 @@ def run_job(job: JobSpec, echo: Callable[[str], None] = print) -> RunSummary:
         lease.acquire(wait=resolved.spec.wait)
         try:
             lease.keep_renewed(on_lost=run.lose_lease)
-            summary = _run_holding_lease(run)
+            summary, markers = _run_holding_lease(run)
             if not lease.lost:  # every pool is shut down: what killed attempts and failed deletes left
-                Ledger(storage).sweep_staging(echo=echo)
+                Ledger(storage).sweep_staging(markers, echo=echo)
         finally:
             lease.release()
     summary.lost_lease = lease.lost
-    _write_run_record(storage, resolved, summary)
+    summary.finish = finish_run(storage, resolved, summary, markers.values())
     return summary
 
 
@@ -149,8 +95,9 @@ class _Run:
         self.stop.request()
 
 
-def _run_holding_lease(run: _Run) -> RunSummary:
-    """Claim OUTPUT, settle what earlier runs left, plan, run, count: all under OUTPUT's lease."""
+def _run_holding_lease(run: _Run) -> tuple[RunSummary, dict[str, CommitMarker]]:
+    """Claim OUTPUT, settle what earlier runs left, plan, run, count: all under OUTPUT's lease.
+    Returns the summary and the commit markers as the run's end read them (once)."""
     resolved, prepared, storage, echo, started = run.job, run.prepared, run.storage, run.echo, run.started
     ledger = Ledger(storage)
     ledger.claim_output(job_record(resolved, prepared.model), resolved.spec.overwrite)
@@ -176,8 +123,7 @@ def _run_holding_lease(run: _Run) -> RunSummary:
         run.cluster.connect()
         _run_plan(resolved, plan, summary, echo, run.stop, run.cpu_threads)
     summary.elapsed_s = time.time() - started
-    _count_committed(ledger, summary, echo)
-    return summary
+    return summary, _count_committed(ledger, summary, echo)
 
 
 def _check_local_paths_shared(storage: Storage, manifest: Manifest) -> None:
@@ -233,19 +179,22 @@ def _account(progress: Progress, marker: CommitMarker | None) -> None:
         progress.shard_done(marker.rows, marker.error, marker.ok)
 
 
-def _count_committed(ledger: Ledger, summary: RunSummary, echo: Callable[[str], None]) -> None:
+def _count_committed(ledger: Ledger, summary: RunSummary, echo: Callable[[str], None]) -> dict[str, CommitMarker]:
     """Totals over every committed shard (each row once), and this run's throughput from the
-    shards it committed."""
-    markers, overlaps = settle_overlaps(ledger, ledger.committed(), echo)
+    shards it committed. Reads the commit markers (the one reading of `_commits/` at the run's
+    end) and returns them, unpublished overlapping ones removed, for the sweep and the finish."""
+    settled, overlaps = settle_overlaps(ledger, ledger.committed(), echo)
+    markers = list(settled.values())
     if overlaps:
         summary.overlaps = overlap_line(ledger.storage.uri, overlaps)
-        markers = {m.shard: m for m in without_extras(markers.values(), overlaps)}
-    summary.rows_ok = sum(m.ok for m in markers.values())
-    summary.rows_error = sum(m.error for m in markers.values())
-    summary.rows_filtered = sum(m.filtered for m in markers.values())
-    summary.rows_done = sum(m.rows for m in markers.values())
+        markers = without_extras(markers, overlaps)
+    summary.rows_ok = sum(m.ok for m in markers)
+    summary.rows_error = sum(m.error for m in markers)
+    summary.rows_filtered = sum(m.filtered for m in markers)
+    summary.rows_done = sum(m.rows for m in markers)
     summary.shards_committed = len(markers)
-    summary.throughput = run_throughput(list(markers.values()), summary.started, summary.elapsed_s, summary.run)
+    summary.throughput = run_throughput(markers, summary.started, summary.elapsed_s, summary.run)
+    return settled
 
 
 def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float, run_id: str) -> None:
@@ -261,17 +210,6 @@ def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: 
     }
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"-{os.getpid()}"
     storage.put_bytes(layout.plan_record_key(name), json.dumps(record, indent=2).encode())
-
-
-def _write_run_record(storage: Storage, job: ResolvedJob, summary: RunSummary) -> None:
-    """`_runs/<time>.json`: the summary's figures when the run ends."""
-    record = dict(summary.__dict__)
-    record["throughput"] = summary.throughput.to_dict() if summary.throughput else None
-    record["run_key"] = run_key(job.spec.model, job.spec.defaults())  # what later cost lines compare against
-    record["fingerprint"] = job.fingerprint
-    record["finished"] = time.time()
-    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    storage.put_bytes(layout.run_record_key(name), json.dumps(record, indent=2, default=str).encode())
 
 
 def cost_line(job: ResolvedJob, manifest: Manifest, plan: Plan, storage: Storage) -> str:

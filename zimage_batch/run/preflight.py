@@ -20,7 +20,7 @@ from zimage_batch.inputs.columns import misspelled, typo_message
 from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
 from zimage_batch.inputs.mask_spec import MaskJob, uses_words
 from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
-from zimage_batch.jobspec import JobError, JobSpec, redact_env_vars
+from zimage_batch.jobspec import JobError, JobSpec
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters
 from zimage_batch.model.addons import resolve_addon
@@ -29,6 +29,8 @@ from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
+from zimage_batch.output.formats import get_format
+from zimage_batch.redact import redact_env_vars
 from zimage_batch.run.settings import WorkerSettings
 from zimage_batch.source import made_portable
 
@@ -236,7 +238,7 @@ def scratch_needed(job: ResolvedJob) -> int:
     parquet; files upload each image at once): at raw size this is about what a worker's two
     shards in flight take with real images."""
     spec = job.spec
-    if spec.format == "files":
+    if not get_format(spec.format).stages_locally:
         return 0
     d = job.defaults[job.variant]
     per_image = d["width"] * d["height"] * _BYTES_PER_PIXEL.get(spec.image_format, 3.0) + 1024

@@ -52,8 +52,8 @@ from zimage_batch.run.heartbeat import ProgressCounter
 from zimage_batch.run.plan import Shard
 from zimage_batch.run.rows import expand_rows, images_of_row, request_for_row, row_record
 from zimage_batch.run.settings import WorkerSettings
-from zimage_batch.run.threads import background_pool
 from zimage_batch.storage import open_storage
+from zimage_batch.threads import background_pool
 
 log = logging.getLogger(__name__)
 
