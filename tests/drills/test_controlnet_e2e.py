@@ -25,7 +25,7 @@ import torch
 from cli_in_process import cli_in_process
 from output_check import check_exactly_once, pixels, read_images
 from PIL import Image
-from test_edit_e2e import encode, gray_png, pattern
+from source_images import encode, gray_png, pattern
 
 from zimage_batch.inputs import images
 from zimage_batch.inputs.conditions import derive, fit
@@ -36,7 +36,7 @@ from zimage_batch.model.variants import get_variant
 from zimage_batch.output.keys import safe_key
 from zimage_batch.storage import open_storage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 

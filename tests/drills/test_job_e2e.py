@@ -134,7 +134,7 @@ def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path, ray_lo
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "different job" in refused.stderr and "guidance_scale" in refused.stderr
 
-    grown = pq.read_table(manifest)  # appended rows: tests/test_readers_see_committed.py (a kill, then a resume with more rows)
+    grown = pq.read_table(manifest)  # appended rows: drills/test_readers_see_committed.py (a kill, then a resume)
     changed = grown.set_column(1, "prompt", pa.array(["changed"] * grown.num_rows))
     pq.write_table(changed, manifest)
     refused = cli_in_process(*base)
@@ -147,7 +147,7 @@ def test_different_job_or_changed_rows_refused_then_overwritten(tmp_path, ray_lo
 
 
 def test_quickstart_job_file(tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = _cli("run", str(root / "jobs" / "quickstart.yaml"), "--output", str(tmp_path / "qs"))
     assert result.returncode == 0, result.stderr
     assert "done: 16 ok" in result.stdout

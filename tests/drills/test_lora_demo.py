@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from cli_in_process import cli_in_process
 from output_check import check_exactly_once
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:

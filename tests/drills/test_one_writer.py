@@ -69,7 +69,7 @@ def test_a_second_run_is_refused_then_waits_its_turn_whatever_its_shard_size(tmp
 
 def test_a_paused_holder_that_wakes_after_a_takeover_commits_nothing(tmp_path, ray_local):
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
-    ids = make_manifest(manifest, 160)
+    ids = make_manifest(manifest, 64)  # 16 shards: the holder is paused after its first
     stale = _start_run(manifest, out, "--shard-size", "4", "--batch-size", "1", "--format", "parquet",
                        "--set", "report=false", "--set", "lease_ttl=3", "--set", "lease_renew_interval=1")
     try:

@@ -17,7 +17,7 @@ from zimage_batch.output.status import OutputState
 from zimage_batch.run.preflight import resolve
 from zimage_batch.source import Source, SourceError
 
-PACKAGE = Path(__file__).resolve().parents[1] / "zimage_batch"
+PACKAGE = Path(__file__).resolve().parents[2] / "zimage_batch"
 
 
 # ------------------------------------------------------------------------------ kinds

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.inputs.ids import CHUNK_BYTES, IdDigests, find_duplicates, id_digests
+from zimage_batch.inputs import ids as ids_module
+from zimage_batch.inputs.ids import IdDigests, find_duplicates, id_digests
 from zimage_batch.inputs.manifest import Limits, ManifestError, open_manifest, validate_manifest
 
 LIMITS = Limits("turbo", 64, 64, 8, 0.0)
@@ -26,8 +27,10 @@ def test_equal_ids_give_equal_digests_however_the_arrays_are_cut():
     assert id_digests(pa.array(["a", "a"]))[0] == id_digests(pa.array(["zz", "a"]))[1]
 
 
-def test_ids_longer_than_a_hashing_chunk_are_hashed_whole():
-    long_a, long_b = "q" * (CHUNK_BYTES + 10), "q" * (CHUNK_BYTES + 9) + "r"
+def test_ids_longer_than_a_hashing_chunk_are_hashed_whole(monkeypatch):
+    """At a chunk of 4 KiB: the same cut as at the real 4 MiB, without building 4 Mi weights first."""
+    monkeypatch.setattr(ids_module, "CHUNK_BYTES", 1 << 12)
+    long_a, long_b = "q" * (ids_module.CHUNK_BYTES + 10), "q" * (ids_module.CHUNK_BYTES + 9) + "r"
     d = id_digests(pa.array(["x", long_a, long_b, long_a, "y"]))
     assert d[1] == d[3] and len({d[0], d[1], d[2], d[4]}) == 4
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_in_process import cli_in_process
 from PIL import Image
-from test_edit_e2e import cmyk_jpeg, encode, exif_rotated_jpeg, palette_png, pattern, png16, rgba_png
+from source_images import cmyk_jpeg, encode, exif_rotated_jpeg, palette_png, pattern, png16, rgba_png
 
 from zimage_batch.generate.requests import ControlRequest
 from zimage_batch.inputs import images

@@ -15,7 +15,7 @@ from output_check import check_exactly_once
 from ray_head import free_port, start_node
 from test_job_e2e import make_manifest
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 
 
 def _documents() -> list[tuple[str, dict]]:

@@ -133,7 +133,7 @@ def test_every_node_installs_the_torch_the_readme_installs():
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     readme = set(re.findall(r"torch==([\w.+]+)", (root / "README.md").read_text(encoding="utf-8")))
     dockerfile = (root / "cluster" / "Dockerfile").read_text(encoding="utf-8")
     docker = re.findall(r"pip install [^\n]*?\btorch(==[\w.+]+)?\s", dockerfile)

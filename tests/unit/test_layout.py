@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "zimage_batch"
+PACKAGE = Path(__file__).resolve().parents[2] / "zimage_batch"
 MAX_CLASS_LINES = 250
 MAX_FUNCTION_LINES = 90
 

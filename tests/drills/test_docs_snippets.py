@@ -33,7 +33,7 @@ import pytest
 import yaml
 from cli_in_process import cli_in_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = ["README.md", "docs/manifests.md", "docs/models.md", "docs/outputs.md", "docs/operations.md",
              "docs/curation.md", "docs/prompts.md", "docs/catalogue-editing.md", "docs/performance.md", "docs/architecture.md"]
 RUN = {"python", "bash", "sh"}
