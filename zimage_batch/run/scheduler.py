@@ -9,7 +9,7 @@
 `Scheduler` knows nothing about Ray: it drives any `WorkerPool` (the Protocol below), which
 reports how each submitted shard ended as one of five outcomes, and what each worker's last
 heartbeat (`run/heartbeat.py`) said. `run/pool.py` is the Ray implementation;
-`tests/test_scheduler.py` drives the same policy with a fake pool. The rules are those of
+`tests/unit/test_scheduler.py` drives the same policy with a fake pool. The rules are those of
 docs/architecture.md, "Retries".
 """
 
