@@ -21,49 +21,50 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zimage_batch.inputs.uris import NOT_READABLE, foreign_uris
 from zimage_batch.model.variants import VARIANTS
+from zimage_batch.settings import Here, job_settings, with_settings
 
 if TYPE_CHECKING:
     from zimage_batch.generate.requests import ControlRequest
 
 DERIVED = ("canny", "tile")  # conditions derived from an edit row's source
 NONE = "none"  # a row that opts out of the job's condition
-DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale
 GIVEN = "image"  # ControlRequest.control of a given control image
 
-# metadata columns of a job with a ControlNet
-CONTROL_METADATA_COLUMNS = {
-    "control_image": pa.string(),
-    "control": pa.string(),
-    "control_scale": pa.float64(),
-    "control_sha256": pa.string(),
-}
+
+def control_fields() -> tuple[str, ...]:
+    """The job settings a ControlNet job's pixels depend on: the ControlNet's identity, then the
+    rows' condition defaults (declared in zimage_batch/settings.py)."""
+    return ("controlnet_id", *(s.name for s in job_settings("control")))
+
+
+#: The fields of a job with a ControlNet that its fingerprint covers (JobSpec.CONTROL_FIELDS).
+CONTROL_FIELDS = control_fields()
 
 
 @dataclass(frozen=True)
+@with_settings
 class ControlJob:
-    """A job's ControlNet settings, as a worker is given them (typed: they cross Ray)."""
+    """A job's ControlNet settings, as a worker is given them (typed: they cross Ray): the
+    weights, their identity, and the declared condition defaults (control_image, control, ...)."""
 
     controlnet: str  # the source of the weights
     controlnet_id: str | None = None  # their identity, as the driver resolved it
-    control_image: str | None = None  # the job's condition image
-    control: str | None = None  # the job's derived condition (canny | tile | none)
-    control_scale: float = DEFAULT_SCALE
-    canny_low: float = 100.0
-    canny_high: float = 200.0
+    _control_settings: ClassVar[Here] = Here(lambda: job_settings("control"))
 
     @classmethod
     def from_mapping(cls, job: Mapping[str, Any]) -> ControlJob | None:
         """From a job's settings (`JobSpec.to_dict()`); None when the job names no ControlNet."""
         if not job.get("controlnet"):
             return None
-        names = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-        return cls(str(job["controlnet"]), **{name: job[name] for name in names if job.get(name) is not None})
+        return cls(str(job["controlnet"]),
+                   **{name: job[name] for name in control_fields() if job.get(name) is not None})
 
     @property
     def canny(self) -> tuple[float, float]:
@@ -131,9 +132,7 @@ def check_control_batch(batch: pa.RecordBatch, limits: Any,
             f"must be one of {'|'.join((*DERIVED, NONE))}")
     fail_if("control_image", pc.and_(has_image, derives),
             "is given on rows whose 'control' also derives a condition; keep one of them")
-    fail_if("control_image", pc.and_(has_image, pc.and_(pc.match_substring_regex(image, r"^[A-Za-z][A-Za-z0-9+.-]*://"),
-                                                        pc.invert(pc.match_substring_regex(image, r"^(s3|file)://")))),
-            "must be a local path, a file:// URI or an s3:// URI")
+    fail_if("control_image", pc.and_(has_image, foreign_uris(image)), NOT_READABLE)
     if "control_scale" in names:
         fail_if("control_scale", pc.less(batch.column("control_scale"), 0), "must be >= 0")
     job_default = bool(limits.control_image) or limits.control in DERIVED

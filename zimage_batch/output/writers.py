@@ -35,7 +35,7 @@ import pyarrow as pa
 from PIL import Image
 
 from zimage_batch import scratch
-from zimage_batch.inputs.manifest import METADATA_COLUMNS
+from zimage_batch.metadata_schema import METADATA_COLUMNS
 from zimage_batch.output import layout
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features
 from zimage_batch.output.keys import KEY_RE

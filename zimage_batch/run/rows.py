@@ -10,11 +10,12 @@ from typing import Any
 
 from zimage_batch.generate.requests import ControlRequest, EditRequest, GenerationRequest, infer_mode
 from zimage_batch.inputs.control import control_request, row_control
+from zimage_batch.inputs.identity import derive_seed
 from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
-from zimage_batch.inputs.manifest import derive_seed
 from zimage_batch.inputs.mask_spec import row_mask
 from zimage_batch.model.variants import Variant
 from zimage_batch.run.settings import WorkerSettings
+from zimage_batch.settings import metadata_settings, request_settings
 
 Request = GenerationRequest | EditRequest | ControlRequest
 SEED_LIMIT = 2**63  # seeds are int64 in the metadata
@@ -36,9 +37,7 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         seed=(seed + row.get("image_index", 0)) % SEED_LIMIT,  # image k: seed + k (given seeds: checked to fit)
         num_inference_steps=int(value("num_inference_steps")),
         guidance_scale=float(value("guidance_scale")),
-        negative_prompt=value("negative_prompt"),
-        cfg_truncation=float(value("cfg_truncation")),
-        cfg_normalization=float(value("cfg_normalization")),
+        **{s.name: None if (v := value(s.name)) is None else s.type(v) for s in request_settings("text-to-image")},
         lora=resolve_lora(row.get("lora"), settings.lora),
     )
     control = row_control(row, settings.control) if settings.control else None
@@ -80,14 +79,7 @@ def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) 
         **({"image_index": row["image_index"]} if "image_index" in row else {}),
         "prompt": request.prompt,
         **({"prompt_original": row["prompt_original"]} if "prompt_original" in row else {}),  # before expansion
-        "negative_prompt": request.negative_prompt,
-        "seed": request.seed,
-        "width": request.width,
-        "height": request.height,
-        "num_inference_steps": request.num_inference_steps,
-        "guidance_scale": request.guidance_scale,
-        "cfg_truncation": request.cfg_truncation,
-        "cfg_normalization": request.cfg_normalization,
+        **{name: getattr(request, name) for name in metadata_settings("sampler")},  # seed, size, sampler settings
         "variant": settings.variant,
         "model": settings.model,
     } | ({"lora": format_lora(request.lora)} if settings.loras else {})  # the adapters that drew it

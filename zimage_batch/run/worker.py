@@ -32,7 +32,8 @@ from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.expansion import PromptExpander
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.generate.segmenter import Segmenter
-from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.identity import rows_digest, rows_of_variant
+from zimage_batch.inputs.manifest import open_manifest
 from zimage_batch.inputs.mask_spec import has_alpha_rows, masks_used, uses_words
 from zimage_batch.inputs.templates import TemplateManifest
 from zimage_batch.model.adapters import adapter_files
