@@ -29,6 +29,7 @@ from zimage_batch.settings import (
     MAX_NUM_IMAGES,
     SIZE_STEP,
     Here,
+    added_defaults,
     fingerprint_fields,
     job_settings,
     row_default_settings,
@@ -159,9 +160,10 @@ class JobSpec:
         when it is not 1, so the fingerprints of jobs from before it stay as they were; so does
         `max_tries`. The scorers' identities (`scorer_ids`) stand for their sources."""
         payload = {}
+        unless = {"max_tries": 1, **added_defaults()}  # hashed only when not these
         for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
-            if name in ("num_images", "max_tries") and value == 1:
+            if name in unless and value == unless[name]:
                 continue
             if name not in self.ADDED_OUTPUT_FIELDS or value:
                 payload[name] = value

@@ -50,6 +50,8 @@ class Setting:
     metadata: pa.DataType | None = None  # the metadata column's Arrow type; None: not in the metadata
     metadata_after: str | None = None  # its metadata column follows this one (default: declaration order)
     fingerprint: bool = True  # part of the job fingerprint (in its group's fingerprint fields)
+    added: bool = False  # declared after jobs were first written: hashed only when not its default,
+    # so an OUTPUT written before keeps its fingerprint (give every new setting added=True)
 
     @property
     def optional(self) -> bool:
@@ -118,7 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
             row_default=False),
     Setting("canny_high", float, 200.0, minimum=0, group="control", row_default=False),
     Setting("num_images", int, 1, "images per row; image k uses seed + k", minimum=1, maximum=MAX_NUM_IMAGES,
-            bound_note="(MAX_NUM_IMAGES)", column=INTEGER, aliases=("num_images_per_prompt",), group="images"),
+            bound_note="(MAX_NUM_IMAGES)", column=INTEGER, aliases=("num_images_per_prompt",), group="images",
+            added=True),
 )
 
 
@@ -142,6 +145,11 @@ def job_settings(group: str) -> tuple[Setting, ...]:
 
 def fingerprint_fields(group: str) -> tuple[str, ...]:
     return tuple(s.name for s in job_settings(group) if s.fingerprint)
+
+
+def added_defaults() -> dict[str, Any]:
+    """Settings hashed only when not their default (`Setting.added`) -> that default."""
+    return {s.name: s.default for s in select(lambda s: s.added)}
 
 
 def row_default_settings() -> tuple[Setting, ...]:

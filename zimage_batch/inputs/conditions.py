@@ -26,6 +26,7 @@ from zimage_batch.inputs.control import DERIVED, GIVEN
 from zimage_batch.inputs.mask_spec import WORDS, MaskJob, RowMask, row_mask
 from zimage_batch.inputs.masks import MaskError
 from zimage_batch.model.variants import Variant
+from zimage_batch.settings import request_settings
 
 
 def load_row(row: Mapping[str, Any], template: Any, base: str, variant: Variant, max_pixels: int,
@@ -57,7 +58,7 @@ def load_control_row(template: ControlRequest, source: str | None, mask: str | N
     lineage: dict[str, Any] = {
         "control_image": template.control_uri,
         "control": None if template.control == GIVEN else template.control,
-        "control_scale": template.control_scale,
+        **{s.name: getattr(template, s.name) for s in request_settings("control") if s.group == "control"},
         "control_sha256": None,
     }
     if source is not None:
