@@ -31,25 +31,25 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         return defaults[name] if given is None else given
 
     seed = row.get("seed")
-    seed = derive_seed(settings.seed, row["id"]) if seed is None else int(seed)
+    seed = derive_seed(settings.job.seed, row["id"]) if seed is None else int(seed)
     common = dict(
         prompt=row["prompt"],
         seed=(seed + row.get("image_index", 0)) % SEED_LIMIT,  # image k: seed + k (given seeds: checked to fit)
         num_inference_steps=int(value("num_inference_steps")),
         guidance_scale=float(value("guidance_scale")),
         **{s.name: None if (v := value(s.name)) is None else s.type(v) for s in request_settings("text-to-image")},
-        lora=resolve_lora(row.get("lora"), settings.lora),
+        lora=resolve_lora(row.get("lora"), settings.job.lora),
     )
     control = row_control(row, settings.control) if settings.control else None
     has_mask = edit and row_mask(row, settings.masks) is not None  # given, or derived (alpha, outpaint)
     if control:  # ControlNet text-to-image, or ControlNet inpaint for an edit row with a mask
-        width, height = (row.get("width") or settings.width, row.get("height") or settings.height)
+        width, height = (row.get("width") or settings.job.width, row.get("height") or settings.job.height)
         if not edit:
             width, height = int(value("width")), int(value("height"))
         return control_request(common, width, height, control, inpaint=has_mask)
     if edit:
         mode = infer_mode(row.get("mode"), has_mask, variant)
-        width, height = row.get("width") or settings.width, row.get("height") or settings.height
+        width, height = row.get("width") or settings.job.width, row.get("height") or settings.job.height
         return EditRequest(width=width, height=height, mode=mode, strength=float(value("strength")), **common)
     return GenerationRequest(width=int(value("width")), height=int(value("height")), **common)
 
@@ -82,7 +82,7 @@ def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) 
         **{name: getattr(request, name) for name in metadata_settings("sampler")},  # seed, size, sampler settings
         "variant": settings.variant,
         "model": settings.model,
-    } | ({"lora": format_lora(request.lora)} if settings.loras else {})  # the adapters that drew it
+    } | ({"lora": format_lora(request.lora)} if settings.job.loras else {})  # the adapters that drew it
 
 
 def error_outcome(reason: str, duration_ms: float = 0.0) -> dict[str, Any]:
