@@ -33,6 +33,7 @@ from zimage_batch.settings import (
     fingerprint_fields,
     job_settings,
     row_default_settings,
+    select,
     with_settings,
 )
 
@@ -235,7 +236,8 @@ def _validate(job: JobSpec) -> None:
             raise JobError(f"{name} must be >= 1")
     if not 1 <= job.num_images <= MAX_NUM_IMAGES:
         raise JobError(f"num_images must be in 1..{MAX_NUM_IMAGES}, got {job.num_images}")
-    for name in ("workers", "batch_size", *_declared(int, "sampler")):
+    sizes_and_steps = select(lambda s: s.type is int and (s.per_model_size or s.per_variant))
+    for name in ("workers", "batch_size", *(s.name for s in sizes_and_steps)):
         value = getattr(job, name)
         if value is not None and value < 1:
             raise JobError(f"{name} must be >= 1")
@@ -243,7 +245,7 @@ def _validate(job: JobSpec) -> None:
         value = getattr(job, name)
         if value is not None and value % SIZE_STEP:
             raise JobError(f"{name} must be a multiple of {SIZE_STEP}, got {value}")
-    for name in (*_declared(float, "sampler"), "grace_period", "progress_interval", "gpu_seconds_per_image"):
+    for name in (*_floats("sampler"), "grace_period", "progress_interval", "gpu_seconds_per_image"):
         value = getattr(job, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -264,9 +266,9 @@ def _validate(job: JobSpec) -> None:
         raise JobError(f"low_vram must be on, off or auto, got {job.low_vram!r}")
 
 
-def _declared(kind: type, group: str) -> tuple[str, ...]:
-    """The declared settings of `group` of type `kind` that rows may take as their default."""
-    return tuple(s.name for s in job_settings(group) if s.type is kind and (s.row_default or kind is float))
+def _floats(group: str) -> tuple[str, ...]:
+    """The declared number settings of `group` (finite and >= 0, as every one is)."""
+    return tuple(s.name for s in job_settings(group) if s.type is float)
 
 
 def _check_adapters(job: JobSpec) -> None:
@@ -304,7 +306,7 @@ def _check_control(job: JobSpec) -> None:
         raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
     if job.control_image and job.control not in (None, "none"):
         raise JobError("control_image and control both name the rows' condition; set one of them")
-    for name in _declared(float, "control"):
+    for name in _floats("control"):
         value = getattr(job, name)
         if not (math.isfinite(value) and value >= 0):
             raise JobError(f"{name} must be a finite number >= 0, got {value!r}")

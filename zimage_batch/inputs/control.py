@@ -109,7 +109,7 @@ def control_request(common: Mapping[str, Any], width: int | None, height: int | 
 def check_control_batch(batch: pa.RecordBatch, limits: Any,
                         fail_if: Callable[[str, pa.Array, str], None]) -> None:
     """Refuse, naming column and rows: control columns without a ControlNet, unknown `control`
-    names (manifest.py refuses `control` in a prompt manifest), a row naming both a control image and a derived one,
+    names (validation.py refuses `control` in a prompt manifest), a row naming both a control image and a derived one,
     negative scales, control images that are not local or s3:// URIs, img2img/edit modes on
     rows with a condition, and conditions on variants without ControlNet support."""
     names, n = batch.schema.names, batch.num_rows
