@@ -158,9 +158,10 @@ def row_default_settings() -> tuple[Setting, ...]:
 
 
 def column_types(kind: str) -> dict[str, str]:
-    """The declared manifest columns of a `prompt` or `edit`-only manifest and their type families."""
-    return {s.name: s.column for s in select(lambda s: s.column is not None and s.manifests == (
-        PROMPT if kind == "prompt" else EDIT))}  # type: ignore[misc]
+    """The declared columns of every manifest (`prompt`) or of edit manifests only (`edit`) ->
+    their type families."""
+    manifests = PROMPT if kind == "prompt" else EDIT
+    return {s.name: s.column for s in settings() if s.column is not None and s.manifests == manifests}
 
 
 def column_aliases() -> dict[str, str]:
