@@ -101,7 +101,10 @@ def test_gpu_worker_check_runs_on_cpu():
 
 
 def test_default_batch_size_follows_free_memory_and_image_size(monkeypatch):
-    from zimage_batch.run.batching import default_batch_size
+    from zimage_batch.run.batching import BatchSizer
+
+    def default_batch_size(width: int, height: int, device: str = "cpu", low_vram: bool = False) -> int:
+        return BatchSizer.measure(None, device, low_vram).size(width, height)  # free memory measured now
 
     assert default_batch_size(64, 64) == 64 and default_batch_size(1024, 1024) == 1  # CPU
     free = {"bytes": 40 * 2**30}

@@ -18,7 +18,7 @@ from test_edit_e2e import cmyk_jpeg, encode, exif_rotated_jpeg, palette_png, pat
 
 from zimage_batch.generate.requests import ControlRequest
 from zimage_batch.inputs import images
-from zimage_batch.inputs.conditions import derive, fit, load_control_row
+from zimage_batch.inputs.conditions import derive, fit
 from zimage_batch.inputs.control import ControlJob, row_control
 from zimage_batch.inputs.manifest import ManifestError
 from zimage_batch.jobspec import JobError, JobSpec, load_job
@@ -27,6 +27,7 @@ from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.driver import prepare
+from zimage_batch.run.loading import load_control_row
 from zimage_batch.storage import open_storage
 
 

@@ -19,12 +19,12 @@ from fault_proxy import FaultProxy, endpoint_env
 from output_check import check_exactly_once, load_json
 
 from zimage_batch.jobspec import JobSpec
+from zimage_batch.run.output_store import check_output_store
 from zimage_batch.run.preflight import resolve
 from zimage_batch.storage import (
     LocalStorage,
     S3Storage,
     StorageError,
-    check_output_store,
     open_storage,
     s3_client,
 )

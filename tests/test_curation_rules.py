@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zimage_batch.curate.dedup import near_pairs
 from zimage_batch.curate.judge import FILTER, KEEP, REDRAW, ShardJudge
 from zimage_batch.curate.keep import KeepError, KeepRule
 from zimage_batch.curate.scorers import Scored
@@ -16,6 +15,7 @@ from zimage_batch.curate.spec import CurationError, curation_of
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.jobspec import JobError, JobSpec, load_job
 from zimage_batch.model.checkpoint import ModelSourceError
+from zimage_batch.output.dedup import near_pairs
 
 COLUMNS = ("clip_score", "aesthetic_score", "nsfw_score")
 

@@ -15,12 +15,12 @@ from PIL import Image
 from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.requests import EditRequest
-from zimage_batch.inputs.conditions import load_row
 from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.tiny import make_tiny_model
 from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 from zimage_batch.model.variants import get_variant
+from zimage_batch.run.loading import load_row
 from zimage_batch.run.rows import request_for_row
 from zimage_batch.run.settings import WorkerSettings
 

@@ -16,12 +16,12 @@ from PIL import Image
 
 from zimage_batch.generate.requests import EditRequest
 from zimage_batch.inputs import masks
-from zimage_batch.inputs.images import load_edit_row
 from zimage_batch.inputs.manifest import ManifestError
 from zimage_batch.inputs.mask_spec import MaskJob, RowMask, row_mask
 from zimage_batch.jobspec import JobError, JobSpec
 from zimage_batch.model.variants import get_variant
 from zimage_batch.output.writers import make_writer
+from zimage_batch.run.loading import load_edit_row
 from zimage_batch.storage import open_storage
 
 TURBO = get_variant("turbo")

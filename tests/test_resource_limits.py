@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from zimage_batch import storage as storage_module
 from zimage_batch.cli import main
 from zimage_batch.jobspec import JobSpec
+from zimage_batch.run.output_store import check_scratch_space
 from zimage_batch.run.preflight import resolve, scratch_needed
-from zimage_batch.storage import MiB, StorageError, check_scratch_space, s3_client
+from zimage_batch.storage import MiB, StorageError, s3_client
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ DiskUsage = namedtuple("DiskUsage", "total used free")
 
 def test_check_scratch_space(monkeypatch, tmp_path):
     check_scratch_space(1024, str(tmp_path))  # the real disk has a KiB
-    monkeypatch.setattr(storage_module.shutil, "disk_usage", lambda path: DiskUsage(100 * MiB, 90 * MiB, 10 * MiB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(100 * MiB, 90 * MiB, 10 * MiB))
     check_scratch_space(10 * MiB, str(tmp_path))
     check_scratch_space(0, str(tmp_path))
     with pytest.raises(StorageError, match=r"not enough scratch space in .*: 10 MiB free, a shard needs about 11 MiB"):
@@ -98,7 +99,7 @@ def test_run_with_too_little_scratch_space_fails_first(monkeypatch, tmp_path, ma
         seen.append(path)
         return DiskUsage(100 * MiB, 99 * MiB, 1 * MiB)
 
-    monkeypatch.setattr(storage_module.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     out = tmp_path / "out"
     args = ["run", "--manifest", manifest, "--output", str(out), "--model", "tiny:turbo",
             "--format", "webdataset", "--shard-size", "1000"]

@@ -13,9 +13,9 @@ from PIL import Image
 
 from zimage_batch.generate.requests import EditRequest
 from zimage_batch.generate.segmenter import Segmenter
-from zimage_batch.inputs import images
 from zimage_batch.inputs.mask_spec import MaskJob, row_mask
 from zimage_batch.model.variants import get_variant
+from zimage_batch.run.loading import EditRow, complete_words, load_edit_row
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,12 +66,12 @@ def test_words_rows_get_their_mask_or_an_error(tiny_segmenter, tmp_path):
     template = EditRequest("on a beach", 1, None, None, 3, 0.0, "inpaint")
     want = direct(tiny_segmenter, photo(80, 64, 5), "the background")
 
-    def load(**row) -> images.EditRow:
+    def load(**row) -> EditRow:
         spec = row_mask({"mask_prompt": "the background", **row}, MaskJob())
-        loaded = images.load_edit_row(template, str(source), None, get_variant("turbo"), spec=spec, keep=True)
+        loaded = load_edit_row(template, str(source), None, get_variant("turbo"), spec=spec, keep=True)
         assert loaded.error is None and loaded.segment is not None and loaded.request.mask is None
         image, _ = loaded.segment
-        return images.complete_words(loaded, segmenter.probabilities([image], ["the background"])[0])
+        return complete_words(loaded, segmenter.probabilities([image], ["the background"])[0])
 
     plain, inverted = load(), load(mask_invert=True)
     assert plain.error is None and plain.segment is None and plain.lineage["mask"] == "words"

@@ -62,7 +62,7 @@ def test_open_read_seeks_and_reads_ranges(store, monkeypatch):
     data = os.urandom(700_000)
     store.put_bytes("big.bin", data)
     if isinstance(store, S3Storage):  # small blocks, so reads cross block edges
-        monkeypatch.setattr("zimage_batch.storage.READ_BLOCK", 4096)
+        monkeypatch.setattr("zimage_batch.storage.s3.READ_BLOCK", 4096)
     with store.open_read("big.bin") as f:
         assert f.read(10) == data[:10]
         f.seek(300_000)
@@ -96,9 +96,9 @@ def test_list_delete_and_delete_prefix(store):
 
 
 def test_delete_many_keys_in_batches(store, monkeypatch):
-    import zimage_batch.storage as storage_mod
+    import zimage_batch.storage.s3 as s3_storage
 
-    monkeypatch.setattr(storage_mod, "DELETE_BATCH", 3)
+    monkeypatch.setattr(s3_storage, "DELETE_BATCH", 3)
     keys = [f"k/{i:02d}" for i in range(8)]
     for key in keys:
         store.put_bytes(key, b"1")
@@ -357,10 +357,10 @@ def test_a_publish_cut_short_is_finished_by_the_next_run(store, monkeypatch):
 
 def test_deleting_a_local_prefix_removes_temporary_files_of_writes_cut_short(tmp_path):
     """A process killed mid-write leaves its hidden temporary file; a sweep of the folder takes it too."""
-    from zimage_batch.storage import _TMP_MARK
+    from zimage_batch.storage.local import TMP_MARK
 
     storage = open_storage(str(tmp_path))
     storage.put_bytes("_staging/s/t/metadata/s.parquet", b"x")
-    (tmp_path / "_staging/s/t/metadata" / f"{_TMP_MARK}s.parquet.123").write_bytes(b"half")
+    (tmp_path / "_staging/s/t/metadata" / f"{TMP_MARK}s.parquet.123").write_bytes(b"half")
     storage.delete_prefix("_staging/s/")
     assert not (tmp_path / "_staging" / "s").exists()

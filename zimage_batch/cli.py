@@ -328,7 +328,7 @@ def make_tiny_model_command(directory: str, variant: str, seed: int, loras: tupl
 def dedup_command(output: str, threshold: float) -> None:
     """Find near-duplicate images in OUTPUT (a job run with embeddings: true) and write the pairs
     to OUTPUT/duplicates.parquet; committed shards are only read."""
-    from zimage_batch.curate.dedup import DedupError, dedup
+    from zimage_batch.output.dedup import DedupError, dedup
 
     try:
         result = dedup(output, threshold)

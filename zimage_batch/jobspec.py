@@ -36,6 +36,7 @@ from zimage_batch.settings import (
     select,
     with_settings,
 )
+from zimage_batch.source import Source, made_portable
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -185,8 +186,7 @@ class JobSpec:
         except CurationError as exc:
             raise JobError(str(exc)) from None
         self.scores = list(curation.scores)
-        self.scorers = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
-                        for k, v in self.scorers.items()}
+        self.scorers = {k: made_portable(v) for k, v in self.scorers.items()}
 
     def curation(self) -> Curation:
         """The job's curation settings, with the scorers' identities once the run resolved them."""
@@ -197,7 +197,8 @@ class JobSpec:
         return self.variant or "turbo"
 
     def default_size(self) -> int:
-        return 64 if self.model.startswith("tiny:") else 1024
+        model = Source.try_parse(self.model)
+        return 64 if model is not None and model.kind == "tiny" else 1024
 
     def defaults(self, variant: str | None = None) -> dict[str, Any]:
         """Values for rows (of `variant`, default the job's) that leave a column empty."""
@@ -282,8 +283,7 @@ def _check_adapters(job: JobSpec) -> None:
             if not isinstance(source, str) or not source:
                 raise JobError(f"loras.{name} needs a source (a .safetensors file, folder, s3:// or hub file)")
         # local files as absolute paths (workers may start elsewhere); others as written
-        job.loras = {k: os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
-                      for k, v in job.loras.items()}
+        job.loras = {k: made_portable(v) for k, v in job.loras.items()}
         adapters = parse_lora(job.lora)
     except LoraSpecError as exc:
         raise JobError(f"lora: {exc}") from None
@@ -391,9 +391,9 @@ def _resolve_relative_paths(values: dict[str, Any], base: str) -> None:
     """Local paths in a job file are relative to the job file's folder."""
     for name in ("manifest", "output", "model", "controlnet", "control_image", "prompt_expansion", "segmenter"):
         value = values.get(name)
-        if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("tiny:"):
+        if not isinstance(value, str) or "://" in value or os.path.isabs(value):
             continue
-        if name in ("manifest", "output", "control_image") or value.startswith(("./", "../")):  # else maybe a hub id
+        if name in ("manifest", "output", "control_image") or value.startswith(("./", "../")):  # else a hub id, tiny:
             values[name] = os.path.normpath(os.path.join(base, value))
     slots = values.get("slots")
     if isinstance(slots, dict):  # slot files beside the job file

@@ -1,17 +1,31 @@
 """The metadata schema: the pipeline's own columns of ``metadata/<shard>.parquet``, in order,
 with their Arrow types. The generation settings' columns come from their declaration
-(zimage_batch/settings.py); readers and tests rely on the names, order and types."""
+(zimage_batch/settings.py); readers and tests rely on the names, order and types. Like the
+declaration, it imports no stage: the manifest checks refuse columns of these names."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from zimage_batch.inputs import lora_spec
-from zimage_batch.inputs.mask_spec import MASK_METADATA_COLUMNS
 from zimage_batch.settings import metadata_settings
 
 #: The metadata column of a job that uses num_images: which of its row's images a metadata row is.
 IMAGE_INDEX_COLUMN = {"image_index": pa.int64()}
+
+#: The column of a job with LoRA adapters: the resolved set, e.g. 'detail:1.0,style:0.8'; null for none.
+LORA_COLUMN = {"lora": pa.string()}
+# metadata columns of an edit job that keeps masks (inputs/mask_spec.py): what made each row's
+# mask, and the stored mask's sha256
+MASK_METADATA_COLUMNS = {
+    "mask_sha256": pa.string(),
+    "mask_grow": pa.int64(),
+    "mask_blur": pa.int64(),
+    "outpaint": pa.string(),
+    "anchor": pa.string(),
+    "mask_prompt": pa.string(),
+    "mask_threshold": pa.float64(),
+    "mask_invert": pa.bool_(),
+}
 
 # lineage columns added for edit manifests: where each edited image came from
 EDIT_METADATA_COLUMNS = {
@@ -66,7 +80,7 @@ def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
     if image_index:
         columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
     columns |= EDIT_METADATA_COLUMNS if edit else {}
-    columns |= lora_spec.METADATA_COLUMN if lora else {}
+    columns |= LORA_COLUMN if lora else {}
     columns |= control_columns() if control else {}
     columns |= MASK_METADATA_COLUMNS if edit and masks else {}
     return columns | (curated or {})

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from zimage_batch.curate.keep import KeepError, KeepRule
+from zimage_batch.source import Source
 
 #: score name -> its metadata column
 SCORE_COLUMNS = {"clip": "clip_score", "aesthetic": "aesthetic_score", "nsfw": "nsfw_score"}
@@ -96,7 +97,7 @@ def curation_of(settings: Mapping[str, Any]) -> Curation:
     sources = settings.get("scorers") or {}
     if not isinstance(sources, Mapping) or not all(isinstance(v, str) and v.strip() for v in sources.values()):
         raise CurationError(f"scorers maps scorer names ({', '.join(DEFAULT_SOURCES)}) to sources, got {sources!r}")
-    tiny = sorted(k for k, v in sources.items() if str(v).startswith("tiny:"))
+    tiny = sorted(k for k, v in sources.items() if (source := Source.try_parse(v)) is not None and source.kind == "tiny")
     if tiny:
         raise CurationError(f"scorers.{tiny[0]}: write a tiny scorer with make-tiny-model DIR --scorer "
                             f"{tiny[0]} and give DIR (scorers take a local path, s3:// or a hub id)")

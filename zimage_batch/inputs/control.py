@@ -1,7 +1,7 @@
 """ControlNet conditions of manifest rows: which rows have one, and the checks that
-refuse bad ones before any work. Their pixels are fetched or derived in `conditions.py`. (This
-module stays light: the manifest checks import it, and `run` refuses a bad manifest at once,
-before torch is imported.)
+refuse bad ones before any work. Their pixels are fetched or derived in `conditions.py`, and
+`run/loading.py` makes their requests. (This module stays light: the manifest checks import it,
+and `run` refuses a bad manifest at once, before torch is imported.)
 
 A row's condition, first match wins:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,9 +29,6 @@ import pyarrow.compute as pc
 from zimage_batch.inputs.uris import NOT_READABLE, foreign_uris
 from zimage_batch.model.variants import VARIANTS
 from zimage_batch.settings import Here, job_settings, with_settings
-
-if TYPE_CHECKING:
-    from zimage_batch.generate.requests import ControlRequest
 
 DERIVED = ("canny", "tile")  # conditions derived from an edit row's source
 NONE = "none"  # a row that opts out of the job's condition
@@ -79,6 +76,10 @@ class ControlSettings:
     uri: str | None  # the given image
     scale: float
 
+    def request_fields(self) -> dict[str, Any]:
+        """The condition's fields of a `ControlRequest`."""
+        return {"control": self.kind, "control_uri": self.uri, "control_scale": self.scale}
+
 
 def row_control(row: Mapping[str, Any], job: ControlJob) -> ControlSettings | None:
     """The row's condition (see the module docstring), or None when it has none."""
@@ -94,15 +95,6 @@ def row_control(row: Mapping[str, Any], job: ControlJob) -> ControlSettings | No
     if job.control in DERIVED:
         return ControlSettings(job.control, None, scale)
     return None
-
-
-def control_request(common: Mapping[str, Any], width: int | None, height: int | None, settings: ControlSettings,
-                    inpaint: bool) -> ControlRequest:
-    """The request template of a row with a condition; its pixels come with `conditions.load_row`."""
-    from zimage_batch.generate.requests import ControlRequest  # here: Pillow stays out of the manifest checks
-
-    return ControlRequest(width=width, height=height, control=settings.kind, control_uri=settings.uri,
-                          control_scale=settings.scale, inpaint=inpaint, **common)
 
 
 # ---------------------------------------------------------------------- checks (before any work)

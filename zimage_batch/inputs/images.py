@@ -1,36 +1,29 @@
 """Source images and masks of edit manifests: fetched, checked and decoded on the CPU.
 
-`load_edit_row` turns a row's source URI (local path or s3://) and mask into pixels ready for
-the edit engine, or into a one-line reason naming the problem and the URI, which the worker
-writes as an `error` row; `prefetch` runs it on a thread pool ahead of the GPU. Decoding applies
-EXIF orientation, converts palette, grayscale, alpha (composited on white), CMYK (through its
-ICC profile when it has one) and 16-bit images to 8-bit RGB, and refuses images with more
-pixels than a limit before decoding them (decompression bombs). Relative source paths are
-relative to the manifest file that lists them (`resolve_uri`). A mask may instead be derived
-from the source (masks.py: its alpha, an outpaint canvas, words through CLIPSeg, the last
-completed after the window's CLIPSeg pass); in a job that keeps masks, the mask as used comes
-back as a PNG with its sha256.
+A row's source URI (local path or s3://) and mask become decoded pixels, or a one-line reason
+naming the problem and the URI (`SourceError`), which the worker writes as an `error` row;
+`output_size` sizes the output from the source; `prefetch` runs the loading (`run/loading.py`)
+on a thread pool ahead of the GPU. Decoding applies EXIF orientation, converts palette,
+grayscale, alpha (composited on white), CMYK (through its ICC profile when it has one) and 16-bit
+images to 8-bit RGB, and refuses images with more pixels than a limit before decoding them
+(decompression bombs). Relative source paths are relative to the manifest file that lists them
+(`resolve_uri`). A mask may instead be derived from the source (masks.py: its alpha, an outpaint
+canvas, words through CLIPSeg); `mask_lineage` is what the metadata records of a row's mask.
 """
-
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import posixpath
-import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from zimage_batch.generate.edit import prepare_source
-from zimage_batch.generate.requests import EditRequest
 from zimage_batch.inputs import masks
 from zimage_batch.inputs.mask_spec import WORDS, RowMask
 from zimage_batch.model.variants import Variant
@@ -147,17 +140,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-@dataclass
-class EditRow:
-    """A row's edit inputs after loading: the ready request, or the reason it cannot run."""
-
-    request: Any  # the request ready for the engine (an EditRequest here; control.py: any kind), or None
-    lineage: dict[str, Any]  # source, source_sha256, source_width, source_height, mode, strength, mask
-    error: str | None = None
-    mask_png: bytes | None = None  # the mask as the model used it, stored beside the output
-    segment: tuple[Image.Image, RowMask] | None = None  # a words row: its source for CLIPSeg, mask to come
-
-
 def source_and_mask(data: bytes, source: str, mask: str | None, spec: RowMask | None, max_pixels: int,
                     lineage: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
     """A row's decoded source (RGB) and mask, before sizing: the given mask file, or one derived
@@ -189,71 +171,6 @@ def mask_lineage(spec: RowMask | None, mask: str | None) -> dict[str, Any]:
             "mask_blur": spec.blur, "outpaint": (canvas or spec.aspect) if outpainted else None,
             "anchor": spec.anchor if outpainted else None, "mask_prompt": spec.prompt,
             "mask_threshold": spec.threshold if words else None, "mask_invert": spec.invert if words else None}
-
-
-def pending_words(row: EditRow, image: Image.Image, spec: RowMask | None) -> EditRow:
-    """A words row, loaded but for its mask: it waits for CLIPSeg (`complete_words`)."""
-    if row.error or spec is None or spec.kind != WORDS:
-        return row
-    return replace(row, segment=(image, spec))
-
-
-def complete_words(row: EditRow, probability: np.ndarray) -> EditRow:
-    """A words row's mask from CLIPSeg's probabilities over its source, at the output size,
-    checked and kept."""
-    _, spec = row.segment
-    mask, request = masks.words_mask(probability, spec), row.request
-    if mask.size != (request.width, request.height):
-        mask = mask.resize((request.width, request.height), Image.Resampling.LANCZOS)
-    return keep_mask(replace(row, request=replace(request, mask=mask), segment=None), spec)
-
-
-def keep_mask(row: EditRow, spec: RowMask | None) -> EditRow:
-    """Check a derived mask at the output size and keep the mask as used (PNG, its sha256)."""
-    request = row.request
-    if row.error or request is None or request.mask is None:
-        return row
-    if spec is not None and spec.derived:
-        try:
-            masks.check_not_empty(request.mask, spec, row.lineage["source"])
-        except masks.MaskError as exc:
-            return EditRow(None, row.lineage, str(exc))
-    data = masks.mask_png(request.mask)
-    row.lineage["mask_sha256"] = hashlib.sha256(data).hexdigest()
-    return replace(row, mask_png=data)
-
-
-def load_edit_row(template: EditRequest, source: str, mask: str | None, variant: Variant,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, spec: RowMask | None = None, keep: bool = False) -> EditRow:
-    """Fetch, check and decode a row's source (and its mask, for inpaint: given, or derived
-    from `spec`), size the output and prepare the pixels for the engine; with `keep`, the mask
-    as used comes back too. Problems confined to the row come back as `error`."""
-    mask = mask if template.mode == "inpaint" else None
-    spec = spec if template.mode == "inpaint" else None
-    lineage: dict[str, Any] = {
-        "source": source,
-        "source_sha256": None,
-        "source_width": None,
-        "source_height": None,
-        "mode": template.mode,
-        "strength": None if template.mode == "edit" else template.strength,
-        "mask": mask,
-    } | (mask_lineage(spec, mask) if keep else {})
-    try:
-        data = fetch(source)
-        lineage["source_sha256"] = hashlib.sha256(data).hexdigest()
-        original, mask_image = source_and_mask(data, source, mask, spec, max_pixels, lineage)
-        width, height = output_size(original.width, original.height, variant, template.width, template.height)
-        words = spec is not None and spec.kind == WORDS  # sized now, its mask made later
-        image, mask_image = prepare_source(original, mask_image, "img2img" if words else template.mode, width, height)
-    except (SourceError, masks.MaskError) as exc:
-        return EditRow(None, lineage, str(exc))
-    except ValueError as exc:  # the reference pipeline's own checks (size, aspect ratio)
-        return EditRow(None, lineage, f"source unusable for {template.mode}: {source} ({first_line(exc, 200)})")
-    except (struct.error, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed EXIF/ICC
-        return EditRow(None, lineage, f"source could not be decoded: {source} ({type(exc).__name__})")
-    loaded = EditRow(replace(template, width=width, height=height, image=image, mask=mask_image), lineage)
-    return pending_words(keep_mask(loaded, spec), original, spec) if keep else loaded
 
 
 def prefetch(

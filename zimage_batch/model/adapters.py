@@ -1,5 +1,5 @@
-"""LoRA adapter sources: one string names a `.safetensors` file; this turns it into a
-local file and its sha256, which job.json records (a changed file is a different job).
+"""LoRA adapter sources: one source (`Source.parse` reads it) names a `.safetensors` file; this
+turns it into a local file and its sha256, which job.json records (a changed file is a different job).
 
     /path/style.safetensors               a local file
     /path/folder/                         a local folder holding one .safetensors file
@@ -23,6 +23,7 @@ from zimage_batch.model.addons import file_sha256
 from zimage_batch.model.cache import fetch_s3_file, fetch_s3_folder
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
 from zimage_batch.model.sources import cache_root
+from zimage_batch.source import Source
 from zimage_batch.text import first_line
 
 SUFFIX = ".safetensors"
@@ -31,12 +32,22 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' sa
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    """A declared adapter, fetched: its name, the source as written, the local file, its sha256."""
+    """A declared adapter, fetched: its name, its source (as written, identified by the file's
+    sha256) and the local file."""
 
     name: str
-    source: str
+    origin: Source
     path: str
-    sha256: str
+
+    @property
+    def source(self) -> str:
+        """What the user wrote."""
+        return self.origin.text
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the file."""
+        return (self.origin.identity or "").removeprefix("sha256:")
 
     def record(self) -> dict[str, str]:
         """What job.json keeps of it."""
@@ -57,23 +68,32 @@ def resolve_adapter(name: str, source: str) -> ResolvedAdapter:
     """Fetch (if needed) the file `source` names and hash it."""
     what = f"adapter {name!r} ({source})"
     refuse_pickles([source], what)
-    local = os.path.expanduser(source)
-    if source.startswith("s3://"):
-        root = cache_root() / "s3"
-        path = fetch_s3_file(source, root) if source.endswith(SUFFIX) else _one_file(fetch_s3_folder(source, root), what)
-    elif os.path.isfile(local):
-        path = Path(local)
-    elif os.path.isdir(local):
-        path = _one_file(Path(local), what)
-    elif _looks_like_hub(source):
-        path = _hub_file(source, what)
-    else:
+    origin = Source.try_parse(source)
+    path = _adapter_file(origin, what) if origin is not None else None
+    if origin is None or path is None:
         raise ModelSourceError(
             f"{what}: no such file or folder, and not an s3:// URI or a hub file (org/repo/file{SUFFIX})"
         )
     if not path.name.endswith(SUFFIX):
         raise ModelSourceError(f"refusing {what}: only {SUFFIX} files are loaded, not {path.name}")
-    return ResolvedAdapter(name, source, str(path), file_sha256(path))
+    return ResolvedAdapter(name, origin.identified("sha256:" + file_sha256(path)), str(path))
+
+
+def _adapter_file(origin: Source, what: str) -> Path | None:
+    """The local file `origin` names (fetched into the cache from S3 or the hub); None when it
+    names nothing an adapter can be (a local path that does not exist, tiny weights)."""
+    if origin.kind == "s3":
+        root = cache_root() / "s3"
+        if origin.names_file:
+            return fetch_s3_file(origin.location, root)
+        return _one_file(fetch_s3_folder(origin.location, root), what)
+    if origin.kind == "local" and os.path.isfile(origin.location):
+        return Path(origin.location)
+    if origin.kind == "local" and os.path.isdir(origin.location):
+        return _one_file(Path(origin.location), what)
+    if origin.kind == "hub":
+        return _hub_file(origin, what)
+    return None
 
 
 def check_recorded(adapters: dict[str, ResolvedAdapter], recorded: dict[str, Any]) -> None:
@@ -104,17 +124,11 @@ def _one_file(folder: Path, what: str) -> Path:
     )
 
 
-def _looks_like_hub(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) >= 2 and all(parts) and not source.startswith((".", "/", "~")) and "://" not in source
-
-
-def _hub_file(source: str, what: str) -> Path:
+def _hub_file(origin: Source, what: str) -> Path:
     """A file (org/repo/path/file.safetensors) or a repository (org/repo) from the hub."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    parts = source.split("/")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    repo_id, filename = origin.hub_repo, origin.hub_file
     try:
         if filename:
             return Path(hf_hub_download(repo_id, filename))

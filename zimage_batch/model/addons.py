@@ -1,5 +1,5 @@
-"""Add-on weights (ControlNet, LoRA): one source string to a local file or folder, and
-the identity the job fingerprint records.
+"""Add-on weights (ControlNet, LoRA): one source (`Source.parse` reads it) to a local file or
+folder, and the identity the job fingerprint records.
 
     tiny:<version>                      a tiny random-init ControlNet (1.0 | 2.0 | 2.1), built once
     /path/net.safetensors               a single-file checkpoint, as the add-ons are published
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from zimage_batch.model.cache import fetch_s3_file, fetch_s3_folder
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
+from zimage_batch.source import Source
 from zimage_batch.text import first_line
 
 SAFETENSORS = ".safetensors"
@@ -35,48 +36,66 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt"]  # *.txt: a segmente
 class ResolvedAddon:
     """An add-on's weights on this machine."""
 
-    source: str  # what the user wrote
+    origin: Source  # the source as written, with the identity of its bytes
     path: str  # a local .safetensors file or a diffusers folder
-    identity: str  # sha256:<hex> | s3:<cache entry> | hub:<repo>@<commit>[/<file>]
+
+    @property
+    def source(self) -> str:
+        """What the user wrote."""
+        return self.origin.text
+
+    @property
+    def identity(self) -> str:
+        """sha256:<hex> | s3:<cache entry> | hub:<repo>@<commit>[/<file>] (what the fingerprint names)."""
+        return self.origin.identity or ""
 
     @property
     def single_file(self) -> bool:
         return not os.path.isdir(self.path)
 
 
-def resolve_addon(source: str, what: str = "controlnet") -> ResolvedAddon:
+def resolve_addon(source: str | Source, what: str = "controlnet") -> ResolvedAddon:
     """Fetch (if needed) and check the add-on weights named by `source`."""
-    source = str(source).strip()
-    if not source:
+    text = str(source).strip()
+    if not text:
         raise ModelSourceError(f"{what} source is empty")
-    refuse_pickles([source], f"{what} {source}")
-    if source.startswith("tiny:"):
+    refuse_pickles([text], f"{what} {text}")
+    origin = Source.try_parse(text)
+    addon = _fetch(origin, what) if origin is not None else None
+    if addon is None:
+        raise ModelSourceError(
+            f"{what} source {text!r} is not a local .safetensors file or folder, an s3:// URI, "
+            "a hub id (org/repo or org/repo/file.safetensors) or tiny:<version>"
+        )
+    return addon
+
+
+def _fetch(origin: Source, what: str) -> ResolvedAddon | None:
+    """The weights of `origin` here, checked, with their identity; None for a source an add-on
+    cannot be (a local path that does not exist, a hub file that is not safetensors)."""
+    if origin.kind == "tiny":
         from zimage_batch.model.tiny_controlnet import tiny_controlnet_file
 
-        path = tiny_controlnet_file(source.split(":", 1)[1])
-        return ResolvedAddon(source, str(path), sha256_of(path))
-    if source.startswith("s3://"):
+        path = tiny_controlnet_file(origin.location)
+        return ResolvedAddon(origin.identified(sha256_of(path)), str(path))
+    if origin.kind == "s3":
         from zimage_batch.model.sources import cache_root
 
-        if source.endswith(SAFETENSORS):
-            path = fetch_s3_file(source, cache_root() / "s3")
+        if origin.names_file:
+            path = fetch_s3_file(origin.location, cache_root() / "s3")
             entry = path.parent
         else:
-            path = entry = fetch_s3_folder(source, cache_root() / "s3")
-        _check_local(path, what, source)
-        return ResolvedAddon(source, str(path), f"s3:{Path(entry).name}")  # the entry: a hash of keys, ETags, sizes
-    local = Path(os.path.expanduser(source))
-    if local.exists():
-        _check_local(local, what, source)
-        return ResolvedAddon(source, str(local), sha256_of(local))
-    if _looks_like_hub(source):
-        path, identity = _from_hub(source, what)
-        _check_local(path, what, source)
-        return ResolvedAddon(source, str(path), identity)
-    raise ModelSourceError(
-        f"{what} source {source!r} is not a local .safetensors file or folder, an s3:// URI, "
-        "a hub id (org/repo or org/repo/file.safetensors) or tiny:<version>"
-    )
+            path = entry = fetch_s3_folder(origin.location, cache_root() / "s3")
+        _check_local(path, what, origin.text)
+        return ResolvedAddon(origin.identified(f"s3:{Path(entry).name}"), str(path))  # the entry: a hash of keys, ETags, sizes
+    if origin.kind == "local" and os.path.exists(origin.location):
+        _check_local(Path(origin.location), what, origin.text)
+        return ResolvedAddon(origin.identified(sha256_of(origin.location)), origin.location)
+    if origin.kind == "hub" and (origin.hub_file is None or origin.names_file):
+        path, identity = _from_hub(origin, what)
+        _check_local(path, what, origin.text)
+        return ResolvedAddon(origin.identified(identity), str(path))
+    return None
 
 
 def _check_local(path: Path, what: str, source: str) -> None:
@@ -100,29 +119,22 @@ def _check_local(path: Path, what: str, source: str) -> None:
         raise ModelSourceError(f"{what} {source} is not a readable safetensors file ({type(exc).__name__})") from None
 
 
-def _looks_like_hub(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) >= 2 and all(parts) and not source.startswith((".", "/", "~")) and (
-        len(parts) == 2 or source.endswith(SAFETENSORS))
-
-
-def _from_hub(source: str, what: str) -> tuple[Path, str]:
+def _from_hub(origin: Source, what: str) -> tuple[Path, str]:
     """org/repo/file.safetensors: that file; org/repo: the repository's diffusers files."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    parts = source.split("/")
-    repo = "/".join(parts[:2])
+    repo, file = origin.hub_repo, origin.hub_file
     try:
-        if len(parts) > 2:
-            path = Path(hf_hub_download(repo, "/".join(parts[2:])))
+        if file:
+            path = Path(hf_hub_download(repo, file))
         else:
             path = Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline with an empty cache, unknown repo or file, no network
         reason = first_line(exc, 300)
-        raise ModelSourceError(f"cannot fetch {what} {source!r} from the hub: {type(exc).__name__}: {reason}") from None
+        raise ModelSourceError(f"cannot fetch {what} {origin.text!r} from the hub: {type(exc).__name__}: {reason}") from None
     snapshot = next((p for p in [path, *path.parents] if p.parent.name == "snapshots"), None)
     commit = snapshot.name if snapshot else sha256_of(path)
-    tail = "/" + "/".join(parts[2:]) if len(parts) > 2 else ""
+    tail = f"/{file}" if file else ""
     return path, f"hub:{repo}@{commit}{tail}"
 
 

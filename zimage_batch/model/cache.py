@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from zimage_batch.model.checkpoint import ModelSourceError, refuse_pickles
-from zimage_batch.storage import ObjectInfo, S3Storage, Storage, _fsync_dir, check_key, open_storage, split_s3_uri
+from zimage_batch.storage import ObjectInfo, S3Storage, Storage, check_key, open_storage, split_s3_uri
+from zimage_batch.storage.local import fsync_dir
 
 CACHE_MANIFEST = ".zimage-cache.json"
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -144,14 +145,14 @@ def _etag_is_not_md5(storage: Storage, key: str) -> bool:
 
 def _publish(tmp: Path, entry: Path, objects: list[ObjectInfo]) -> None:
     """Rename the complete folder into place; if an entry appeared meanwhile, keep that one."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     try:
         os.rename(tmp, entry)
     except OSError:
         if not _is_complete(entry, objects):
             raise
         return  # another process published the same checkpoint first; tmp is removed by caller
-    _fsync_dir(entry.parent)
+    fsync_dir(entry.parent)
 
 
 def _scratch_name(kind: str, name: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from zimage_batch.model.addons import ResolvedAddon, resolve_addon, resolve_pinned
 from zimage_batch.model.checkpoint import ModelSourceError
+from zimage_batch.source import Source
 
 WHAT = "prompt_expansion"
 #: The default: Qwen3-4B-Instruct-2507 (Apache-2.0), the instruct sibling of the Qwen3-4B that is
@@ -21,16 +22,18 @@ WHAT = "prompt_expansion"
 DEFAULT_PROMPT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
 
-TINY_SOURCE = "tiny:prompt"  # the tiny random LM, built once into the cache (tests and demos)
+TINY_NAME = "prompt"
+TINY_SOURCE = f"tiny:{TINY_NAME}"  # the tiny random LM, built once into the cache (tests and demos)
 TINY_PROMPT_VERSION = "v1"  # bump when the tiny LM changes, so stale caches are rebuilt
 
 
 def resolve_prompt_model(source: str, identity: str | None = None) -> ResolvedAddon:
     """Fetch and check the expansion model; with `identity` (on a worker), the very weights the job names."""
-    if source.startswith("tiny:"):
-        if source != TINY_SOURCE:
+    origin = Source.try_parse(source)
+    if origin is not None and origin.kind == "tiny":
+        if origin.location != TINY_NAME:
             raise ModelSourceError(f"{WHAT} {source}: the tiny prompt model is {TINY_SOURCE}")
-        return ResolvedAddon(source, str(_tiny_prompt_model()), f"{TINY_SOURCE}-{TINY_PROMPT_VERSION}")
+        return ResolvedAddon(origin.identified(f"{TINY_SOURCE}-{TINY_PROMPT_VERSION}"), str(_tiny_prompt_model()))
     addon = resolve_pinned(source, identity, WHAT) if identity else resolve_addon(source, WHAT)
     check_causal_lm(Path(addon.path), source)
     return addon

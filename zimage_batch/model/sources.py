@@ -1,4 +1,5 @@
-"""Model sources: one string names a checkpoint; this turns it into a local folder.
+"""Model sources: one string names a checkpoint (`Source.parse` reads it); this turns it into a
+local folder.
 
     tiny:<variant>          a tiny random-init checkpoint, built once into the cache
     s3://bucket/prefix/     copied once into a local cache keyed by the objects' ETags
@@ -18,6 +19,7 @@ from zimage_batch.model.cache import fetch_s3_folder
 from zimage_batch.model.checkpoint import ModelSourceError, check_checkpoint, check_pipeline_class, read_model_index
 from zimage_batch.model.tiny import TINY_README, make_tiny_model
 from zimage_batch.model.variants import VARIANTS, variant_for_hub_id
+from zimage_batch.source import Source
 from zimage_batch.storage import StorageError, open_storage
 from zimage_batch.text import first_line
 
@@ -27,15 +29,20 @@ TINY_VERSION = "v1"  # bump when the tiny layout changes so stale caches are reb
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    source: str  # what the user wrote
+    origin: Source  # the source as the job names it
     path: str  # local checkpoint folder
     variant: str
+
+    @property
+    def source(self) -> str:
+        """What the user wrote."""
+        return self.origin.text
 
     @property
     def draws_noise(self) -> bool:
         """A tiny random-init checkpoint (tiny:<variant>, or a folder `make-tiny-model` wrote)."""
         readme = Path(self.path) / "README.md"
-        return readme.is_file() and readme.read_text(errors="replace").startswith(TINY_README)
+        return self.origin.draws_noise or (readme.is_file() and readme.read_text(errors="replace").startswith(TINY_README))
 
 
 def cache_root() -> Path:
@@ -46,36 +53,46 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def resolve_model(source: str, variant: str | None = None) -> ResolvedModel:
+def resolve_model(source: str | Source, variant: str | None = None) -> ResolvedModel:
     """Fetch (if needed) and check the checkpoint named by `source`."""
-    if source.startswith("tiny:"):
-        tiny_variant = guess_variant(source)
+    origin = Source.try_parse(source)
+    if origin is not None and origin.kind == "tiny":
+        tiny_variant = guess_variant(origin)
         path = _tiny_checkpoint(tiny_variant)
-        check_pipeline_class(path, variant or tiny_variant, source)
-        return ResolvedModel(source, str(path), variant or tiny_variant)
-    if source.startswith("s3://"):
-        path = fetch_s3_folder(source, cache_root() / "s3")
-    elif os.path.isdir(source):
-        path = Path(source)
-    elif _looks_like_hub_id(source):
-        path = _hub_checkpoint(source)
-    else:
-        raise ModelSourceError(f"model source {source!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
+        check_pipeline_class(path, variant or tiny_variant, origin.text)
+        return ResolvedModel(origin, str(path), variant or tiny_variant)
+    path = _checkpoint_folder(origin) if origin is not None else None
+    if origin is None or path is None:
+        raise ModelSourceError(f"model source {str(source)!r} is not a folder, an s3:// prefix, a hub id or tiny:<variant>")
     check_checkpoint(path)
-    variant = variant or infer_variant(source, path)
-    check_pipeline_class(path, variant, source)
-    return ResolvedModel(source, str(path), variant)
+    variant = variant or infer_variant(origin.text, path)
+    check_pipeline_class(path, variant, origin.text)
+    return ResolvedModel(origin, str(path), variant)
 
 
-def guess_variant(source: str) -> str:
+def _checkpoint_folder(origin: Source) -> Path | None:
+    """The local folder of an S3 folder (cached), a local folder or a hub repository; None for
+    anything else (a local file or none, a file in a hub repository)."""
+    if origin.kind == "s3":
+        return fetch_s3_folder(origin.location, cache_root() / "s3")
+    if origin.kind == "local" and os.path.isdir(origin.location):
+        return Path(origin.location)
+    if origin.kind == "hub" and origin.hub_file is None:
+        return _hub_checkpoint(origin.location)
+    return None
+
+
+def guess_variant(source: str | Source) -> str:
     """The variant of `source` without fetching its weights (at most its model_index.json)."""
-    if source.startswith("tiny:"):
-        variant = source.split(":", 1)[1]
-        if variant not in VARIANTS:
-            raise ModelSourceError(f"unknown tiny model {source!r}; use tiny:{'|tiny:'.join(VARIANTS)}")
-        return variant
-    if source.startswith("s3://"):
-        storage = open_storage(source)
+    origin = Source.try_parse(source)
+    if origin is None:
+        return "turbo"  # fetching the model later says what is wrong with it
+    if origin.kind == "tiny":
+        if origin.location not in VARIANTS:
+            raise ModelSourceError(f"unknown tiny model {origin.text!r}; use tiny:{'|tiny:'.join(VARIANTS)}")
+        return origin.location
+    if origin.kind == "s3":
+        storage = open_storage(origin.location)
         try:
             index = storage.get_json("model_index.json")
         except (FileNotFoundError, StorageError):
@@ -85,9 +102,10 @@ def guess_variant(source: str) -> str:
         except (FileNotFoundError, StorageError):
             readme = None
         return _variant_from_index(index, readme) or "turbo"
-    if os.path.isdir(source):
-        return infer_variant(source, Path(source)) if (Path(source) / "model_index.json").is_file() else "turbo"
-    return variant_for_hub_id(source) or "turbo"
+    folder = Path(origin.location)
+    if origin.kind == "local" and folder.is_dir():
+        return infer_variant(origin.text, folder) if (folder / "model_index.json").is_file() else "turbo"
+    return variant_for_hub_id(origin.text) or "turbo"
 
 
 def _variant_from_index(index: dict, readme: str | None) -> str | None:
@@ -108,7 +126,8 @@ def source_for_variant(model: str, models: dict[str, str], variant: str, job_var
         return models[variant]
     if variant == job_variant:
         return model
-    if model.startswith("tiny:"):
+    origin = Source.try_parse(model)
+    if origin is not None and origin.kind == "tiny":
         return f"tiny:{variant}"
     if variant_for_hub_id(model) and VARIANTS[variant].hub_id:
         return VARIANTS[variant].hub_id
@@ -137,11 +156,6 @@ def _tiny_checkpoint(variant: str) -> Path:
             if not (path / "model_index.json").is_file():
                 raise
     return path
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
 def _hub_checkpoint(repo_id: str) -> Path:

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from zimage_batch.curate.report import card_lines
 from zimage_batch.output import layout
+from zimage_batch.output.curation import card_lines
 from zimage_batch.output.features import UnsupportedType, json_type, sample_fields, yaml_features
 from zimage_batch.output.status import OutputState, load_output
 from zimage_batch.output.throughput import images_of
@@ -112,7 +112,7 @@ def render_card(state: OutputState) -> str:
     model, fmt = str(job.get("model", "?")), job.get("format", "files")
     lines = ["---", yaml.safe_dump(front_matter(state, metadata), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# Images generated with {model}", ""]
-    if model.startswith("tiny:") or record.get("model_draws_noise"):
+    if state.model_draws_noise:
         lines += [f"> **Warning:** `{model}` is a tiny random-init checkpoint (for tests and demos): "
                   "these images are noise.", ""]
     lines += [f"Written by zimage-batch with `{model}` (variant `{job.get('variant')}`), "

@@ -26,10 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zimage_batch.curate.report import curation_section
 from zimage_batch.inputs.mask_spec import ALPHA, WORDS
 from zimage_batch.jobspec import redact_env_vars
 from zimage_batch.output import layout
+from zimage_batch.output.curation import curation_section
 from zimage_batch.output.ledger import CommitMarker
 from zimage_batch.output.review import review_section
 from zimage_batch.output.status import OutputState, load_output, summarize
@@ -66,7 +66,7 @@ def render(state: OutputState) -> str:
         f"<h1>zimage-batch report</h1><p class=muted>{_e(state.storage.uri)} &middot; generated "
         f"{_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}</p>",
     ]
-    if model.startswith("tiny:") or state.job.get("model_draws_noise"):
+    if state.model_draws_noise:
         body.append(f"<p class=note>Model {_e(model)} is a tiny random-init checkpoint: its images are noise.</p>")
     body += [
         _figures_section(figures),

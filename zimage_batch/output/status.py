@@ -24,6 +24,7 @@ from zimage_batch.output.lease import LeaseRecord, read_lease
 from zimage_batch.output.ledger import CommitMarker, Ledger
 from zimage_batch.output.overlaps import Overlap, find_overlaps, overlap_line, without_extras
 from zimage_batch.output.throughput import markers_of_run, run_throughput
+from zimage_batch.source import Source
 from zimage_batch.storage import Storage, StorageError, open_storage
 
 LAST_ERRORS = 5
@@ -56,6 +57,13 @@ class OutputState:
     @property
     def latest_run(self) -> dict[str, Any] | None:
         return self.runs[-1] if self.runs else None
+
+    @property
+    def model_draws_noise(self) -> bool:
+        """The job's model is tiny random-init weights: a tiny source, or a folder make-tiny-model
+        wrote (job.json's model_draws_noise, worked out when the run began)."""
+        model = Source.try_parse(str(self.job.get("job", {}).get("model", "")))
+        return (model is not None and model.draws_noise) or bool(self.job.get("model_draws_noise"))
 
 
 def load_output(output: str | Storage) -> OutputState:

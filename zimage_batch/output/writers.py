@@ -217,10 +217,6 @@ class ShardWriter(ABC):
         self._state = "aborted"
         self._abort()
 
-    @abstractmethod
-    def stored_keys(self) -> set[str]:
-        """Object keys (relative to OUTPUT) that this writer owns in storage."""
-
     def __enter__(self):
         return self
 
@@ -297,7 +293,6 @@ class FilesWriter(ShardWriter):
         self._futures: list[Future] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._object_keys: set[str] = set()
 
     def object_key(self, key: str) -> str:
         return layout.image_key(self.shard, key, self.ext)
@@ -319,7 +314,6 @@ class FilesWriter(ShardWriter):
             raise
         fut.add_done_callback(self._done)
         self._futures.append(fut)
-        self._object_keys.add(obj)
 
     def _done(self, fut: Future) -> None:
         self._slots.release()
@@ -349,10 +343,6 @@ class FilesWriter(ShardWriter):
         for fut in self._futures:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def stored_keys(self) -> set[str]:
-        """Object keys of the images added so far (all durable once ``close()`` returns)."""
-        return set(self._object_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,10 +440,6 @@ class WebDatasetWriter(_TempDirMixin, ShardWriter):
             self._tar = None
         self._remove_tmpdir()
 
-    def stored_keys(self) -> set[str]:
-        """``{"shards/<shard>.tar"}``: the one object, written by ``close()``."""
-        return {self.object}
-
 
 # ---------------------------------------------------------------------------------------------
 class ParquetWriter(_TempDirMixin, ShardWriter):
@@ -527,10 +513,6 @@ class ParquetWriter(_TempDirMixin, ShardWriter):
             self._pq_writer = None
         self._rows = []
         self._remove_tmpdir()
-
-    def stored_keys(self) -> set[str]:
-        """``{"data/<shard>.parquet"}``: the one object, written by ``close()``."""
-        return {self.object}
 
 
 def parquet_schema(fields: pa.Schema | None = None) -> pa.Schema:

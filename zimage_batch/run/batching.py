@@ -49,8 +49,3 @@ class BatchSizer:
         per_image = CUDA_GIB_PER_MEGAPIXEL[self.low_vram] * 2**30 * pixels / (1024 * 1024)
         room = self.free_bytes - CUDA_HEADROOM_GIB[self.low_vram] * 2**30
         return int(max(1, min(CUDA_MAX_BATCH, room // max(per_image, 1))))
-
-
-def default_batch_size(width: int, height: int, device: str = "cpu", low_vram: bool = False) -> int:
-    """The batch size for width × height on `device` now (free memory measured at this call)."""
-    return BatchSizer.measure(None, device, low_vram).size(width, height)

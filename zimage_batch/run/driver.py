@@ -29,12 +29,13 @@ from zimage_batch.output.throughput import Throughput, run_throughput
 from zimage_batch.run import metrics
 from zimage_batch.run.cluster import RayCluster, check_reachable, check_shared_paths
 from zimage_batch.run.estimate import NOISE_NOTE, count_images, estimate, run_key
+from zimage_batch.run.output_store import check_output_store, check_scratch_space
 from zimage_batch.run.plan import Plan, Shard, make_plan
 from zimage_batch.run.pool import RayWorkerPool, cpu_threads_setting
 from zimage_batch.run.preflight import Prepared, ResolvedJob, absolute, job_record, prepare, scratch_needed
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
-from zimage_batch.storage import Storage, check_output_store, check_scratch_space, is_s3, open_storage
+from zimage_batch.storage import Storage, is_s3, open_storage
 from zimage_batch.text import plural
 
 

@@ -27,13 +27,13 @@ from zimage_batch.generate.engine import Engine
 from zimage_batch.generate.requests import release_pixels
 from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs import images
-from zimage_batch.inputs.conditions import load_row
 from zimage_batch.inputs.mask_spec import MaskJob
 from zimage_batch.output.keys import sample_key
 from zimage_batch.output.writers import ShardWriter, encode_image
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.heartbeat import ProgressCounter
+from zimage_batch.run.loading import EditRow, complete_words, load_row
 from zimage_batch.run.rows import Request, error_outcome, row_record
 from zimage_batch.run.settings import WorkerSettings
 
@@ -193,7 +193,7 @@ class ShardGeneration:
                 for i in batch:  # the pixels of a drawn batch's sources are no longer needed
                     release_pixels(self.requests[i])
 
-    def _segment(self, window: list[tuple[int, images.EditRow]]) -> list[tuple[int, images.EditRow]]:
+    def _segment(self, window: list[tuple[int, EditRow]]) -> list[tuple[int, EditRow]]:
         """The window's words rows get their masks: CLIPSeg on the model thread, the window at once."""
         waiting = [k for k, (_, loaded) in enumerate(window) if loaded.segment is not None]
         if not waiting:
@@ -203,7 +203,7 @@ class ShardGeneration:
                                          [spec.prompt for _, spec in sources]).result()
         window = list(window)
         for k, probability in zip(waiting, found):
-            window[k] = (window[k][0], images.complete_words(window[k][1], probability))
+            window[k] = (window[k][0], complete_words(window[k][1], probability))
         return window
 
     def _cut(self, indices: Sequence[int]) -> Iterator[list[int]]:
@@ -214,7 +214,7 @@ class ShardGeneration:
             return self.batch_size
         return self.batch_sizes.size(request.width, request.height)
 
-    def _load_edit(self, i: int) -> images.EditRow:
+    def _load_edit(self, i: int) -> EditRow:
         """A row's source and mask, or its ControlNet condition, fetched and decoded (on the
         source pool, ahead of the GPU)."""
         limit = self.settings.job.max_source_pixels or images.DEFAULT_MAX_PIXELS

@@ -31,6 +31,7 @@ from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
 from zimage_batch.run.settings import WorkerSettings
+from zimage_batch.source import made_portable
 
 # Bytes per pixel of a stored image, generously: raw RGB for PNG; lossy formats far less.
 _BYTES_PER_PIXEL = {"png": 3.0, "jpeg": 1.0, "webp": 1.0}
@@ -41,13 +42,6 @@ def absolute(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
-
-
-def _local_model_folder(source: str) -> str:
-    """A model source that is a folder here, made absolute; hub ids, tiny: and URIs unchanged."""
-    if "://" in source or source.startswith("tiny:") or not os.path.isdir(source):
-        return source
-    return os.path.abspath(source)
 
 
 @dataclass(frozen=True)
@@ -73,9 +67,9 @@ class ResolvedJob:
         """What a `ShardRunner` for `variant` is given: the job (local model folders absolute,
         for workers that run in another folder), its fingerprint and the variant's defaults."""
         spec = self.spec
-        for_workers = dataclasses.replace(spec, model=_local_model_folder(spec.model),
-                                          models={k: _local_model_folder(v) for k, v in spec.models.items()},
-                                          prompt_expansion=spec.prompt_expansion and _local_model_folder(spec.prompt_expansion))
+        for_workers = dataclasses.replace(spec, model=made_portable(spec.model),
+                                          models={k: made_portable(v) for k, v in spec.models.items()},
+                                          prompt_expansion=spec.prompt_expansion and made_portable(spec.prompt_expansion))
         settings = WorkerSettings.for_variant(for_workers, variant, self.variant, self.fingerprint, self.defaults[variant])
         return dataclasses.replace(settings, template=self.template)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from zimage_batch.generate.requests import ControlRequest, EditRequest, GenerationRequest, infer_mode
-from zimage_batch.inputs.control import control_request, row_control
+from zimage_batch.inputs.control import row_control
 from zimage_batch.inputs.identity import derive_seed
 from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
 from zimage_batch.inputs.mask_spec import row_mask
 from zimage_batch.model.variants import Variant
+from zimage_batch.run.loading import control_request
 from zimage_batch.run.settings import WorkerSettings
 from zimage_batch.settings import metadata_settings, request_settings
 
