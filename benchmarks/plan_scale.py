@@ -57,7 +57,8 @@ def _shard_tables(m, f, shard_size: int):
 def build(root: Path, rows: int, files: int, shard_size: int) -> tuple[Path, Path]:
     """A manifest of `rows` rows in `files` files, and an OUTPUT with every other shard committed
     (markers with the real digests of their rows, read back the way the plan re-reads them)."""
-    from zimage_batch.inputs.manifest import open_manifest, rows_digest
+    from zimage_batch.inputs.identity import rows_digest
+    from zimage_batch.inputs.manifest import open_manifest
     from zimage_batch.output.ledger import CommitMarker, Ledger
     from zimage_batch.run.plan import shard_name
     from zimage_batch.storage import open_storage
@@ -90,7 +91,8 @@ def peak_rss_mib() -> float:
 
 def measure(manifest: str, output: str, shard_size: int) -> dict:
     """Runs in a fresh process: the driver's work before dispatch."""
-    from zimage_batch.inputs.manifest import Limits, open_manifest, validate_manifest
+    from zimage_batch.inputs.manifest import open_manifest
+    from zimage_batch.inputs.validation import Limits, validate_manifest
     from zimage_batch.output.ledger import Ledger
     from zimage_batch.run.plan import make_plan
     from zimage_batch.storage import open_storage

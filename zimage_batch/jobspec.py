@@ -13,19 +13,30 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from zimage_batch.curate.spec import Curation, CurationError, curation_of
 from zimage_batch.inputs.columns import suggestion
+from zimage_batch.inputs.control import CONTROL_FIELDS
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
-from zimage_batch.inputs.manifest import MAX_NUM_IMAGES
 from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
 from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.encoding import IMAGE_FORMATS as IMAGE_ENCODINGS
 from zimage_batch.output.formats import FORMAT_NAMES as FORMATS
+from zimage_batch.settings import (
+    MAX_NUM_IMAGES,
+    SIZE_STEP,
+    Here,
+    added_defaults,
+    fingerprint_fields,
+    job_settings,
+    row_default_settings,
+    select,
+    with_settings,
+)
 from zimage_batch.source import Source, made_portable
 
 IMAGE_FORMATS = tuple(IMAGE_ENCODINGS)  # png, jpeg, webp
@@ -36,6 +47,7 @@ class JobError(ValueError):
 
 
 @dataclass
+@with_settings
 class JobSpec:
     manifest: str | None = None
     output: str | None = None
@@ -45,16 +57,9 @@ class JobSpec:
     format: str = "files"
     image_format: str = "png"
     quality: int = 95
-    seed: int = 0  # job seed: rows without a seed derive theirs from it and their id
-    # generation defaults for rows that leave a value empty (None: the variant's / model's)
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
-    strength: float = 0.6  # img2img default
+    # the job seed, then the generation defaults for rows that leave a value empty (None: the
+    # variant's / model's): declared in zimage_batch/settings.py
+    _sampler_settings: ClassVar[Here] = Here(lambda: job_settings("sampler"))
     # LoRA adapters: name -> source, and the spec of rows whose `lora` is empty.
     # The fingerprint has only whether `loras` is empty: job.json records each adapter's sha256
     # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
@@ -62,13 +67,11 @@ class JobSpec:
     lora: str | None = None
     # ControlNet Union: the weights, and the defaults of the rows' control columns
     controlnet: str | None = None  # a .safetensors file or diffusers folder: local, s3://, hub, tiny:<version>
-    control_image: str | None = None  # one condition image for every row
-    control: str | None = None  # canny | tile: derived from each edit row's source; none
-    control_scale: float = 0.75  # diffusers' controlnet_conditioning_scale default
-    canny_low: float = 100.0  # OpenCV Canny thresholds for control: canny
-    canny_high: float = 200.0
+    # the rows' condition defaults: declared in zimage_batch/settings.py
+    _control_settings: ClassVar[Here] = Here(lambda: job_settings("control"))
     controlnet_id: str | None = None  # resolved by the run (sha256 or cache identity), not a setting
-    num_images: int = 1  # images per row (a row's `num_images` overrides it); image k uses seed + k
+    # images per row (a row's `num_images` overrides it); image k uses seed + k
+    _image_settings: ClassVar[Here] = Here(lambda: job_settings("images"))
     # Curation (curate/spec.py): scores computed on the worker, a keep rule that redraws, embeddings
     scores: list[str] = field(default_factory=list)  # clip | aesthetic | nsfw
     scorers: dict[str, str] = field(default_factory=dict)  # scorer -> source (default: the hub's)
@@ -131,39 +134,16 @@ class JobSpec:
     unsafe_allow_overwriting_commits: bool = False
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
-    OUTPUT_FIELDS = (
-        "model",
-        "variant",
-        "models",
-        "format",
-        "image_format",
-        "quality",
-        "seed",
-        "width",
-        "height",
-        "num_inference_steps",
-        "guidance_scale",
-        "negative_prompt",
-        "cfg_truncation",
-        "cfg_normalization",
-        "strength",
-        "lora",
-        "loras",
-        "num_images",
-        "scores",
-        "scorer_ids",
-        "keep",
-        "max_tries",
-        "embeddings",
-        "dedup_within_row",
-    )
+    OUTPUT_FIELDS = ("model", "variant", "models", "format", "image_format", "quality", *fingerprint_fields("sampler"),
+                     "lora", "loras", *fingerprint_fields("images"), "scores", "scorer_ids", "keep", "max_tries",
+                     "embeddings", "dedup_within_row")
     # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
     # before they existed keeps its fingerprint.
     ADDED_OUTPUT_FIELDS = ("lora", "loras", "scores", "scorer_ids", "keep", "max_tries", "embeddings",
                            "dedup_within_row", *MASK_JOB_FIELDS)
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
-    CONTROL_FIELDS = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
+    CONTROL_FIELDS = CONTROL_FIELDS
     # With prompt expansion these decide the prompts (and so the pixels); without, left out. The
     # model's identity, not its source, and the instructions as resolved (the default's text too).
     EXPANSION_FIELDS = ("prompt_expansion_id", "prompt_expansion_instructions", "max_new_tokens", "caption")
@@ -183,9 +163,10 @@ class JobSpec:
         when it is not 1, so the fingerprints of jobs from before it stay as they were; so does
         `max_tries`. The scorers' identities (`scorer_ids`) stand for their sources."""
         payload = {}
+        unless = {"max_tries": 1, **added_defaults()}  # hashed only when not these
         for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
-            if name in ("num_images", "max_tries") and value == 1:
+            if name in unless and value == unless[name]:
                 continue
             if name not in self.ADDED_OUTPUT_FIELDS or value:
                 payload[name] = value
@@ -224,17 +205,13 @@ class JobSpec:
         """Values for rows (of `variant`, default the job's) that leave a column empty."""
         v = get_variant(variant or self.resolved_variant())
         size = self.default_size()
-        return {
-            "width": self.width or size,
-            "height": self.height or size,
-            "num_inference_steps": self.num_inference_steps or v.num_inference_steps,
-            "guidance_scale": v.guidance_scale if self.guidance_scale is None else self.guidance_scale,
-            "negative_prompt": self.negative_prompt,
-            "cfg_truncation": self.cfg_truncation,
-            "cfg_normalization": float(self.cfg_normalization),
-            "strength": self.strength,
-            "num_images": self.num_images,
-        }
+        values = {}
+        for s in row_default_settings():
+            value = getattr(self, s.name)
+            if value is None:
+                value = size if s.per_model_size else getattr(v, s.name) if s.per_variant else None
+            values[s.name] = s.type(value) if value is not None and s.type is float else value
+        return values
 
 
 
@@ -261,16 +238,16 @@ def _validate(job: JobSpec) -> None:
             raise JobError(f"{name} must be >= 1")
     if not 1 <= job.num_images <= MAX_NUM_IMAGES:
         raise JobError(f"num_images must be in 1..{MAX_NUM_IMAGES}, got {job.num_images}")
-    for name in ("workers", "batch_size", "width", "height", "num_inference_steps"):
+    sizes_and_steps = select(lambda s: s.type is int and (s.per_model_size or s.per_variant))
+    for name in ("workers", "batch_size", *(s.name for s in sizes_and_steps)):
         value = getattr(job, name)
         if value is not None and value < 1:
             raise JobError(f"{name} must be >= 1")
-    for name in ("width", "height"):
+    for name in (s.name for s in job_settings("sampler") if s.per_model_size):
         value = getattr(job, name)
-        if value is not None and value % 16:
-            raise JobError(f"{name} must be a multiple of 16, got {value}")
-    for name in ("guidance_scale", "cfg_truncation", "cfg_normalization", "strength", "grace_period",
-                 "progress_interval", "gpu_seconds_per_image"):
+        if value is not None and value % SIZE_STEP:
+            raise JobError(f"{name} must be a multiple of {SIZE_STEP}, got {value}")
+    for name in (*_floats("sampler"), "grace_period", "progress_interval", "gpu_seconds_per_image"):
         value = getattr(job, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise JobError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -289,6 +266,11 @@ def _validate(job: JobSpec) -> None:
     job.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
     if job.low_vram not in ("on", "off", "auto"):
         raise JobError(f"low_vram must be on, off or auto, got {job.low_vram!r}")
+
+
+def _floats(group: str) -> tuple[str, ...]:
+    """The declared number settings of `group` (finite and >= 0, as every one is)."""
+    return tuple(s.name for s in job_settings(group) if s.type is float)
 
 
 def _check_adapters(job: JobSpec) -> None:
@@ -325,7 +307,7 @@ def _check_control(job: JobSpec) -> None:
         raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
     if job.control_image and job.control not in (None, "none"):
         raise JobError("control_image and control both name the rows' condition; set one of them")
-    for name in ("control_scale", "canny_low", "canny_high"):
+    for name in _floats("control"):
         value = getattr(job, name)
         if not (math.isfinite(value) and value >= 0):
             raise JobError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -18,7 +18,9 @@ import pytest
 from cli_in_process import cli_in_process
 from output_check import check_exactly_once
 
-from zimage_batch.inputs.manifest import Limits, digest_matches, open_manifest, rows_digest, validate_manifest
+from zimage_batch.inputs.identity import digest_matches, rows_digest
+from zimage_batch.inputs.manifest import open_manifest
+from zimage_batch.inputs.validation import Limits, validate_manifest
 from zimage_batch.output.ledger import CommitMarker, JobMismatch
 from zimage_batch.run.plan import make_plan, shard_name
 

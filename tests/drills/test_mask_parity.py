@@ -16,6 +16,7 @@ from zimage_batch.generate.controlnet import ControlNetEngine
 from zimage_batch.generate.edit import EditEngine
 from zimage_batch.generate.requests import EditRequest
 from zimage_batch.inputs.mask_spec import MaskJob
+from zimage_batch.jobspec import JobSpec
 from zimage_batch.model.tiny import make_tiny_model
 from zimage_batch.model.tiny_controlnet import make_tiny_controlnet
 from zimage_batch.model.variants import get_variant
@@ -53,8 +54,8 @@ def tiny(tmp_path_factory):
 def settings(**job) -> WorkerSettings:
     defaults = {"num_inference_steps": 4, "guidance_scale": 0.0, "negative_prompt": None, "cfg_truncation": 1.0,
                 "cfg_normalization": 0.0, "strength": 0.9}
-    return WorkerSettings(manifest="m", output="o", model="tiny:turbo", variant="turbo", job_variant="turbo",
-                          fingerprint="f", defaults=defaults, masks=MaskJob(**job))
+    return WorkerSettings(JobSpec(manifest="m", output="o", model="tiny:turbo"), model="tiny:turbo", variant="turbo",
+                          job_variant="turbo", fingerprint="f", defaults=defaults, masks=MaskJob(**job))
 
 
 def load(rows: list[dict], s: WorkerSettings):

@@ -9,7 +9,8 @@ import pytest
 
 from zimage_batch.inputs import ids as ids_module
 from zimage_batch.inputs.ids import IdDigests, find_duplicates, id_digests
-from zimage_batch.inputs.manifest import Limits, ManifestError, open_manifest, validate_manifest
+from zimage_batch.inputs.manifest import ManifestError, open_manifest
+from zimage_batch.inputs.validation import Limits, validate_manifest
 
 LIMITS = Limits("turbo", 64, 64, 8, 0.0)
 HOSTILE = ["a", "a\x00", "\x00a", "A", "../x", "中文", "中文 ", "x" * 5000, "\u202eevil", "b" * 70 + "/" + "c" * 3]

@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 90
 #: order a row travels (inputs, generate, output), then the job, the run that drives them all, and
 #: the entry points.
 STAGE_ORDER: list[set[str]] = [
-    {"text", "scratch", "source", "threads", "redact"},
+    {"text", "scratch", "source", "threads", "redact", "settings", "metadata_schema"},
     {"storage"},
     {"model"},
     {"curate"},

@@ -152,7 +152,7 @@ def test_mask_settings_on_a_prompt_manifest_refused(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
 def test_the_mask_is_kept_beside_the_output(tmp_path, fmt):
-    from zimage_batch.inputs.manifest import metadata_columns
+    from zimage_batch.metadata_schema import metadata_columns
     from zimage_batch.output.features import sample_fields
 
     storage = open_storage(str(tmp_path))

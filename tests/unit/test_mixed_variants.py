@@ -21,7 +21,8 @@ def _manifest(path, start: int, n: int) -> list[str]:
 
 def _commit_everything(manifest_path) -> dict:
     """Commit markers for every shard of a fresh plan, as workers write them (no Ray)."""
-    from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+    from zimage_batch.inputs.identity import rows_digest, rows_of_variant
+    from zimage_batch.inputs.manifest import open_manifest
     from zimage_batch.output.ledger import CommitMarker
     from zimage_batch.run.plan import make_plan
 
@@ -82,7 +83,8 @@ def test_a_variant_without_a_model_is_refused(tmp_path):
 def test_images_to_generate_are_counted_per_variant_shard(tmp_path):
     """The cost line's images: each row's num_images (the job's where empty), and of the planned
     shards only their own variant's rows."""
-    from zimage_batch.inputs.manifest import open_manifest, variant_mask
+    from zimage_batch.inputs.identity import variant_mask
+    from zimage_batch.inputs.manifest import open_manifest
     from zimage_batch.run.estimate import count_images
     from zimage_batch.run.plan import make_plan
 

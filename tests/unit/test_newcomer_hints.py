@@ -11,8 +11,7 @@ import pytest
 from cli_in_process import cli_in_process, ray_not_started
 
 from zimage_batch import api
-from zimage_batch.inputs.columns import distance, misspelled
-from zimage_batch.inputs.manifest import KNOWN_COLUMNS
+from zimage_batch.inputs.columns import KNOWN_COLUMNS, distance, misspelled
 from zimage_batch.model.checkpoint import ModelSourceError
 from zimage_batch.run.cluster import auth_hint, is_auth_error
 from zimage_batch.text import plural

@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.inputs.manifest import MAX_NUM_IMAGES, Limits, ManifestError, open_manifest, validate_manifest
+from zimage_batch.inputs.manifest import ManifestError, open_manifest
+from zimage_batch.inputs.validation import Limits, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec, load_job
+from zimage_batch.settings import MAX_NUM_IMAGES
 
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("width", pa.int64()),
                     ("height", pa.int64()), ("num_images", pa.int64()), ("topic", pa.string())])

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zimage_batch.inputs.manifest import open_manifest, rows_digest
+from zimage_batch.inputs.identity import rows_digest
+from zimage_batch.inputs.manifest import open_manifest
 from zimage_batch.output.ledger import CommitMarker, JobMismatch
 from zimage_batch.run.plan import Shard, file_tag, make_plan, shard_name
 

@@ -100,7 +100,7 @@ def test_local_model_folders_reach_workers_as_absolute_paths_with_the_same_finge
     _, resolved = check_manifest(job)
     turbo, base = resolved.worker_settings("turbo"), resolved.worker_settings("base")
     assert turbo.model == str(tmp_path / "models" / "mine") and base.model == str(tmp_path / "models" / "mine-base")
-    assert turbo.manifest == str(tmp_path / "m.parquet") and turbo.output == str(tmp_path / "out")
+    assert turbo.job.manifest == str(tmp_path / "m.parquet") and turbo.job.output == str(tmp_path / "out")
     assert turbo.fingerprint == base.fingerprint == resolved.fingerprint == resolve(job).fingerprint
     assert base.defaults == resolved.defaults["base"] and base.job_variant == "turbo"
     record = job_record(resolved)["job"]

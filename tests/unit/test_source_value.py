@@ -218,7 +218,7 @@ def test_job_strings_are_the_ones_from_before(workdir):
     resolved = resolve(job)
     workers = resolved.worker_settings(resolved.variant)
     assert workers.model == str(workdir / "models" / "mine")  # local folders absolute for workers elsewhere
-    assert workers.prompt_expansion == str(workdir / "models" / "mine")
+    assert workers.job.prompt_expansion == str(workdir / "models" / "mine")
 
 
 def test_job_file_paths_are_the_ones_from_before(workdir):

@@ -62,7 +62,7 @@ def test_a_sample_is_drawn_with_the_job_seed_and_grows_by_appending():
 
 
 def test_a_plan_over_a_grown_template_keeps_the_committed_shards(tmp_path):
-    from zimage_batch.inputs.manifest import rows_digest
+    from zimage_batch.inputs.identity import rows_digest
     from zimage_batch.output.ledger import CommitMarker
 
     before = TemplateManifest(make_template("t", TEXT, {"concept": ["cat", "dog"], "style": ["oil", "ink"]}))

@@ -1,17 +1,24 @@
 """What the engine is asked to draw: one request per image, typed, and the key that says
-which requests can share one denoising loop."""
+which requests can share one denoising loop.
+
+Every request starts with its prompt, seed, size, steps and guidance; the optional sampler
+settings (negative prompt, CFG truncation and normalisation, the ControlNet's scale, ...) and
+which of them the batch key holds come from their declaration (zimage_batch/settings.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from PIL import Image
 
 from zimage_batch.inputs.lora_spec import AdapterSet
 from zimage_batch.model.variants import Variant
+from zimage_batch.settings import Here, batch_key_names, request_settings, with_settings
 
 
 @dataclass(frozen=True)
+@with_settings
 class GenerationRequest:
     """One image to draw."""
 
@@ -21,9 +28,7 @@ class GenerationRequest:
     height: int
     num_inference_steps: int
     guidance_scale: float
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
+    _settings: ClassVar[Here] = Here(lambda: request_settings("text-to-image"))
     lora: AdapterSet = ()  # LoRA adapters and scales, canonical (inputs.lora_spec); () for none
 
     def batch_key(self) -> tuple:
@@ -32,14 +37,20 @@ class GenerationRequest:
         return ("text-to-image", *sampler_key(self))
 
 
-def sampler_key(request: GenerationRequest | EditRequest) -> tuple:
-    """The output shape, sampler settings and LoRA adapter set of a generation or edit request:
-    rows that differ here cannot share one denoising loop."""
-    r = request
-    return (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.cfg_truncation, r.cfg_normalization, r.lora)
+def sampler_key(request: GenerationRequest | EditRequest | ControlRequest) -> tuple:
+    """The output shape, the sampler settings every kind of request shares (those declared with
+    `batch_key`) and the LoRA adapter set: rows that differ here cannot share one denoising loop."""
+    return (*(getattr(request, name) for name in batch_key_names("text-to-image")), request.lora)
+
+
+def kind_key(request: EditRequest | ControlRequest, kind: str) -> tuple:
+    """The batch key's settings declared for `kind` alone (a ControlNet's scale), as floats."""
+    shared = set(batch_key_names("text-to-image"))
+    return tuple(float(getattr(request, name)) for name in batch_key_names(kind) if name not in shared)
 
 
 @dataclass(eq=False)
+@with_settings
 class EditRequest:
     """One edited image to draw: a source image (RGB) and, for inpaint, a mask (L, white repaints)."""
 
@@ -53,9 +64,7 @@ class EditRequest:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float = 0.6  # img2img and inpaint
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
+    _settings: ClassVar[Here] = Here(lambda: request_settings("edit"))
     lora: AdapterSet = ()
 
     def batch_key(self) -> tuple:
@@ -73,6 +82,7 @@ def infer_mode(mode: str | None, has_mask: bool, variant: Variant) -> str:
 
 
 @dataclass(eq=False)
+@with_settings
 class ControlRequest:
     """One image drawn under a ControlNet condition: text-to-image as `ZImageControlNetPipeline`,
     or, with a source and a mask, inpaint as `ZImageControlNetInpaintPipeline`.
@@ -90,14 +100,11 @@ class ControlRequest:
     guidance_scale: float
     control: str = "image"  # image | canny | tile
     control_uri: str | None = None  # the given control image
-    control_scale: float = 0.75  # diffusers' controlnet_conditioning_scale default
     inpaint: bool = False
     control_image: Image.Image | None = None
     image: Image.Image | None = None  # inpaint: the source (RGB)
     mask: Image.Image | None = None  # inpaint: L, white repaints
-    negative_prompt: str | None = None
-    cfg_truncation: float = 1.0
-    cfg_normalization: float = 0.0
+    _settings: ClassVar[Here] = Here(lambda: request_settings("control"))
     lora: AdapterSet = ()
 
     @property
@@ -108,7 +115,7 @@ class ControlRequest:
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batch: one size, sampler and control setting
         (the condition image itself is per row)."""
-        return (self.mode, *sampler_key(self), self.control, float(self.control_scale))
+        return (self.mode, *sampler_key(self), self.control, *kind_key(self, "control"))
 
 
 def release_pixels(request) -> None:  # noqa: ANN001 - any kind of request

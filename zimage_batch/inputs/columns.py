@@ -1,4 +1,8 @@
-"""Manifest columns that look like a misspelled known one (`widht`, `negtive_prompt`, `steps`).
+"""The manifest's known columns and their type families, and the columns that look like a
+misspelled known one (`widht`, `negtive_prompt`, `steps`).
+
+The generation settings' columns come from their declaration (zimage_batch/settings.py); the
+columns here are the row's identity and what an edit row draws from.
 
 A column the pipeline does not know is passed through into the metadata as data, so a typo in
 an optional column would silently lose its value. Names within a small edit distance of a known
@@ -10,23 +14,34 @@ from __future__ import annotations
 
 from typing import Iterable
 
-# other names tools and tutorials use for the manifest's columns
+from zimage_batch.inputs.mask_spec import MASK_COLUMNS
+from zimage_batch.settings import STRING, column_aliases, column_types
+
+
+def prompt_columns() -> dict[str, str]:
+    """The columns of a prompt manifest (edit manifests take them too) -> their type family."""
+    return {"id": STRING, "prompt": STRING, "variant": STRING,
+            "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
+            **column_types("prompt")}
+
+
+def edit_columns() -> dict[str, str]:
+    """The columns of edit manifests only: the source, how it is edited, derived masks."""
+    return {"source": STRING, "mode": STRING, "mask": STRING, **column_types("edit"),
+            **MASK_COLUMNS}  # derived masks and outpainting: inputs/mask_spec.py
+
+
+PROMPT_COLUMNS = prompt_columns()
+EDIT_COLUMNS = edit_columns()
+KNOWN_COLUMNS = PROMPT_COLUMNS | EDIT_COLUMNS
+
+# other names tools and tutorials use for the manifest's columns (the settings' own: declared with them)
 ALIASES = {
-    "steps": "num_inference_steps",
-    "num_steps": "num_inference_steps",
-    "cfg": "guidance_scale",
-    "cfg_scale": "guidance_scale",
-    "guidance": "guidance_scale",
-    "negative": "negative_prompt",
-    "neg_prompt": "negative_prompt",
     "init_image": "source",
     "input_image": "source",
     "source_image": "source",
     "mask_image": "mask",
-    "num_images_per_prompt": "num_images",
-    "controlnet_image": "control_image",
-    "conditioning_image": "control_image",
-    "controlnet_conditioning_scale": "control_scale",
+    **column_aliases(),
 }
 
 

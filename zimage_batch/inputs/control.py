@@ -21,46 +21,47 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zimage_batch.inputs.uris import NOT_READABLE, foreign_uris
 from zimage_batch.model.variants import VARIANTS
+from zimage_batch.settings import Here, job_settings, with_settings
 
 DERIVED = ("canny", "tile")  # conditions derived from an edit row's source
 NONE = "none"  # a row that opts out of the job's condition
-DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale
 GIVEN = "image"  # ControlRequest.control of a given control image
 
-# metadata columns of a job with a ControlNet
-CONTROL_METADATA_COLUMNS = {
-    "control_image": pa.string(),
-    "control": pa.string(),
-    "control_scale": pa.float64(),
-    "control_sha256": pa.string(),
-}
+
+def control_fields() -> tuple[str, ...]:
+    """The job settings a ControlNet job's pixels depend on: the ControlNet's identity, then the
+    rows' condition defaults (declared in zimage_batch/settings.py)."""
+    return ("controlnet_id", *(s.name for s in job_settings("control")))
+
+
+#: The fields of a job with a ControlNet that its fingerprint covers (JobSpec.CONTROL_FIELDS).
+CONTROL_FIELDS = control_fields()
 
 
 @dataclass(frozen=True)
+@with_settings
 class ControlJob:
-    """A job's ControlNet settings, as a worker is given them (typed: they cross Ray)."""
+    """A job's ControlNet settings, as a worker is given them (typed: they cross Ray): the
+    weights, their identity, and the declared condition defaults (control_image, control, ...)."""
 
     controlnet: str  # the source of the weights
     controlnet_id: str | None = None  # their identity, as the driver resolved it
-    control_image: str | None = None  # the job's condition image
-    control: str | None = None  # the job's derived condition (canny | tile | none)
-    control_scale: float = DEFAULT_SCALE
-    canny_low: float = 100.0
-    canny_high: float = 200.0
+    _control_settings: ClassVar[Here] = Here(lambda: job_settings("control"))
 
     @classmethod
     def from_mapping(cls, job: Mapping[str, Any]) -> ControlJob | None:
         """From a job's settings (`JobSpec.to_dict()`); None when the job names no ControlNet."""
         if not job.get("controlnet"):
             return None
-        names = ("controlnet_id", "control_image", "control", "control_scale", "canny_low", "canny_high")
-        return cls(str(job["controlnet"]), **{name: job[name] for name in names if job.get(name) is not None})
+        return cls(str(job["controlnet"]),
+                   **{name: job[name] for name in control_fields() if job.get(name) is not None})
 
     @property
     def canny(self) -> tuple[float, float]:
@@ -74,6 +75,10 @@ class ControlSettings:
     kind: str  # image | canny | tile
     uri: str | None  # the given image
     scale: float
+
+    def request_fields(self) -> dict[str, Any]:
+        """The condition's fields of a `ControlRequest`."""
+        return {"control": self.kind, "control_uri": self.uri, "control_scale": self.scale}
 
 
 def row_control(row: Mapping[str, Any], job: ControlJob) -> ControlSettings | None:
@@ -96,7 +101,7 @@ def row_control(row: Mapping[str, Any], job: ControlJob) -> ControlSettings | No
 def check_control_batch(batch: pa.RecordBatch, limits: Any,
                         fail_if: Callable[[str, pa.Array, str], None]) -> None:
     """Refuse, naming column and rows: control columns without a ControlNet, unknown `control`
-    names (manifest.py refuses `control` in a prompt manifest), a row naming both a control image and a derived one,
+    names (validation.py refuses `control` in a prompt manifest), a row naming both a control image and a derived one,
     negative scales, control images that are not local or s3:// URIs, img2img/edit modes on
     rows with a condition, and conditions on variants without ControlNet support."""
     names, n = batch.schema.names, batch.num_rows
@@ -119,9 +124,7 @@ def check_control_batch(batch: pa.RecordBatch, limits: Any,
             f"must be one of {'|'.join((*DERIVED, NONE))}")
     fail_if("control_image", pc.and_(has_image, derives),
             "is given on rows whose 'control' also derives a condition; keep one of them")
-    fail_if("control_image", pc.and_(has_image, pc.and_(pc.match_substring_regex(image, r"^[A-Za-z][A-Za-z0-9+.-]*://"),
-                                                        pc.invert(pc.match_substring_regex(image, r"^(s3|file)://")))),
-            "must be a local path, a file:// URI or an s3:// URI")
+    fail_if("control_image", pc.and_(has_image, foreign_uris(image)), NOT_READABLE)
     if "control_scale" in names:
         fail_if("control_scale", pc.less(batch.column("control_scale"), 0), "must be >= 0")
     job_default = bool(limits.control_image) or limits.control in DERIVED

@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 AdapterSet = tuple[tuple[str, float], ...]  # canonical: sorted by name, each name once
 
 NO_ADAPTER = "none"
-METADATA_COLUMN = {"lora": pa.string()}  # the resolved set, e.g. 'detail:1.0,style:0.8'; null for none
 MAX_SCALE = 10.0
 #: Adapter names: PEFT keeps them as module names (no dots), and ':' ',' separate specs.
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")

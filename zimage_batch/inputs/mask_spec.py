@@ -44,17 +44,7 @@ _ASPECT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*$
 MASK_COLUMNS = {"mask_grow": "integer", "mask_blur": "integer", "outpaint": "string", "aspect": "string",
                 "anchor": "string", "mask_prompt": "string", "mask_threshold": "number",
                 "mask_invert": "boolean or number"}
-# metadata columns of a job that uses masks: what made each row's mask, and the stored mask's sha256
-MASK_METADATA_COLUMNS = {
-    "mask_sha256": pa.string(),
-    "mask_grow": pa.int64(),
-    "mask_blur": pa.int64(),
-    "outpaint": pa.string(),
-    "anchor": pa.string(),
-    "mask_prompt": pa.string(),
-    "mask_threshold": pa.float64(),
-    "mask_invert": pa.bool_(),
-}
+# (its metadata columns: metadata_schema.MASK_METADATA_COLUMNS)
 JOB_FIELDS = ("mask", "mask_grow", "mask_blur", "outpaint", "aspect", "anchor", "mask_prompt", "mask_threshold",
               "mask_invert", "segmenter_id")
 

@@ -31,13 +31,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from zimage_batch.inputs.manifest import (
-    KNOWN_COLUMNS,
-    RESERVED_COLUMNS,
-    Manifest,
-    ManifestError,
-    ManifestFile,
-)
+from zimage_batch.inputs.columns import KNOWN_COLUMNS
+from zimage_batch.inputs.manifest import Manifest, ManifestError, ManifestFile
+from zimage_batch.inputs.validation import RESERVED_COLUMNS
 
 EXPAND_MODES = ("product", "sample")
 #: Metadata columns the pipeline itself may add to a template job (prompt expansion).

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zimage_batch.inputs.manifest import metadata_columns
+from zimage_batch.metadata_schema import metadata_columns
 
 
 def metadata_table(records: Sequence[dict[str, Any]], rows: pa.Table, passthrough: pa.Schema, edit: bool,

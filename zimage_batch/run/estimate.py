@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from zimage_batch.inputs.manifest import Manifest, variant_mask
+from zimage_batch.inputs.identity import variant_mask
+from zimage_batch.inputs.manifest import Manifest
 from zimage_batch.output import layout
 from zimage_batch.run.plan import Shard
 from zimage_batch.storage import Storage, StorageError

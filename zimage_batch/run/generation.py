@@ -217,7 +217,7 @@ class ShardGeneration:
     def _load_edit(self, i: int) -> EditRow:
         """A row's source and mask, or its ControlNet condition, fetched and decoded (on the
         source pool, ahead of the GPU)."""
-        limit = self.settings.max_source_pixels or images.DEFAULT_MAX_PIXELS
+        limit = self.settings.job.max_source_pixels or images.DEFAULT_MAX_PIXELS
         canny = self.settings.control.canny if self.settings.control else (0.0, 0.0)
         return load_row(self.rows[i], self.requests[i], self.base, self.engine.variant, limit, canny, self.masks)
 
@@ -269,7 +269,7 @@ class ShardGeneration:
 
     # ------------------------------------------------------------------ encode and store
     def _encode(self, image: np.ndarray) -> tuple[bytes, str]:
-        data = encode_image(image, self.settings.image_format, self.settings.quality)
+        data = encode_image(image, self.settings.job.image_format, self.settings.job.quality)
         return data, hashlib.sha256(data).hexdigest()
 
     def _store(self, i: int, encoded: Future, duration_ms: float) -> dict[str, Any]:

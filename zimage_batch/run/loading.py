@@ -26,6 +26,7 @@ from zimage_batch.inputs.conditions import condition_image
 from zimage_batch.inputs.control import GIVEN, ControlSettings
 from zimage_batch.inputs.mask_spec import WORDS, MaskJob, RowMask, row_mask
 from zimage_batch.model.variants import Variant
+from zimage_batch.settings import request_settings
 from zimage_batch.text import first_line
 
 
@@ -43,8 +44,7 @@ class EditRow:
 def control_request(common: Mapping[str, Any], width: int | None, height: int | None, settings: ControlSettings,
                     inpaint: bool) -> ControlRequest:
     """The request template of a row with a condition; its pixels come with `load_row`."""
-    return ControlRequest(width=width, height=height, control=settings.kind, control_uri=settings.uri,
-                          control_scale=settings.scale, inpaint=inpaint, **common)
+    return ControlRequest(width=width, height=height, inpaint=inpaint, **settings.request_fields(), **common)
 
 
 def load_row(row: Mapping[str, Any], template: Any, base: str, variant: Variant, max_pixels: int,
@@ -110,7 +110,7 @@ def load_control_row(template: ControlRequest, source: str | None, mask: str | N
     lineage: dict[str, Any] = {
         "control_image": template.control_uri,
         "control": None if template.control == GIVEN else template.control,
-        "control_scale": template.control_scale,
+        **{s.name: getattr(template, s.name) for s in request_settings("control") if s.group == "control"},
         "control_sha256": None,
     }
     if source is not None:

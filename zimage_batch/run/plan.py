@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from zimage_batch.inputs.manifest import Manifest, ManifestFile, digest_matches, rows_of_variant
+from zimage_batch.inputs.identity import digest_matches, rows_of_variant
+from zimage_batch.inputs.manifest import Manifest, ManifestFile
 from zimage_batch.output.ledger import CommitMarker, JobMismatch
 
 

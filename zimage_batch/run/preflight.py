@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterable
 from zimage_batch.curate.sources import resolve_scorers
 from zimage_batch.curate.spec import CurationError
 from zimage_batch.generate.expansion import DEFAULT_INSTRUCTIONS
-from zimage_batch.inputs.columns import misspelled, typo_message
-from zimage_batch.inputs.manifest import KNOWN_COLUMNS, Limits, Manifest, ManifestError, open_manifest, validate_manifest
+from zimage_batch.inputs.columns import KNOWN_COLUMNS, misspelled, typo_message
+from zimage_batch.inputs.manifest import Manifest, ManifestError, open_manifest
 from zimage_batch.inputs.mask_spec import MaskJob, uses_words
 from zimage_batch.inputs.templates import TemplateManifest, TemplateSpec, make_template, read_slot_file
+from zimage_batch.inputs.validation import Limits, validate_manifest
 from zimage_batch.jobspec import JobError, JobSpec
 from zimage_batch.model.adapter_fit import check_adapters_fit
 from zimage_batch.model.adapters import adapter_records, resolve_adapters

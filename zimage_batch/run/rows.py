@@ -10,12 +10,13 @@ from typing import Any
 
 from zimage_batch.generate.requests import ControlRequest, EditRequest, GenerationRequest, infer_mode
 from zimage_batch.inputs.control import row_control
+from zimage_batch.inputs.identity import derive_seed
 from zimage_batch.inputs.lora_spec import format_lora, resolve_lora
-from zimage_batch.inputs.manifest import derive_seed
 from zimage_batch.inputs.mask_spec import row_mask
 from zimage_batch.model.variants import Variant
 from zimage_batch.run.loading import control_request
 from zimage_batch.run.settings import WorkerSettings
+from zimage_batch.settings import metadata_settings, request_settings
 
 Request = GenerationRequest | EditRequest | ControlRequest
 SEED_LIMIT = 2**63  # seeds are int64 in the metadata
@@ -31,27 +32,25 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         return defaults[name] if given is None else given
 
     seed = row.get("seed")
-    seed = derive_seed(settings.seed, row["id"]) if seed is None else int(seed)
+    seed = derive_seed(settings.job.seed, row["id"]) if seed is None else int(seed)
     common = dict(
         prompt=row["prompt"],
         seed=(seed + row.get("image_index", 0)) % SEED_LIMIT,  # image k: seed + k (given seeds: checked to fit)
         num_inference_steps=int(value("num_inference_steps")),
         guidance_scale=float(value("guidance_scale")),
-        negative_prompt=value("negative_prompt"),
-        cfg_truncation=float(value("cfg_truncation")),
-        cfg_normalization=float(value("cfg_normalization")),
-        lora=resolve_lora(row.get("lora"), settings.lora),
+        **{s.name: None if (v := value(s.name)) is None else s.type(v) for s in request_settings("text-to-image")},
+        lora=resolve_lora(row.get("lora"), settings.job.lora),
     )
     control = row_control(row, settings.control) if settings.control else None
     has_mask = edit and row_mask(row, settings.masks) is not None  # given, or derived (alpha, outpaint)
     if control:  # ControlNet text-to-image, or ControlNet inpaint for an edit row with a mask
-        width, height = (row.get("width") or settings.width, row.get("height") or settings.height)
+        width, height = (row.get("width") or settings.job.width, row.get("height") or settings.job.height)
         if not edit:
             width, height = int(value("width")), int(value("height"))
         return control_request(common, width, height, control, inpaint=has_mask)
     if edit:
         mode = infer_mode(row.get("mode"), has_mask, variant)
-        width, height = row.get("width") or settings.width, row.get("height") or settings.height
+        width, height = row.get("width") or settings.job.width, row.get("height") or settings.job.height
         return EditRequest(width=width, height=height, mode=mode, strength=float(value("strength")), **common)
     return GenerationRequest(width=int(value("width")), height=int(value("height")), **common)
 
@@ -81,17 +80,10 @@ def row_record(row: dict[str, Any], request: Request, settings: WorkerSettings) 
         **({"image_index": row["image_index"]} if "image_index" in row else {}),
         "prompt": request.prompt,
         **({"prompt_original": row["prompt_original"]} if "prompt_original" in row else {}),  # before expansion
-        "negative_prompt": request.negative_prompt,
-        "seed": request.seed,
-        "width": request.width,
-        "height": request.height,
-        "num_inference_steps": request.num_inference_steps,
-        "guidance_scale": request.guidance_scale,
-        "cfg_truncation": request.cfg_truncation,
-        "cfg_normalization": request.cfg_normalization,
+        **{name: getattr(request, name) for name in metadata_settings("sampler")},  # seed, size, sampler settings
         "variant": settings.variant,
         "model": settings.model,
-    } | ({"lora": format_lora(request.lora)} if settings.loras else {})  # the adapters that drew it
+    } | ({"lora": format_lora(request.lora)} if settings.job.loras else {})  # the adapters that drew it
 
 
 def error_outcome(reason: str, duration_ms: float = 0.0) -> dict[str, Any]:

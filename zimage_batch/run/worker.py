@@ -32,7 +32,8 @@ from zimage_batch.generate.engine import Engine, default_device, low_vram_needed
 from zimage_batch.generate.expansion import PromptExpander
 from zimage_batch.generate.requests import GenerationRequest
 from zimage_batch.generate.segmenter import Segmenter
-from zimage_batch.inputs.manifest import open_manifest, rows_digest, rows_of_variant
+from zimage_batch.inputs.identity import rows_digest, rows_of_variant
+from zimage_batch.inputs.manifest import open_manifest
 from zimage_batch.inputs.mask_spec import has_alpha_rows, masks_used, uses_words
 from zimage_batch.inputs.templates import TemplateManifest
 from zimage_batch.model.adapters import adapter_files
@@ -75,15 +76,15 @@ class ShardRunner:
         # this node's workers that were killed (SIGKILL, OOM) are removed here.
         scratch.claim(signals=True)
         self.settings = settings
-        self.manifest = TemplateManifest(settings.template) if settings.template else open_manifest(settings.manifest)
+        self.manifest = TemplateManifest(settings.template) if settings.template else open_manifest(settings.job.manifest)
         self.files = {f.name: f for f in self.manifest.files}
         self.edit = self.manifest.kind == "edit"  # the edit path draws edit requests too
         self.image_index = self.manifest.uses_num_images(settings.defaults.get("num_images", 1))
         # Resolved here, on the worker's node: a hub or S3 model is fetched into this node's cache.
         model_path = resolve_model(settings.model, settings.variant).path
-        device = settings.device or default_device()
+        device = settings.job.device or default_device()
         # LoRA: every declared adapter fetched on this node (checked against job.json), loaded once
-        adapters = adapter_files(settings.loras, Ledger(open_storage(settings.output)).recorded_adapters())
+        adapters = adapter_files(settings.job.loras, Ledger(open_storage(settings.job.output)).recorded_adapters())
         # ControlNet (issue 18): loaded beside the model, the very weights the job's fingerprint
         # names; its engine draws every kind of request.
         control = settings.control
@@ -91,19 +92,19 @@ class ShardRunner:
         # Curation (issue 27): the scorer checkpoints the job's fingerprint names, on the same device
         self.curation = settings.curation
         self.curated = self.curation.metadata_columns() if self.curation else None
-        self.expanded = bool(settings.prompt_expansion)  # rows' prompts rewritten by a causal LM first
+        self.expanded = bool(settings.job.prompt_expansion)  # rows' prompts rewritten by a causal LM first
         # catalogue editing: an edit job that derives masks keeps each mask as used (metadata, <key>.mask.png)
         self.keep_masks = self.edit and masks_used(self.manifest.schema.names, settings.masks, self._alpha_rows())
         self.sample_fields = sample_fields(self.manifest.metadata_schema(  # what a Parquet data row carries
-            self.image_index, lora=bool(settings.loras), control=self.controlnet is not None, curated=self.curated,
+            self.image_index, lora=bool(settings.job.loras), control=self.controlnet is not None, curated=self.curated,
             expanded=self.expanded, masks=self.keep_masks))
         self.engine = (ControlNetEngine if self.controlnet else EditEngine if self.edit else Engine)(
             model_path,
             settings.variant,
             device=device,
-            attention_backend=settings.attention_backend,
-            compile=settings.compile,
-            low_vram=settings.low_vram == "on" or (settings.low_vram == "auto" and low_vram_needed(device)),
+            attention_backend=settings.job.attention_backend,
+            compile=settings.job.compile,
+            low_vram=settings.job.low_vram == "on" or (settings.job.low_vram == "auto" and low_vram_needed(device)),
             adapters=adapters,
             **({"controlnet_path": self.controlnet.path} if self.controlnet else {}),
         )
@@ -112,7 +113,7 @@ class ShardRunner:
         self.expansion_s = 0.0  # time spent expanding prompts (on the model thread)
         # Each batch is sized from its own shape (rows x pixels) against the device's memory,
         # measured once with the model loaded; warm-up runs on a shape the job will run.
-        self.batch_sizes = BatchSizer.measure(settings.batch_size, device, self.engine.low_vram)
+        self.batch_sizes = BatchSizer.measure(settings.job.batch_size, device, self.engine.low_vram)
         self.warm_shape = self._first_shape()
         self.batch_size = self.batch_sizes.size(*self.warm_shape)
         # Every model call runs on this one thread: shards run on the actor's threads side by
@@ -125,7 +126,7 @@ class ShardRunner:
         # (the model's too) for 0.1-0.3 s each (measured on the tiny model; more with a real one).
         gc.collect()
         gc.freeze()
-        self.storage = open_storage(settings.output)
+        self.storage = open_storage(settings.job.output)
         self.ledger = Ledger(self.storage)
         self.worker_id = f"{platform.node()}:{os.getpid()}"
         self.model = WorkerModel(
@@ -197,13 +198,14 @@ class ShardRunner:
         marker = CommitMarker(
             shard=shard.name, file=shard.file, start=shard.start, end=shard.end, variant=shard.variant,
             rows=len(rows), images=len(images), ok=0, error=0, digest=rows_digest(table),
-            fingerprint=self.settings.fingerprint, format=self.settings.format, attempt=attempt, worker=self.worker_id,
+            fingerprint=self.settings.fingerprint, format=self.settings.job.format, attempt=attempt, worker=self.worker_id,
             started=started, run=self.settings.run or "",
         )
         staged = self.storage.child(marker.staging.prefix)
-        writer = make_writer(self.settings.format, staged, shard.name, self.settings.image_format, self.settings.quality,
+        job = self.settings.job
+        writer = make_writer(job.format, staged, shard.name, job.image_format, job.quality,
                              fields=self.sample_fields)  # a Parquet row carries its metadata
-        if self.expanded and self.settings.caption == "original":
+        if self.expanded and self.settings.job.caption == "original":
             writer.caption_field = "prompt_original"  # the caption: the prompt before expansion
         try:
             judge = ShardJudge(self.curation, self.scorers, images, [images_of_row(row, self.settings) for row in images]
@@ -218,7 +220,7 @@ class ShardRunner:
                        for row, request, outcome in zip(images, requests, outcomes)]
             rows_of_images = table if len(images) == len(rows) else table.take(origin)
             metadata = metadata_table(records, rows_of_images, self.manifest.passthrough, self.edit,
-                                      lora=bool(self.settings.loras), control=self.controlnet is not None,
+                                      lora=bool(self.settings.job.loras), control=self.controlnet is not None,
                                       image_index=self.image_index, curated=self.curated, expanded=self.expanded,
                                       masks=self.keep_masks)
             staged.put_bytes(layout.metadata_key(shard.name), parquet_bytes(metadata))
@@ -292,8 +294,8 @@ class ShardRunner:
 
 def _load_expander(settings: WorkerSettings, device: str) -> PromptExpander:
     """The job's expansion model, fetched on this node: the very weights its fingerprint names."""
-    path = resolve_prompt_model(settings.prompt_expansion or "", settings.prompt_expansion_id).path
-    return PromptExpander(path, device, settings.prompt_expansion_instructions, settings.max_new_tokens)
+    path = resolve_prompt_model(settings.job.prompt_expansion or "", settings.job.prompt_expansion_id).path
+    return PromptExpander(path, device, settings.job.prompt_expansion_instructions, settings.job.max_new_tokens)
 
 
 SUPERSEDED_CHECK_S = 1.0  # at most this often, between batches, an attempt looks for another's commit

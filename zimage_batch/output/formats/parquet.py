@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zimage_batch.inputs.manifest import METADATA_COLUMNS
+from zimage_batch.metadata_schema import METADATA_COLUMNS
 from zimage_batch.output import layout
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features, yaml_features
 from zimage_batch.output.formats.base import CardInput, OutputFormat, read_containers
