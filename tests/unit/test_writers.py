@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from zimage_batch.output.encoding import Encoding
 from zimage_batch.output.keys import safe_key
 from zimage_batch.output.writers import (
     IMAGE_FORMATS,
@@ -121,7 +122,7 @@ def test_encode_image_rejects_bad_input():
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
 def test_files_roundtrip(storage, image_format, private_tempdir):
     samples = _samples(image_format=image_format, quality=80)
-    w = make_writer("files", storage, SHARD, image_format=image_format, quality=80)
+    w = make_writer("files", storage, SHARD, encoding=Encoding.of(image_format, 80))
     assert isinstance(w, FilesWriter)
     ext = IMAGE_FORMATS[image_format].ext
     locations = [w.add(k, data, meta) for k, data, meta in samples]
@@ -213,7 +214,7 @@ def test_webdataset_roundtrip(storage, image_format, tmp_path, private_tempdir):
     import webdataset as wds
 
     samples = _samples(image_format=image_format, quality=85)
-    w = make_writer("webdataset", storage, SHARD, image_format=image_format, quality=85)
+    w = make_writer("webdataset", storage, SHARD, encoding=Encoding.of(image_format, 85))
     assert isinstance(w, WebDatasetWriter)
     ext = IMAGE_FORMATS[image_format].ext
     locations = [w.add(k, data, meta) for k, data, meta in samples]
@@ -264,7 +265,7 @@ def test_parquet_roundtrip(storage, image_format, tmp_path, private_tempdir):
     samples = _samples(image_format=image_format, quality=85)
     fields = pa.schema([("seed", pa.int64()), ("width", pa.int64()), ("guidance_scale", pa.float64()),
                         ("tags", pa.list_(pa.string())), ("nan_value", pa.float64())])
-    w = make_writer("parquet", storage, SHARD, image_format=image_format, quality=85, fields=fields)
+    w = make_writer("parquet", storage, SHARD, encoding=Encoding.of(image_format, 85), fields=fields)
     assert isinstance(w, ParquetWriter)
     w.ROW_GROUP_ROWS = 7  # exercise several row groups
     locations = [w.add(k, data, meta) for k, data, meta in samples]
@@ -387,7 +388,7 @@ def test_validation(fmt, tmp_path):
         with pytest.raises(ValueError):
             make_writer(fmt, st, bad_shard)
     with pytest.raises(ValueError):
-        make_writer(fmt, st, SHARD, image_format="bmp")
+        make_writer(fmt, st, SHARD, encoding=Encoding.of("bmp"))
     make_writer(fmt, st, "-part-1e86f37d-0000000000").abort()  # plan.shard_name can start with "-"
     w = make_writer(fmt, st, SHARD)
     for bad_key in ["", "a.b", "a/b", "../x", "-x", "x\x00", "é"]:

@@ -25,7 +25,7 @@ import yaml
 
 from zimage_batch.output import layout
 from zimage_batch.output.curation import card_lines
-from zimage_batch.output.encoding import get_image_format
+from zimage_batch.output.encoding import Encoding
 from zimage_batch.output.features import UnsupportedType
 from zimage_batch.output.formats import CardInput, get_format
 from zimage_batch.output.status import OutputState, load_output
@@ -56,7 +56,7 @@ def data_features(state: OutputState, metadata: pa.Schema) -> list[dict[str, Any
     """The ``features`` of the default config: what `datasets` yields for each sample (as the
     job's output format declares them)."""
     job = state.job.get("job", {})
-    ext = get_image_format(job.get("image_format", "png")).ext
+    ext = Encoding.of_job(job).ext
     card = CardInput(state.storage, state.markers[-1].shard, metadata, ext)
     return get_format(job.get("format", "files")).features(card)
 
@@ -102,13 +102,13 @@ def render_card(state: OutputState) -> str:
         lines += [f"> **Warning:** `{model}` is a tiny random-init checkpoint (for tests and demos): "
                   "these images are noise.", ""]
     lines += [f"Written by zimage-batch with `{model}` (variant `{job.get('variant')}`), "
-              f"as `{fmt}` ({job.get('image_format', 'png')}). Card updated "
+              f"as `{fmt}` ({Encoding.of_job(job).format.name}). Card updated "
               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value:,} |" for name, value in _counts(state).items()]
     lines += ["", "## Settings", "", "Job defaults; a manifest row's own values override them (see each sample's metadata).",
               "", "```json", json.dumps({"seed": job.get("seed"), **(record.get("defaults") or {})}, indent=2,
                                          ensure_ascii=False), "```", ""]
-    lines += _usage(fmt, job.get("image_format", "png"))
+    lines += _usage(fmt, Encoding.of_job(job))
     lines += card_lines(job, sum(m.filtered for m in state.markers))
     if metadata is not None:
         lines += ["", "## Metadata columns", "", "| column | type |", "|---|---|"]
@@ -116,8 +116,8 @@ def render_card(state: OutputState) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _usage(fmt: str, image_format: str) -> list[str]:
-    reads = get_format(fmt).loading(get_image_format(image_format).ext)
+def _usage(fmt: str, encoding: Encoding) -> list[str]:
+    reads = get_format(fmt).loading(encoding.ext)
     return ["## Loading", "", "```python", "from datasets import load_dataset", "", *reads,
             f'meta = load_dataset("parquet", data_files="path/to/this/folder/{METADATA_FILES}", split="train")',
             "```", "", "The metadata as one table: `duckdb -c \"SELECT count(*) FROM 'metadata/*.parquet'\"`. "

@@ -4,18 +4,21 @@ pixels always give the same bytes (and the same sha256)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_FORMATS", "ImageFormat", "check_quality", "encode_image", "get_image_format"]
+__all__ = ["IMAGE_FORMATS", "PNG", "Encoding", "ImageFormat", "check_quality", "encode_image", "get_image_format"]
 
 
 @dataclass(frozen=True)
 class ImageFormat:
     """How one image format is saved: file extension, PIL format name, fixed save options."""
 
+    name: str  # as a job names it: png | jpeg | webp
     ext: str
     pil_format: str
     save_args: dict = field(default_factory=dict)
@@ -24,9 +27,9 @@ class ImageFormat:
 
 # Fixed save options so the same pixels always give the same bytes (and the same sha256).
 IMAGE_FORMATS: dict[str, ImageFormat] = {
-    "png": ImageFormat("png", "PNG", {"compress_level": 6, "optimize": False}),
-    "jpeg": ImageFormat("jpg", "JPEG", {"optimize": False, "progressive": False}, lossy=True),
-    "webp": ImageFormat("webp", "WEBP", {"method": 4, "lossless": False, "exact": False}, lossy=True),
+    "png": ImageFormat("png", "png", "PNG", {"compress_level": 6, "optimize": False}),
+    "jpeg": ImageFormat("jpeg", "jpg", "JPEG", {"optimize": False, "progressive": False}, lossy=True),
+    "webp": ImageFormat("webp", "webp", "WEBP", {"method": 4, "lossless": False, "exact": False}, lossy=True),
 }
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 
@@ -47,24 +50,56 @@ def check_quality(quality: int) -> int:
     return int(quality)
 
 
-def encode_image(pixels: "np.ndarray | Image.Image", image_format: str = "png", quality: int = 95) -> bytes:
-    """Encode an image (uint8 ``HxWx3`` array or PIL image) to PNG, JPEG or WebP bytes.
+@dataclass(frozen=True)
+class Encoding:
+    """How a job saves its images: an image format and the quality of the lossy ones. The one
+    value that writers, the worker and the dataset card are given (a job's `image_format` and
+    `quality` are read here and in the job file only)."""
 
-    ``quality`` (1..100) applies to JPEG and WebP; PNG is lossless and ignores it. PIL images
-    that are not RGB are converted to RGB. Output carries no timestamps or other metadata.
-    """
-    fmt = get_image_format(image_format)
-    quality = check_quality(quality)
-    if isinstance(pixels, Image.Image):
-        img = pixels if pixels.mode == "RGB" else pixels.convert("RGB")
-    else:
-        arr = np.asarray(pixels)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(f"pixels must be a non-empty uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
-        img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
-    args = dict(fmt.save_args)
-    if fmt.lossy:
-        args["quality"] = quality
-    buf = io.BytesIO()
-    img.save(buf, format=fmt.pil_format, **args)
-    return buf.getvalue()
+    format: ImageFormat
+    quality: int = 95
+
+    @classmethod
+    def of(cls, name: "str | ImageFormat" = "png", quality: int = 95) -> Encoding:
+        """The encoding named ``png`` / ``jpeg`` (``jpg``) / ``webp`` at ``quality`` (1..100)."""
+        return cls(get_image_format(name), check_quality(quality))
+
+    @classmethod
+    def of_job(cls, job: "Mapping[str, Any] | Any") -> Encoding:
+        """The encoding of a job: a `JobSpec`, or its record as job.json holds it."""
+        if not isinstance(job, Mapping):
+            job = {"image_format": job.image_format, "quality": job.quality}
+        return cls.of(job.get("image_format", "png"), job.get("quality", 95))
+
+    @property
+    def ext(self) -> str:
+        """The images' file extension (``png``, ``jpg``, ``webp``)."""
+        return self.format.ext
+
+    def encode(self, pixels: "np.ndarray | Image.Image") -> bytes:
+        """Encode an image (uint8 ``HxWx3`` array or PIL image) to bytes.
+
+        The quality applies to JPEG and WebP; PNG is lossless and ignores it. PIL images that
+        are not RGB are converted to RGB. Output carries no timestamps or other metadata.
+        """
+        if isinstance(pixels, Image.Image):
+            img = pixels if pixels.mode == "RGB" else pixels.convert("RGB")
+        else:
+            arr = np.asarray(pixels)
+            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+                raise ValueError(f"pixels must be a non-empty uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+            img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+        args = dict(self.format.save_args)
+        if self.format.lossy:
+            args["quality"] = self.quality
+        buf = io.BytesIO()
+        img.save(buf, format=self.format.pil_format, **args)
+        return buf.getvalue()
+
+
+PNG = Encoding.of()
+
+
+def encode_image(pixels: "np.ndarray | Image.Image", image_format: str = "png", quality: int = 95) -> bytes:
+    """`Encoding.of(image_format, quality).encode(pixels)`."""
+    return Encoding.of(image_format, quality).encode(pixels)

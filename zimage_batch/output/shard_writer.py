@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from zimage_batch import scratch
-from zimage_batch.output.encoding import check_quality, get_image_format
+from zimage_batch.output.encoding import PNG, Encoding
 from zimage_batch.output.keys import KEY_RE
 from zimage_batch.storage import Storage
 
@@ -57,11 +57,10 @@ class ShardWriter(ABC):
 
     output_format: str = ""
 
-    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95) -> None:
+    def __init__(self, storage: Storage, shard: str, encoding: Encoding = PNG) -> None:
         self.storage = storage
         self.shard = _check_shard(shard)
-        self.image_format = get_image_format(image_format)
-        self.quality = check_quality(quality)
+        self.encoding = encoding
         self._keys: list[str] = []
         self._seen: set[str] = set()
         self._state = "open"  # open | closed | aborted | failed
@@ -70,7 +69,7 @@ class ShardWriter(ABC):
     @property
     def ext(self) -> str:
         """File extension of the images (``png``, ``jpg``, ``webp``)."""
-        return self.image_format.ext
+        return self.encoding.ext
 
     @property
     def closed(self) -> bool:

@@ -8,7 +8,7 @@ callers import from here.
 
 from __future__ import annotations
 
-from zimage_batch.output.encoding import IMAGE_FORMATS, ImageFormat, encode_image, get_image_format
+from zimage_batch.output.encoding import IMAGE_FORMATS, PNG, Encoding, ImageFormat, encode_image
 from zimage_batch.output.formats import FORMAT_NAMES, get_format
 from zimage_batch.output.formats.files import FilesWriter
 from zimage_batch.output.formats.parquet import MASK_IMAGE_COLUMN, ParquetWriter, parquet_schema
@@ -20,8 +20,8 @@ __all__ = [
     "IMAGE_FORMATS",
     "MASK_IMAGE_COLUMN",
     "OUTPUT_FORMATS",
+    "Encoding",
     "ImageFormat",
-    "get_image_format",
     "encode_image",
     "meta_json",
     "parquet_schema",
@@ -38,9 +38,9 @@ OUTPUT_FORMATS = FORMAT_NAMES
 _WRITER_OPTIONS = frozenset(option for name in FORMAT_NAMES for option in get_format(name).writer_options)
 
 
-def make_writer(fmt: str, storage: Storage, shard: str, image_format: str = "png", quality: int = 95,
-                **kwargs) -> ShardWriter:
-    """The writer for output format ``fmt`` (``files`` | ``webdataset`` | ``parquet``).
+def make_writer(fmt: str, storage: Storage, shard: str, encoding: Encoding = PNG, **kwargs) -> ShardWriter:
+    """The writer for output format ``fmt`` (``files`` | ``webdataset`` | ``parquet``), saving
+    images as ``encoding`` says (PNG unless given).
 
     ``upload_threads`` / ``max_pending`` (keyword only) tune the files writer; ``fields`` (the
     sample's metadata columns, pass-through ones included) are the Parquet writer's columns. Each
@@ -48,4 +48,4 @@ def make_writer(fmt: str, storage: Storage, shard: str, image_format: str = "png
     """
     output = get_format(fmt)
     kwargs = {k: v for k, v in kwargs.items() if k in output.writer_options or k not in _WRITER_OPTIONS}
-    return output.writer(storage, shard, image_format, quality, **kwargs)
+    return output.writer(storage, shard, encoding, **kwargs)

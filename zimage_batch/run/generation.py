@@ -28,8 +28,9 @@ from zimage_batch.generate.requests import release_pixels
 from zimage_batch.generate.segmenter import Segmenter
 from zimage_batch.inputs import images
 from zimage_batch.inputs.mask_spec import MaskJob
+from zimage_batch.output.encoding import Encoding
 from zimage_batch.output.keys import sample_key
-from zimage_batch.output.writers import ShardWriter, encode_image
+from zimage_batch.output.writers import ShardWriter
 from zimage_batch.run import metrics
 from zimage_batch.run.batching import BatchSizer
 from zimage_batch.run.heartbeat import ProgressCounter
@@ -80,6 +81,7 @@ class ShardGeneration:
         shard in the worker's heartbeat; `before_batch` runs before each batch (it may raise to
         end the attempt)."""
         self.engine, self.settings, self.batch_size = model.engine, model.settings, model.batch_size
+        self.encoding = Encoding.of_job(self.settings.job)
         self.model_thread, self.encoder, self.storer, self.sources = (
             model.model_thread, model.encoder, model.storer, model.sources)
         self.passthrough_names, self.worker_id = model.passthrough_names, model.worker_id
@@ -269,7 +271,7 @@ class ShardGeneration:
 
     # ------------------------------------------------------------------ encode and store
     def _encode(self, image: np.ndarray) -> tuple[bytes, str]:
-        data = encode_image(image, self.settings.job.image_format, self.settings.job.quality)
+        data = self.encoding.encode(image)
         return data, hashlib.sha256(data).hexdigest()
 
     def _store(self, i: int, encoded: Future, duration_ms: float) -> dict[str, Any]:

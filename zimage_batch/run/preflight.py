@@ -30,6 +30,7 @@ from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.segmenter import check_segmenter
 from zimage_batch.model.sources import ResolvedModel, guess_variant, resolve_model, source_for_variant
 from zimage_batch.model.variants import get_variant
+from zimage_batch.output.encoding import Encoding
 from zimage_batch.output.formats import get_format
 from zimage_batch.redact import redact_env_vars
 from zimage_batch.run.settings import WorkerSettings
@@ -242,7 +243,7 @@ def scratch_needed(job: ResolvedJob) -> int:
     if not get_format(spec.format).stages_locally:
         return 0
     d = job.defaults[job.variant]
-    per_image = d["width"] * d["height"] * _BYTES_PER_PIXEL.get(spec.image_format, 3.0) + 1024
+    per_image = d["width"] * d["height"] * _BYTES_PER_PIXEL.get(Encoding.of_job(spec).format.name, 3.0) + 1024
     return int(spec.shard_size * per_image)
 
 

@@ -41,6 +41,7 @@ from zimage_batch.model.addons import resolve_pinned
 from zimage_batch.model.prompt_model import resolve_prompt_model
 from zimage_batch.model.sources import resolve_model
 from zimage_batch.output import layout
+from zimage_batch.output.encoding import Encoding
 from zimage_batch.output.features import sample_fields
 from zimage_batch.output.lease import LeaseLost, check_fence
 from zimage_batch.output.ledger import MAX_MARKER_ERRORS, CommitMarker, Ledger
@@ -203,7 +204,7 @@ class ShardRunner:
         )
         staged = self.storage.child(marker.staging.prefix)
         job = self.settings.job
-        writer = make_writer(job.format, staged, shard.name, job.image_format, job.quality,
+        writer = make_writer(job.format, staged, shard.name, Encoding.of_job(job),
                              fields=self.sample_fields)  # a Parquet row carries its metadata
         if self.expanded and self.settings.job.caption == "original":
             writer.caption_field = "prompt_original"  # the caption: the prompt before expansion

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from zimage_batch.output import layout
+from zimage_batch.output.encoding import PNG, Encoding
 from zimage_batch.output.features import yaml_features
 from zimage_batch.output.formats.base import READ_THREADS, CardInput, OutputFormat
 from zimage_batch.output.shard_writer import ShardWriter
@@ -27,9 +28,9 @@ class FilesWriter(ShardWriter):
 
     output_format = "files"
 
-    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95, *,
+    def __init__(self, storage: Storage, shard: str, encoding: Encoding = PNG, *,
                  upload_threads: int = 8, max_pending: int = 32) -> None:
-        super().__init__(storage, shard, image_format, quality)
+        super().__init__(storage, shard, encoding)
         if upload_threads < 1 or max_pending < 1:
             raise ValueError("upload_threads and max_pending must be >= 1")
         self.prefix = layout.images_prefix(self.shard)

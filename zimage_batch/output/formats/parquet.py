@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from zimage_batch.metadata_schema import METADATA_COLUMNS
 from zimage_batch.output import layout
+from zimage_batch.output.encoding import PNG, Encoding
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features, yaml_features
 from zimage_batch.output.formats.base import CardInput, OutputFormat, read_containers
 from zimage_batch.output.shard_writer import ShardWriter, TempDirMixin
@@ -38,9 +39,9 @@ class ParquetWriter(TempDirMixin, ShardWriter):
     ROW_GROUP_ROWS = 1024
     KEY_COLUMN = "__key__"
 
-    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95, *,
+    def __init__(self, storage: Storage, shard: str, encoding: Encoding = PNG, *,
                  fields: pa.Schema | None = None) -> None:
-        super().__init__(storage, shard, image_format, quality)
+        super().__init__(storage, shard, encoding)
         self.object = layout.parquet_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-pq-"), f"{self.shard}.parquet")
         self.schema = parquet_schema(fields)

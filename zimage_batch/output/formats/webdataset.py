@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from zimage_batch.output import layout
+from zimage_batch.output.encoding import PNG, Encoding
 from zimage_batch.output.features import json_type, sample_fields, yaml_features
 from zimage_batch.output.formats.base import CardInput, OutputFormat, read_containers
 from zimage_batch.output.shard_writer import ShardWriter, TempDirMixin
@@ -87,8 +88,8 @@ class WebDatasetWriter(TempDirMixin, ShardWriter):
 
     output_format = "webdataset"
 
-    def __init__(self, storage: Storage, shard: str, image_format: str = "png", quality: int = 95) -> None:
-        super().__init__(storage, shard, image_format, quality)
+    def __init__(self, storage: Storage, shard: str, encoding: Encoding = PNG) -> None:
+        super().__init__(storage, shard, encoding)
         self.object = layout.tar_key(self.shard)
         self._path = os.path.join(self._make_tmpdir("zimage-wds-"), f"{self.shard}.tar")
         self._tar: tarfile.TarFile | None = tarfile.open(self._path, "w", format=tarfile.PAX_FORMAT)
