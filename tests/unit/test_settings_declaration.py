@@ -126,6 +126,10 @@ def test_mask_settings_and_lora_reach_the_manifest_columns():
     assert derived_mask_columns() == tuple(MASK_SETTINGS[1:])  # `mask` alone may be a given file
     assert masks_used(["id", "source", "mask"], MaskJob()) is False
     assert masks_used(["id", "source", "mask_blur"], MaskJob()) is True
+    assert MaskJob().refusal_on_prompt_manifest("m.parquet") is None
+    assert MaskJob(mask_grow=2).refusal_on_prompt_manifest("m.parquet") == (
+        "mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and m.parquet is a prompt "
+        "manifest (no source column); leave them unset")
 
 
 def test_mask_settings_and_lora_reach_the_metadata_schema():
