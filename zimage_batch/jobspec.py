@@ -21,8 +21,8 @@ from zimage_batch.curate.spec import Curation, CurationError, curation_of
 from zimage_batch.inputs.columns import suggestion
 from zimage_batch.inputs.control import CONTROL_FIELDS
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
-from zimage_batch.inputs.mask_spec import JOB_FIELDS as MASK_JOB_FIELDS
 from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
+from zimage_batch.inputs.mask_spec import fingerprint_fields as mask_fingerprint_fields
 from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.encoding import IMAGE_FORMATS as IMAGE_ENCODINGS
 from zimage_batch.output.formats import FORMAT_NAMES as FORMATS
@@ -60,11 +60,11 @@ class JobSpec:
     # the job seed, then the generation defaults for rows that leave a value empty (None: the
     # variant's / model's): declared in zimage_batch/settings.py
     _sampler_settings: ClassVar[Here] = Here(lambda: job_settings("sampler"))
-    # LoRA adapters: name -> source, and the spec of rows whose `lora` is empty.
+    # LoRA adapters: name -> source, and the spec of rows whose `lora` is empty (declared).
     # The fingerprint has only whether `loras` is empty: job.json records each adapter's sha256
     # instead, so a changed file is a different job, a new adapter for new rows is not (ledger.py).
     loras: dict[str, str] = field(default_factory=dict)
-    lora: str | None = None
+    _lora_settings: ClassVar[Here] = Here(lambda: job_settings("lora"))
     # ControlNet Union: the weights, and the defaults of the rows' control columns
     controlnet: str | None = None  # a .safetensors file or diffusers folder: local, s3://, hub, tiny:<version>
     # the rows' condition defaults: declared in zimage_batch/settings.py
@@ -94,16 +94,8 @@ class JobSpec:
     max_new_tokens: int = 256  # the most tokens an expansion adds
     caption: str = "expanded"  # expanded | original: the caption (WebDataset .txt) of an expanded row
     # derived inpaint masks and outpainting (edit manifests; inputs/mask_spec.py): the defaults
-    # of the rows' columns of the same names
-    mask: str | None = None  # alpha: the source's transparent area is repainted
-    mask_grow: int = 0  # pixels: the mask dilated (negative: eroded)
-    mask_blur: int = 0  # pixels: the mask's edge blurred
-    outpaint: str | None = None  # WxH: the canvas the source is placed on
-    aspect: str | None = None  # W:H: the smallest canvas of that aspect ratio holding the source
-    anchor: str | None = None  # where the source sits on the canvas: center (default) | top | bottom | left | right
-    mask_prompt: str | None = None  # words: the mask is where CLIPSeg finds them
-    mask_threshold: float | None = None  # CLIPSeg probability from which a pixel repaints (None: 0.4)
-    mask_invert: bool = False  # repaint where the words are not
+    # of the rows' columns of the same names, declared in zimage_batch/settings.py
+    _mask_settings: ClassVar[Here] = Here(lambda: job_settings("mask"))
     segmenter: str | None = None  # CLIPSeg weights (None: CIDAS/clipseg-rd64-refined); a folder: local, s3://, hub
     segmenter_id: str | None = None  # resolved by the run (sha256, cache entry or hub commit), not a setting
     # how the job runs (not part of the fingerprint)
@@ -135,12 +127,13 @@ class JobSpec:
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
     OUTPUT_FIELDS = ("model", "variant", "models", "format", "image_format", "quality", *fingerprint_fields("sampler"),
-                     "lora", "loras", *fingerprint_fields("images"), "scores", "scorer_ids", "keep", "max_tries",
-                     "embeddings", "dedup_within_row")
-    # Settings added after jobs were first written: hashed only when set, so an OUTPUT written
-    # before they existed keeps its fingerprint.
-    ADDED_OUTPUT_FIELDS = ("lora", "loras", "scores", "scorer_ids", "keep", "max_tries", "embeddings",
-                           "dedup_within_row", *MASK_JOB_FIELDS)
+                     *fingerprint_fields("lora"), "loras", *fingerprint_fields("images"), "scores", "scorer_ids",
+                     "keep", "max_tries", "embeddings", "dedup_within_row")
+    # Settings added after jobs were first written: hashed only when set (not empty, 0 or False),
+    # so an OUTPUT written before they existed keeps its fingerprint. The declared ones among
+    # them (lora, the mask settings) are `added` too: not hashed at their default either.
+    ADDED_OUTPUT_FIELDS = (*fingerprint_fields("lora"), "loras", "scores", "scorer_ids", "keep", "max_tries",
+                           "embeddings", "dedup_within_row", *mask_fingerprint_fields())
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = CONTROL_FIELDS
@@ -151,7 +144,8 @@ class JobSpec:
 
     def output_fields(self) -> tuple[str, ...]:
         """The fields the fingerprint covers for this job (the mask settings when any is set)."""
-        masks = MASK_JOB_FIELDS if any(getattr(self, name) for name in MASK_JOB_FIELDS) else ()
+        masks = mask_fingerprint_fields()
+        masks = masks if any(getattr(self, name) for name in masks) else ()
         return (self.OUTPUT_FIELDS + (self.CONTROL_FIELDS if self.controlnet else ())
                 + (self.EXPANSION_FIELDS if self.prompt_expansion else ()) + masks)
 

@@ -12,21 +12,6 @@ from zimage_batch.settings import metadata_settings
 #: The metadata column of a job that uses num_images: which of its row's images a metadata row is.
 IMAGE_INDEX_COLUMN = {"image_index": pa.int64()}
 
-#: The column of a job with LoRA adapters: the resolved set, e.g. 'detail:1.0,style:0.8'; null for none.
-LORA_COLUMN = {"lora": pa.string()}
-# metadata columns of an edit job that keeps masks (inputs/mask_spec.py): what made each row's
-# mask, and the stored mask's sha256
-MASK_METADATA_COLUMNS = {
-    "mask_sha256": pa.string(),
-    "mask_grow": pa.int64(),
-    "mask_blur": pa.int64(),
-    "outpaint": pa.string(),
-    "anchor": pa.string(),
-    "mask_prompt": pa.string(),
-    "mask_threshold": pa.float64(),
-    "mask_invert": pa.bool_(),
-}
-
 # lineage columns added for edit manifests: where each edited image came from
 EDIT_METADATA_COLUMNS = {
     "source": pa.string(),
@@ -56,6 +41,12 @@ def base_columns() -> dict[str, pa.DataType]:
     }
 
 
+def mask_columns() -> dict[str, pa.DataType]:
+    """The columns of an edit job that keeps masks (inputs/mask_spec.masks_used): the stored
+    mask's sha256, then the declared mask settings that made it."""
+    return {"mask_sha256": pa.string(), **metadata_settings("mask")}
+
+
 def control_columns() -> dict[str, pa.DataType]:
     """The columns of a job with a ControlNet: the rows' conditions, and each condition's sha256."""
     return {**metadata_settings("control"), "control_sha256": pa.string()}
@@ -80,9 +71,9 @@ def metadata_columns(edit: bool, image_index: bool = False, lora: bool = False,
     if image_index:
         columns = {"id": columns.pop("id"), **IMAGE_INDEX_COLUMN, **columns}
     columns |= EDIT_METADATA_COLUMNS if edit else {}
-    columns |= LORA_COLUMN if lora else {}
+    columns |= metadata_settings("lora") if lora else {}  # the resolved set, e.g. 'detail:1.0,style:0.8'; null: none
     columns |= control_columns() if control else {}
-    columns |= MASK_METADATA_COLUMNS if edit and masks else {}
+    columns |= mask_columns() if edit and masks else {}
     return columns | (curated or {})
 
 

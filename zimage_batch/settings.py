@@ -4,7 +4,11 @@ decides it), bounds, and where it appears.
     SETTINGS ─► JobSpec fields and defaults (jobspec.py), fingerprint fields
              ─► manifest columns, their types and bounds (inputs/columns.py, inputs/validation.py)
              ─► request fields and batch keys (generate/requests.py)
-             ─► metadata columns, their order and Arrow types (output/schema.py), row records (run/rows.py)
+             ─► metadata columns, their order and Arrow types (metadata_schema.py), row records (run/rows.py)
+
+The LoRA spec (`lora`) and the mask settings (`mask`, `mask_grow`, ...) are declared here too:
+their JobSpec fields, manifest columns, metadata columns and fingerprint membership derive from
+the table; their own checks stay in inputs/lora_spec.py and inputs/mask_spec.py.
 
 Adding a setting is one entry here plus its use in the engine. This module imports no stage
 (only pyarrow), so every stage may read it.
@@ -42,7 +46,7 @@ class Setting:
     column: str | None = None  # the manifest column's type family; None: not a column
     manifests: tuple[str, ...] = PROMPT  # the manifests it is a column of
     aliases: tuple[str, ...] = ()  # other names tools use for the column (typo warnings)
-    group: str = "sampler"  # where JobSpec lists it: sampler | control | images
+    group: str = "sampler"  # where JobSpec lists it: sampler | control | images | lora | mask
     row_default: bool = True  # a row that leaves the column empty takes the job's value (JobSpec.defaults)
     request: bool = False  # an optional field of every request kind in `requests`
     requests: tuple[str, ...] = ("text-to-image", "edit", "control")
@@ -89,6 +93,15 @@ SIZE_STEP = 16
 #: diffusers' controlnet_conditioning_scale default
 DEFAULT_CONTROL_SCALE = 0.75
 
+
+def _mask(name: str, kind: type, default: Any, doc: str, column: str, metadata: pa.DataType | None = None,
+          aliases: tuple[str, ...] = ()) -> Setting:
+    """A mask setting: an edit manifest's column and a job setting; hashed only when set
+    (`added`); a row resolves it itself (inputs/mask_spec.row_mask), so it is no row default."""
+    return Setting(name, kind, default, doc, column=column, manifests=EDIT, aliases=aliases, group="mask",
+                   row_default=False, metadata=metadata, added=True)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("seed", int, 0, "job seed: rows without a seed derive theirs from it and their id",
             minimum=0, column=INTEGER, row_default=False, metadata=pa.int64()),
@@ -122,6 +135,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("num_images", int, 1, "images per row; image k uses seed + k", minimum=1, maximum=MAX_NUM_IMAGES,
             bound_note="(MAX_NUM_IMAGES)", column=INTEGER, aliases=("num_images_per_prompt",), group="images",
             added=True),
+    # LoRA: the adapter spec of rows whose `lora` is empty (inputs/lora_spec.py parses and checks
+    # it; a row resolves it itself, so it is no row default). A request holds the parsed adapter
+    # set, not the spec, so it is no declared request field. The adapters (`loras`: name ->
+    # source) are a mapping in JobSpec, not a setting.
+    Setting("lora", str, None, "name[:scale],... | none: the adapters of rows whose `lora` is empty",
+            column=STRING, group="lora", row_default=False, metadata=pa.string(), added=True),
+    # derived masks and outpainting (edit manifests; inputs/mask_spec.py reads them and refuses
+    # bad ones): the defaults of the rows' columns of the same names. `mask`'s metadata column is
+    # the edit lineage's (metadata_schema.EDIT_METADATA_COLUMNS: every edit row's, a given mask's
+    # URI too), and `aspect`'s is `outpaint` (which holds the row's W:H then), so neither declares one.
+    _mask("mask", str, None, "alpha: the source's transparent area is repainted (a row's: also a mask URI)",
+          STRING, aliases=("mask_image",)),
+    _mask("mask_grow", int, 0, "pixels: the mask dilated (negative: eroded)", INTEGER, pa.int64()),
+    _mask("mask_blur", int, 0, "pixels: the mask's edge blurred", INTEGER, pa.int64()),
+    _mask("outpaint", str, None, "WxH: the canvas the source is placed on", STRING, pa.string()),
+    _mask("aspect", str, None, "W:H: the smallest canvas of that aspect ratio holding the source", STRING),
+    _mask("anchor", str, None, "where the source sits on the canvas: center (None) | top | bottom | left | right",
+          STRING, pa.string()),
+    _mask("mask_prompt", str, None, "words: the mask is where CLIPSeg finds them", STRING, pa.string()),
+    _mask("mask_threshold", float, None, "CLIPSeg probability from which a pixel repaints (None: 0.4)", NUMBER,
+          pa.float64()),
+    _mask("mask_invert", bool, False, "repaint where the words are not", BOOL_OR_NUMBER, pa.bool_()),
 )
 
 

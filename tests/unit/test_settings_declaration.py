@@ -17,8 +17,9 @@ from zimage_batch import settings as declared
 from zimage_batch.generate.requests import ControlRequest, EditRequest, GenerationRequest
 from zimage_batch.inputs.columns import ALIASES, EDIT_COLUMNS, PROMPT_COLUMNS
 from zimage_batch.inputs.control import CONTROL_FIELDS, ControlJob
+from zimage_batch.inputs.mask_spec import MaskJob, derived_mask_columns, masks_used
 from zimage_batch.jobspec import JobSpec
-from zimage_batch.metadata_schema import METADATA_COLUMNS, control_columns
+from zimage_batch.metadata_schema import METADATA_COLUMNS, control_columns, mask_columns, metadata_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +87,71 @@ def test_with_settings_puts_declared_fields_where_the_marker_is():
 
     assert [f.name for f in dataclasses.fields(Probe)] == ["first", "num_images", "last"]
     assert Probe().num_images == 1 and not hasattr(Probe, "here")
+
+
+MASK_SETTINGS = ["mask", "mask_grow", "mask_blur", "outpaint", "aspect", "anchor", "mask_prompt", "mask_threshold",
+                 "mask_invert"]
+
+
+def test_the_mask_settings_and_lora_are_declared_once():
+    names = [s.name for s in declared.settings()]
+    assert len(names) == len(set(names))
+    assert [s.name for s in declared.job_settings("mask")] == MASK_SETTINGS
+    assert [s.name for s in declared.job_settings("lora")] == ["lora"]
+    for s in (*declared.job_settings("mask"), declared.setting("lora")):
+        assert s.added and s.fingerprint and not s.row_default and not s.request and not s.batch_key, s.name
+    assert declared.setting("mask_threshold").annotation() == "float | None"
+    assert declared.setting("mask_invert").annotation() == "bool"
+
+
+def test_mask_settings_and_lora_reach_the_jobspec_in_job_json_order():
+    names = [f.name for f in dataclasses.fields(JobSpec)]
+    assert names[names.index("loras"):names.index("loras") + 2] == ["loras", "lora"]
+    at = names.index("mask")
+    assert names[at:at + len(MASK_SETTINGS) + 2] == [*MASK_SETTINGS, "segmenter", "segmenter_id"]
+    assert JobSpec(mask_grow=8).mask_grow == 8 and JobSpec().mask_invert is False
+    # the workers' MaskJob takes the same declared fields, then the segmenter
+    assert [f.name for f in dataclasses.fields(MaskJob)] == [*MASK_SETTINGS, "segmenter", "segmenter_id"]
+    job = MaskJob.from_mapping(JobSpec(outpaint="96x96", anchor="top", mask_blur=3).to_dict())
+    assert (job.outpaint, job.anchor, job.mask_blur, job.mask_grow) == ("96x96", "top", 3, 0)
+
+
+def test_mask_settings_and_lora_reach_the_manifest_columns():
+    assert {name: EDIT_COLUMNS[name] for name in MASK_SETTINGS} == {
+        "mask": "string", "mask_grow": "integer", "mask_blur": "integer", "outpaint": "string", "aspect": "string",
+        "anchor": "string", "mask_prompt": "string", "mask_threshold": "number", "mask_invert": "boolean or number"}
+    assert not set(MASK_SETTINGS) & set(PROMPT_COLUMNS)
+    assert PROMPT_COLUMNS["lora"] == "string" and "lora" not in EDIT_COLUMNS
+    assert ALIASES["mask_image"] == "mask"
+    assert derived_mask_columns() == tuple(MASK_SETTINGS[1:])  # `mask` alone may be a given file
+    assert masks_used(["id", "source", "mask"], MaskJob()) is False
+    assert masks_used(["id", "source", "mask_blur"], MaskJob()) is True
+    assert MaskJob().refusal_on_prompt_manifest("m.parquet") is None
+    assert MaskJob(mask_grow=2).refusal_on_prompt_manifest("m.parquet") == (
+        "mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and m.parquet is a prompt "
+        "manifest (no source column); leave them unset")
+
+
+def test_mask_settings_and_lora_reach_the_metadata_schema():
+    assert {name: str(t) for name, t in mask_columns().items()} == {
+        "mask_sha256": "string", "mask_grow": "int64", "mask_blur": "int64", "outpaint": "string",
+        "anchor": "string", "mask_prompt": "string", "mask_threshold": "double", "mask_invert": "bool"}
+    edit = list(metadata_columns(True, lora=True, masks=True))
+    assert edit[edit.index("mask"):] == ["mask", "lora", *mask_columns()]  # after the lineage and lora
+    assert "mask_grow" not in metadata_columns(False, masks=True) and "mask_grow" not in metadata_columns(True)
+    assert metadata_columns(False, lora=True)["lora"] == pa.string() and "lora" not in METADATA_COLUMNS
+
+
+def test_mask_settings_and_lora_are_hashed_only_when_set():
+    plain = JobSpec(manifest="/m", output="/o")
+    assert "mask_grow" not in plain.output_fields() and "lora" in plain.output_fields()
+    for name, value in (("mask_grow", 4), ("mask_prompt", "sky"), ("mask_invert", True), ("anchor", "top")):
+        job = JobSpec(manifest="/m", output="/o", **{name: value})
+        assert job.fingerprint() != plain.fingerprint(), name
+        assert job.output_fields()[-len(MASK_SETTINGS) - 1:] == (*MASK_SETTINGS, "segmenter_id")
+    assert JobSpec(manifest="/m", output="/o", mask_prompt="").fingerprint() == plain.fingerprint()
+    assert JobSpec(manifest="/m", output="/o", mask_invert=False).fingerprint() == plain.fingerprint()
+    assert JobSpec(manifest="/m", output="/o", lora="none").fingerprint() != plain.fingerprint()
 
 
 THROWAWAY = textwrap.dedent('''

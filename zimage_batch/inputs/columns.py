@@ -1,8 +1,9 @@
 """The manifest's known columns and their type families, and the columns that look like a
 misspelled known one (`widht`, `negtive_prompt`, `steps`).
 
-The generation settings' columns come from their declaration (zimage_batch/settings.py); the
-columns here are the row's identity and what an edit row draws from.
+The generation settings' columns (the LoRA spec and the mask settings too) come from their
+declaration (zimage_batch/settings.py); the columns here are the row's identity and what an
+edit row draws from.
 
 A column the pipeline does not know is passed through into the metadata as data, so a typo in
 an optional column would silently lose its value. Names within a small edit distance of a known
@@ -14,21 +15,18 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from zimage_batch.inputs.mask_spec import MASK_COLUMNS
 from zimage_batch.settings import STRING, column_aliases, column_types
 
 
 def prompt_columns() -> dict[str, str]:
     """The columns of a prompt manifest (edit manifests take them too) -> their type family."""
-    return {"id": STRING, "prompt": STRING, "variant": STRING,
-            "lora": STRING,  # LoRA adapters: inputs/lora_spec.py
-            **column_types("prompt")}
+    return {"id": STRING, "prompt": STRING, "variant": STRING, **column_types("prompt")}
 
 
 def edit_columns() -> dict[str, str]:
-    """The columns of edit manifests only: the source, how it is edited, derived masks."""
-    return {"source": STRING, "mode": STRING, "mask": STRING, **column_types("edit"),
-            **MASK_COLUMNS}  # derived masks and outpainting: inputs/mask_spec.py
+    """The columns of edit manifests only: the source, how it is edited, its mask (declared with
+    the derived masks' settings: inputs/mask_spec.py)."""
+    return {"source": STRING, "mode": STRING, **column_types("edit")}
 
 
 PROMPT_COLUMNS = prompt_columns()
@@ -40,7 +38,6 @@ ALIASES = {
     "init_image": "source",
     "input_image": "source",
     "source_image": "source",
-    "mask_image": "mask",
     **column_aliases(),
 }
 

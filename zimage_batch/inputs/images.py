@@ -8,7 +8,8 @@ grayscale, alpha (composited on white), CMYK (through its ICC profile when it ha
 images to 8-bit RGB, and refuses images with more pixels than a limit before decoding them
 (decompression bombs). Relative source paths are relative to the manifest file that lists them
 (`resolve_uri`). A mask may instead be derived from the source (masks.py: its alpha, an outpaint
-canvas, words through CLIPSeg); `mask_lineage` is what the metadata records of a row's mask.
+canvas, words through CLIPSeg); what the metadata records of a row's mask is
+`mask_spec.mask_metadata`.
 """
 from __future__ import annotations
 
@@ -159,18 +160,6 @@ def source_and_mask(data: bytes, source: str, mask: str | None, spec: RowMask | 
     if mask_image is not None and spec is not None:
         mask_image = masks.refine(mask_image, spec.grow, spec.blur)
     return image, mask_image
-
-
-def mask_lineage(spec: RowMask | None, mask: str | None) -> dict[str, Any]:
-    """The metadata of a row's mask settings (jobs that keep masks), before the mask is made."""
-    if spec is None:
-        return {"mask_sha256": None, "mask_grow": None, "mask_blur": None, "outpaint": None, "anchor": None}
-    canvas = spec.canvas and f"{spec.canvas[0]}x{spec.canvas[1]}"
-    outpainted, words = spec.kind == "outpaint", spec.kind == WORDS
-    return {"mask": spec.kind if spec.derived else mask, "mask_sha256": None, "mask_grow": spec.grow,
-            "mask_blur": spec.blur, "outpaint": (canvas or spec.aspect) if outpainted else None,
-            "anchor": spec.anchor if outpainted else None, "mask_prompt": spec.prompt,
-            "mask_threshold": spec.threshold if words else None, "mask_invert": spec.invert if words else None}
 
 
 def prefetch(

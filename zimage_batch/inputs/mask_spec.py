@@ -17,6 +17,9 @@ A row's mask, from its own columns, else the job's settings of the same names:
     mask_blur            pixels: a Gaussian blur of the mask's edge
 
 A row has one of: a mask, mask words, an outpaint canvas. Rows with any of them run as inpaint.
+
+The settings themselves (type, default, manifest column, metadata column, fingerprint) are
+declared in zimage_batch/settings.py (group `mask`); this module reads them by those names.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zimage_batch.settings import Here, job_settings, with_settings
+
 ALPHA = "alpha"
 WORDS = "words"  # RowMask.kind of a mask from mask_prompt
+OUTPAINT = "outpaint"  # RowMask.kind of an outpainted row (outpaint or aspect)
 DEFAULT_THRESHOLD = 0.4
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 ANCHORS = ("center", "top", "bottom", "left", "right")
@@ -40,13 +46,22 @@ MAX_CANVAS_SIDE = 16384
 MAX_ASPECT = 16.0  # the longest side at most this many times the shortest
 _OUTPAINT = re.compile(r"^\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*$")
 _ASPECT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*$")
-# the manifest columns of derived masks (edit manifests only) and their type families
-MASK_COLUMNS = {"mask_grow": "integer", "mask_blur": "integer", "outpaint": "string", "aspect": "string",
-                "anchor": "string", "mask_prompt": "string", "mask_threshold": "number",
-                "mask_invert": "boolean or number"}
-# (its metadata columns: metadata_schema.MASK_METADATA_COLUMNS)
-JOB_FIELDS = ("mask", "mask_grow", "mask_blur", "outpaint", "aspect", "anchor", "mask_prompt", "mask_threshold",
-              "mask_invert", "segmenter_id")
+
+
+def mask_settings() -> tuple[str, ...]:
+    """The declared mask settings (zimage_batch/settings.py), in JobSpec's order."""
+    return tuple(s.name for s in job_settings("mask"))
+
+
+def derived_mask_columns() -> tuple[str, ...]:
+    """The manifest columns that derive a mask: every mask setting's but `mask` (a given file's URI, too)."""
+    return tuple(s.name for s in job_settings("mask") if s.column is not None and s.name != "mask")
+
+
+def fingerprint_fields() -> tuple[str, ...]:
+    """The fields a job's fingerprint covers when any is set: the mask settings, then the
+    segmenter's identity (JobSpec.output_fields)."""
+    return (*mask_settings(), "segmenter_id")
 
 
 class MaskSettingError(ValueError):
@@ -54,24 +69,31 @@ class MaskSettingError(ValueError):
 
 
 @dataclass(frozen=True)
+@with_settings
 class MaskJob:
-    """A job's mask settings, the defaults of the rows' columns (typed: they cross Ray)."""
+    """A job's mask settings, the defaults of the rows' columns (typed: they cross Ray): the
+    declared ones (mask, mask_grow, ...: zimage_batch/settings.py), then the segmenter."""
 
-    mask: str | None = None  # alpha
-    mask_grow: int = 0
-    mask_blur: int = 0
-    outpaint: str | None = None
-    aspect: str | None = None
-    anchor: str | None = None  # None: center
-    mask_prompt: str | None = None
-    mask_threshold: float | None = None  # None: 0.4
-    mask_invert: bool = False
+    _mask_settings: ClassVar[Here] = Here(lambda: job_settings("mask"))
     segmenter: str | None = None  # None: CIDAS/clipseg-rd64-refined
     segmenter_id: str | None = None  # its identity, as the driver resolved it
 
     @classmethod
     def from_mapping(cls, job: Mapping[str, Any]) -> MaskJob:
-        return cls(**{name: job[name] for name in (*JOB_FIELDS, "segmenter") if job.get(name) is not None})
+        names = (*fingerprint_fields(), "segmenter")
+        return cls(**{name: job[name] for name in names if job.get(name) is not None})
+
+    @property
+    def edits_sources(self) -> bool:
+        """Whether the job's settings edit source images (so need an edit manifest)."""
+        return bool(self.derives or self.mask_grow or self.mask_blur or self.anchor)
+
+    def refusal_on_prompt_manifest(self, manifest: str) -> str | None:
+        """Why this job cannot run on a prompt manifest (no sources to edit), or None."""
+        if not self.edits_sources:
+            return None
+        return (f"mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and {manifest} is a "
+                "prompt manifest (no source column); leave them unset")
 
     @property
     def derives(self) -> bool:
@@ -159,12 +181,25 @@ def row_mask(row: Mapping[str, Any], job: MaskJob) -> RowMask | None:
         return RowMask(WORDS, grow, blur, prompt=str(words), invert=bool(value("mask_invert")),
                        threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold))
     if outpaint:
-        return RowMask("outpaint", grow, blur, canvas=parse_outpaint(outpaint), anchor=anchor)
+        return RowMask(OUTPAINT, grow, blur, canvas=parse_outpaint(outpaint), anchor=anchor)
     if aspect:
-        return RowMask("outpaint", grow, blur, aspect=str(aspect), anchor=anchor)
+        return RowMask(OUTPAINT, grow, blur, aspect=str(aspect), anchor=anchor)
     if mask:
         return RowMask(ALPHA if mask == ALPHA else "file", grow, blur)
     return None
+
+
+def mask_metadata(spec: RowMask | None, mask: str | None) -> dict[str, Any]:
+    """The metadata of a row's mask settings (jobs that keep masks: metadata_schema.mask_columns),
+    before the mask is made; `mask` is the row's given mask."""
+    if spec is None:
+        return {"mask_sha256": None, "mask_grow": None, "mask_blur": None, "outpaint": None, "anchor": None}
+    canvas = spec.canvas and f"{spec.canvas[0]}x{spec.canvas[1]}"
+    outpainted, words = spec.kind == OUTPAINT, spec.kind == WORDS
+    return {"mask": spec.kind if spec.derived else mask, "mask_sha256": None, "mask_grow": spec.grow,
+            "mask_blur": spec.blur, "outpaint": (canvas or spec.aspect) if outpainted else None,
+            "anchor": spec.anchor if outpainted else None, "mask_prompt": spec.prompt,
+            "mask_threshold": spec.threshold if words else None, "mask_invert": spec.invert if words else None}
 
 
 def uses_words(columns: Any, job: MaskJob) -> bool:
@@ -177,7 +212,7 @@ def masks_used(columns: Any, job: MaskJob, alpha_rows: bool = False) -> bool:
     the stored `<key>.mask.png`): when it derives them, from job settings, a derived-mask
     column, or rows whose `mask` is `alpha` (`alpha_rows`). A job whose masks are all given
     files keeps the layout it always had: the mask is the row's own file."""
-    return job.derives or alpha_rows or bool(set(MASK_COLUMNS) & set(columns))
+    return job.derives or alpha_rows or bool(set(derived_mask_columns()) & set(columns))
 
 
 def has_alpha_rows(mask_columns: Any) -> bool:

@@ -26,7 +26,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-from zimage_batch.inputs.mask_spec import ALPHA, RowMask, parse_aspect
+from zimage_batch.inputs.mask_spec import ALPHA, OUTPAINT, RowMask, parse_aspect
 
 REPAINTED = 128  # the reference pipelines binarize masks at one half: values from 128 repaint
 
@@ -107,7 +107,7 @@ def derive(spec: RowMask, decoded: Image.Image, rgb: Image.Image, uri: str) -> t
     decoded (for its alpha), `rgb` the same as RGB."""
     if spec.kind == ALPHA:
         image, mask = rgb, alpha_mask(decoded, uri)
-    elif spec.kind == "outpaint":
+    elif spec.kind == OUTPAINT:
         image, mask = outpaint(rgb, spec, uri)
     else:
         raise ValueError(f"not a derived mask: {spec.kind}")
@@ -124,7 +124,7 @@ def words_mask(probability: np.ndarray, spec: RowMask) -> Image.Image:
 def check_not_empty(mask: Image.Image, spec: RowMask, uri: str) -> None:
     """A derived mask must repaint something (at the size the model sees it)."""
     if int(np.asarray(mask).max(initial=0)) < REPAINTED:
-        what = {ALPHA: "the source is opaque", "outpaint": "the canvas adds nothing"}.get(
+        what = {ALPHA: "the source is opaque", OUTPAINT: "the canvas adds nothing"}.get(
             spec.kind, f"CLIPSeg finds no {spec.prompt!r} at threshold {spec.threshold:g}")
         raise MaskError(f"the derived mask is empty, nothing to repaint ({spec.kind}: {what}): {uri}")
 

@@ -254,7 +254,7 @@ def _check_edit_modes(batch: pa.RecordBatch, limits: Limits, fail_if: Callable[[
     n = batch.num_rows
     mask = batch.column("mask") if "mask" in batch.schema.names else pa.nulls(n, pa.string())
     has_mask = pc.fill_null(pc.greater(pc.utf8_length(pc.cast(mask, pa.string())), 0), False)
-    has_mask = pc.or_(has_mask, derived_rows(batch, limits.masks))  # alpha, outpaint, aspect: inpaint
+    has_mask = pc.or_(has_mask, derived_rows(batch, limits.masks))  # alpha, words, canvases: inpaint
     given = batch.column("mode") if "mode" in batch.schema.names else pa.nulls(n, pa.string())
     given = pc.cast(given, pa.string())
     variants = batch.column("variant") if "variant" in batch.schema.names else pa.nulls(n, pa.string())

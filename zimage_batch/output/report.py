@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from zimage_batch.inputs.mask_spec import ALPHA, WORDS
+from zimage_batch.inputs.mask_spec import ALPHA, OUTPAINT, WORDS
 from zimage_batch.output import formats, layout
 from zimage_batch.output.curation import curation_section
 from zimage_batch.output.ledger import CommitMarker
@@ -126,7 +126,7 @@ def thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 #: What the metadata's `mask` column says of a mask derived on the worker (not a file to show).
-DERIVED_MASKS = (ALPHA, WORDS, "outpaint")
+DERIVED_MASKS = (ALPHA, WORDS, OUTPAINT)
 
 
 def source_thumbnails(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -258,7 +258,7 @@ def _edit_caption(row: dict[str, Any], thumbs: dict[str, str]) -> str:
     parts = [f"mode <b>{_e(row.get('mode'))}</b>"]
     if row.get("strength") is not None:
         parts.append(f"strength {_e(row['strength'])}")
-    if row.get("mask") in DERIVED_MASKS:  # derived on the worker (alpha, words, outpaint): the review shows it
+    if row.get("mask") in DERIVED_MASKS:  # derived on the worker (alpha, words, a canvas): the review shows it
         parts.append(f"mask <b>{_e(row['mask'])}</b>")
     elif row.get("mask"):
         thumb = thumbs.get(row["mask"])

@@ -24,7 +24,7 @@ from zimage_batch.generate.requests import ControlRequest, EditRequest
 from zimage_batch.inputs import images, masks
 from zimage_batch.inputs.conditions import condition_image
 from zimage_batch.inputs.control import GIVEN, ControlSettings
-from zimage_batch.inputs.mask_spec import WORDS, MaskJob, RowMask, row_mask
+from zimage_batch.inputs.mask_spec import WORDS, MaskJob, RowMask, mask_metadata, row_mask
 from zimage_batch.model.variants import Variant
 from zimage_batch.settings import request_settings
 from zimage_batch.text import first_line
@@ -81,7 +81,7 @@ def load_edit_row(template: EditRequest, source: str, mask: str | None, variant:
         "mode": template.mode,
         "strength": None if template.mode == "edit" else template.strength,
         "mask": mask,
-    } | (images.mask_lineage(spec, mask) if keep else {})
+    } | (mask_metadata(spec, mask) if keep else {})
     try:
         data = images.fetch(source)
         lineage["source_sha256"] = hashlib.sha256(data).hexdigest()
@@ -116,7 +116,7 @@ def load_control_row(template: ControlRequest, source: str | None, mask: str | N
     if source is not None:
         lineage |= {"source": source, "source_sha256": None, "source_width": None, "source_height": None,
                     "mode": template.mode, "strength": None, "mask": mask if template.inpaint else None}
-        lineage |= images.mask_lineage(spec, mask) if keep else {}
+        lineage |= mask_metadata(spec, mask) if keep else {}
     try:
         image = mask_image = None
         width, height = template.width, template.height

@@ -197,9 +197,9 @@ def check_manifest(job: JobSpec, warn: Callable[[str], None] | None = None) -> t
         raise JobError(f"{manifest.uri}: column 'prompt_original' is the metadata column of the prompt before "
                        "expansion (prompt_expansion); rename it to keep it")
     masks = MaskJob.from_mapping(spec.to_dict())
-    if manifest.kind == "prompt" and (masks.derives or masks.mask_grow or masks.mask_blur or masks.anchor):
-        raise JobError(f"mask, mask_grow, mask_blur, outpaint, aspect and anchor edit source images, and "
-                       f"{spec.manifest} is a prompt manifest (no source column); leave them unset")
+    refusal = masks.refusal_on_prompt_manifest(str(spec.manifest)) if manifest.kind == "prompt" else None
+    if refusal:
+        raise JobError(refusal)
     limits = Limits(resolved.variant, d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"],
                     tuple(spec.loras), controlnet=bool(spec.controlnet), control=spec.control,
                     control_image=spec.control_image, default_num_images=d["num_images"], masks=masks)

@@ -42,7 +42,7 @@ def request_for_row(row: dict[str, Any], settings: WorkerSettings, variant: Vari
         lora=resolve_lora(row.get("lora"), settings.job.lora),
     )
     control = row_control(row, settings.control) if settings.control else None
-    has_mask = edit and row_mask(row, settings.masks) is not None  # given, or derived (alpha, outpaint)
+    has_mask = edit and row_mask(row, settings.masks) is not None  # given, or derived (alpha, words, a canvas)
     if control:  # ControlNet text-to-image, or ControlNet inpaint for an edit row with a mask
         width, height = (row.get("width") or settings.job.width, row.get("height") or settings.job.height)
         if not edit:
