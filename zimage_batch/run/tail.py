@@ -2,9 +2,9 @@
 
 At a thousand workers a job ends when its slowest last shard does; with 1,000-row shards at
 0.9 s/img that is 15 minutes of 999 GPUs waiting on one. So, as guided self-scheduling does,
-the rows left at each point of the queue set the size of the shard cut there: a shard with R
-rows from its start to the end of the queue holds about R / (TAIL_ROUNDS x workers) rows,
-between TAIL_MIN_ROWS and the shard size. Only the last TAIL_ROUNDS x workers shards' worth of
+the rows left at each point of the queue set the size of the piece cut there: a piece with R
+rows from its start to the end of the queue holds about R / (TAIL_ROUNDS x workers) rows, at
+least TAIL_MIN_ROWS (a shard's last piece takes what is left of it). Only the last TAIL_ROUNDS x workers shards' worth of
 rows change: the bulk of the job keeps its shard size.
 
 Cutting is safe for exactly-once because it happens to shards no attempt has run (the plan's,
@@ -48,8 +48,8 @@ def cut_tail(shards: Sequence[Shard], workers: int, min_rows: int = TAIL_MIN_ROW
         while start < shard.end:
             size = piece_rows(left, workers, shard_rows, min_rows)
             end = shard.end if shard.end - (start + size) < min_rows else start + size  # no crumb after it
-            name = shard.name if start == shard.start else shard_name(shard.file, start)
-            out.append(Shard(name, shard.file, start, end))
+            out.append(Shard(shard.name if start == shard.start else shard_name(shard.file, start),
+                             shard.file, start, end))
             left -= end - start
             start = end
     return out
