@@ -45,15 +45,15 @@ def test_only_the_last_rounds_of_shards_are_cut_and_they_shrink_towards_the_end(
     assert after[:len(untouched)] == untouched  # the bulk keeps its shards and names
     pieces = after[len(untouched):]
     assert len(pieces) > TAIL_ROUNDS * workers
-    for k, piece in enumerate(pieces):  # each about the rows left over twice the workers, down to the floor
+    for k, piece in enumerate(pieces):  # each about the rows left over TAIL_ROUNDS x workers, down to the floor
         left = sum(p.num_rows for p in pieces[k:])
         assert TAIL_MIN_ROWS <= piece.num_rows < piece_rows(left, workers, size) + TAIL_MIN_ROWS
     assert pieces[-1].num_rows < 2 * TAIL_MIN_ROWS and pieces[0].num_rows > 10 * TAIL_MIN_ROWS
 
 
-def test_each_piece_holds_the_rows_left_over_twice_the_workers():
-    assert piece_rows(2_000_000, 1000, 1000) == 1000
-    assert piece_rows(1_000_000, 1000, 1000) == 500
+def test_each_piece_holds_the_rows_left_over_a_few_times_the_workers():
+    assert piece_rows(TAIL_ROUNDS * 1_000_000, 1000, 1000) == 1000
+    assert piece_rows(TAIL_ROUNDS * 500_000, 1000, 1000) == 500
     assert piece_rows(1000, 1000, 1000) == TAIL_MIN_ROWS
 
 

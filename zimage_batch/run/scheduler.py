@@ -291,15 +291,16 @@ class _TailCopies:
     last, the first copy to finish winning.
 
     Expectations come from finished shards: seconds per row (the median of the latest
-    DURATIONS_KEPT) times a shard's rows times its worker's pace (its last shard's seconds per
-    row over the median; 1 for a worker that has finished none)."""
+    DURATIONS_KEPT) times a shard's rows times its worker's pace (its shards' seconds per row
+    over the median, each new one averaged with the pace before; 1 for a worker that has
+    finished none)."""
 
     state: _State
     pool: WorkerPool
     rules: Rules
     clock: Callable[[], float]
     echo: Callable[[str], None]
-    _pace: dict[int, float]  # worker -> its last shard's seconds per row over the median
+    _pace: dict[int, float]  # worker -> its shards' seconds per row over the median (halved in each time)
     _median: tuple[int, float, float]  # (finished shards counted, their median seconds per row, slowest pace)
     _last_rows: int  # rows of the latest finished shard
     _draining: set[int]  # workers left to empty so that a queued suspect can run alone
@@ -327,7 +328,7 @@ class _TailCopies:
         return watch is not None and watch.beat is not None and watch.beat.loading
 
     def _slow(self, worker: int) -> bool:
-        """Whether `worker` may be slow: its last shard's pace above SLOW_PACE; a worker that
+        """Whether `worker` may be slow: its pace above SLOW_PACE; a worker that
         has finished nothing yet is taken to be as slow as the slowest recent shard."""
         return self._row_seconds() is not None and self._pace.get(worker, self._median[2]) > SLOW_PACE
 
@@ -430,7 +431,8 @@ class _TailCopies:
                 s.row_seconds.append((self.clock() - started) / shard.num_rows)
                 s.finished += 1
                 self._last_rows = shard.num_rows
-                self._pace[worker] = s.row_seconds[-1] / (self._row_seconds() or 1.0)
+                pace = s.row_seconds[-1] / (self._row_seconds() or 1.0)
+                self._pace[worker] = (self._pace[worker] + pace) / 2 if worker in self._pace else pace
             for other in others:
                 s.in_flight.pop(other)
                 s.copies_cancelled += 1
@@ -552,7 +554,7 @@ class Scheduler(_TailCopies, _StallWatch):
         self.state = _State(queue=_Queue(shards), in_flight=_InFlight(clock, pool.size, rules.in_flight_per_worker))
         self._draining: set[int] = set()  # workers left to empty so that a queued suspect can run alone
         self._next_speculation = 0.0  # clock time of the next look for tail shards to copy
-        self._pace: dict[int, float] = {}  # worker -> its last shard's seconds per row over the median
+        self._pace: dict[int, float] = {}  # worker -> its shards' seconds per row over the median
         self._median = (0, 0.0, 1.0)  # (finished shards counted, their median seconds per row, slowest pace)
         self._last_rows = 0  # rows of the latest finished shard
 
