@@ -348,7 +348,8 @@ class _TailCopies:
             return
         self._next_speculation = now + rate * self._last_rows * SPECULATE_EVERY
         drained = now + (s.queue.rows + s.in_flight.rows) * rate / self.pool.size if s.queue else now
-        late = sorted(((end, ticket) for ticket, end in self._expected_ends(now, rate) if end > drained), reverse=True)
+        late = sorted(((end, ticket) for ticket, end in self._expected_ends(now, rate) if end > drained),
+                      key=lambda item: item[0], reverse=True)  # (tickets need not compare)
         if not late:
             return
         ending = self._ending()
