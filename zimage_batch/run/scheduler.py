@@ -323,9 +323,10 @@ class _TailCopies:
         return self._row_seconds() is not None and self.state.queue.rows < self._last_rows * self.pool.size
 
     def _loading(self, worker: int) -> bool:
-        """Whether `worker` last said that its model is still loading."""
+        """Whether `worker` last said that its model is still loading (and has finished no
+        shard since: heartbeats are taken every few seconds only)."""
         watch = self.state.watches.get(worker)
-        return watch is not None and watch.beat is not None and watch.beat.loading
+        return worker not in self._pace and watch is not None and watch.beat is not None and watch.beat.loading
 
     def _slow(self, worker: int) -> bool:
         """Whether `worker` may be slow: its pace above SLOW_PACE; a worker that
@@ -375,7 +376,7 @@ class _TailCopies:
     def _may_copy_on(self, worker: int) -> bool:
         """Whether `worker` may run a copy: not slow, not emptied for a suspect, running none."""
         s = self.state
-        return (self._pace.get(worker, 1.0) <= 1 + SPECULATE_MARGIN and worker not in self._draining
+        return (self._pace.get(worker, 1.0) <= SLOW_PACE and worker not in self._draining
                 and not any(s.in_flight[t][0].name in s.suspects for t in s.in_flight.on_worker.get(worker, ())))
 
     def _worker_end(self, worker: int, now: float, rate: float) -> tuple[float, dict[Ticket, float]]:
