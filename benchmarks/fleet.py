@@ -3,6 +3,7 @@
     python benchmarks/fleet.py                      # 1,000 workers, 10^7 images, 5% slow at 3x, 5%/h preemption
     python benchmarks/fleet.py --json               # the same, one JSON object
     python benchmarks/fleet.py --speculate off      # without second copies of tail shards
+    python benchmarks/fleet.py --tail off           # the plan's shards kept whole (no pieces at the end)
     python benchmarks/fleet.py --slow-share 0 --preempt-per-hour 0     # no faults
 
 `zimage_batch.run.scheduler.Scheduler` runs unchanged; its pool is `SimPool` below, whose
