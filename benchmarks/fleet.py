@@ -3,15 +3,18 @@
     python benchmarks/fleet.py                      # 1,000 workers, 10^7 images, 5% slow at 3x, 5%/h preemption
     python benchmarks/fleet.py --json               # the same, one JSON object
     python benchmarks/fleet.py --speculate off      # without second copies of tail shards
+    python benchmarks/fleet.py --tail off           # the plan's shards kept whole (no pieces at the end)
     python benchmarks/fleet.py --slow-share 0 --preempt-per-hour 0     # no faults
 
 `zimage_batch.run.scheduler.Scheduler` runs unchanged; its pool is `SimPool` below, whose
 `wait()` jumps the clock to the next event instead of sleeping. Each worker runs its shards one
 after another (the GPU is the bottleneck); a shard takes rows x s/img x the worker's speed
 factor x a log-normal jitter. A share of workers is slow; workers are preempted (Poisson, per
-worker) and whole nodes lost (Poisson, per fleet), each replaced after a delay: the shards they
-held come back to the scheduler as `WorkerDied`. A cancelled copy (the other copy finished)
-stops at once.
+worker) and whole nodes lost (Poisson, per fleet): the shards they held come back to the
+scheduler as `WorkerDied` (a worker that died idle, at the next shard sent to it, as a Ray actor
+does), and the worker the scheduler puts in its place starts work after a delay. The shards are
+the plan's, their tail cut smaller as `zimage-batch run` cuts it (`run/tail.py`). A cancelled
+copy (the other copy finished) stops at once.
 
 Figures: makespan / ideal (ideal = total work / workers, at nominal speed, so slow workers and
 replacement delays count against it), GPU-hours idle in the tail (each worker from its last
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zimage_batch.run.plan import Shard  # noqa: E402
 from zimage_batch.run.scheduler import Finished, Outcome, Rules, Scheduler, Ticket, WorkerDied  # noqa: E402
+from zimage_batch.run.tail import cut_tail  # noqa: E402
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Scenario:
     gpus_per_node: int = 8
     replace_delay_s: float = 300.0  # a preempted or lost worker's replacement starts work after this
     speculate: bool = True
+    tail: bool = True  # the planner's last shards cut smaller (run/tail.py), as `zimage-batch run` does
     seed: int = 0
 
 
@@ -117,10 +122,7 @@ class SimPool:
         if actor.running_since is not None and actor.running_since < self.now:
             self.redone_s += self.now - actor.running_since
             self.last_end[actor.slot] = self.now
-        lost = [(t, WorkerDied("ActorDiedError: the node was preempted")) for t in actor.queue]
-        if not lost:  # nobody waits on it: the pool replaces it unasked
-            self.slots[actor.slot] = self._new_actor(actor.slot, self.now + self.sc.replace_delay_s)
-        return lost
+        return [(t, WorkerDied("ActorDiedError: the node was preempted")) for t in actor.queue]
 
     # ------------------------------------------------------------------ WorkerPool
     def submit(self, worker: int, shard: Shard, attempt: int) -> Ticket:
@@ -128,7 +130,10 @@ class SimPool:
         actor = self.slots[worker]
         self.shard_of[ticket], self.actor_of[ticket] = shard, actor
         actor.queue.append(ticket)
-        self._start_next(actor)
+        if actor.alive:
+            self._start_next(actor)
+        else:  # it died idle: as with Ray, the next call to it fails at once
+            self._push(self.now, "dead", (actor, ticket))
         return ticket
 
     def wait(self, tickets: Sequence[Ticket], timeout: float) -> list[tuple[Ticket, Outcome]]:
@@ -154,6 +159,9 @@ class SimPool:
             self._start_next(actor)
             shard = self.shard_of.pop(ticket)
             return [(ticket, Finished({"shard": shard.name, "rows": shard.num_rows}))]
+        if kind == "dead":
+            actor, ticket = data
+            return [(ticket, WorkerDied("ActorDiedError: the node was preempted"))] if ticket in actor.queue else []
         if kind == "preempt":
             if not data.alive:
                 return []
@@ -173,7 +181,7 @@ class SimPool:
 
     def heartbeats(self) -> dict[int, Any]:
         """Simulated workers never hang: every live one answers, its progress moving with the
-        clock, once a virtual minute (for a scheduler that checks for stalled workers)."""
+        clock, once a virtual minute, loading its model until it is ready."""
         try:
             from zimage_batch.run.heartbeat import Heartbeat
         except ImportError:  # a scheduler without the stall check
@@ -181,7 +189,8 @@ class SimPool:
         if self.now - self.beaten < 60.0:
             return {}
         self.beaten = self.now
-        return {w: Heartbeat(f"sim:{w}", int(self.now)) for w, actor in enumerate(self.slots) if actor.alive}
+        return {w: Heartbeat(f"sim:{w}", int(self.now), loading=self.now < actor.ready_at)
+                for w, actor in enumerate(self.slots) if actor.alive}
 
     def cancel(self, ticket: Ticket) -> None:
         """The other copy of this shard finished: a waiting copy is dropped, a running one stops."""
@@ -233,6 +242,8 @@ class Timed:
 def simulate(sc: Scenario) -> dict[str, Any]:
     shards = [Shard(f"m-{start:010d}", "m.parquet", start, min(start + sc.shard_size, sc.images))
               for start in range(0, sc.images, sc.shard_size)]
+    if sc.tail:
+        shards = cut_tail(shards, sc.workers)
     sim = SimPool(sc)
     pool = Timed(sim)
     lines: list[str] = []
@@ -248,7 +259,8 @@ def simulate(sc: Scenario) -> dict[str, Any]:
     return {
         "workers": sc.workers, "images": sc.images, "shard_size": sc.shard_size, "s_per_img": sc.s_per_img,
         "slow_share": sc.slow_share, "slow_factor": sc.slow_factor, "preempt_per_hour": sc.preempt_per_hour,
-        "node_loss_per_hour": sc.node_loss_per_hour, "speculate": sc.speculate, "seed": sc.seed,
+        "node_loss_per_hour": sc.node_loss_per_hour, "speculate": sc.speculate, "tail": sc.tail,
+        "seed": sc.seed,
         "makespan_h": makespan / hour,
         "ideal_h": ideal / hour,
         "makespan_over_ideal": makespan / ideal,
@@ -286,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
     p.add_argument("--replace-delay", type=float, default=d.replace_delay_s, help="seconds")
     p.add_argument("--speculate", choices=("on", "off"), default="on")
+    p.add_argument("--tail", choices=("on", "off"), default="on", help="cut the last shards smaller")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     sc = Scenario(a.workers, a.images, a.shard_size, a.s_per_img, a.jitter, a.slow_share, a.slow_factor,
                   a.preempt_per_hour, a.node_loss_per_hour, a.gpus_per_node, a.replace_delay, a.speculate == "on",
-                  a.seed)
+                  a.tail == "on", a.seed)
     r = simulate(sc)
     if a.json:
         print(json.dumps(r))
@@ -299,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{r['workers']} workers, {r['images']:,} images in {r['shards']:,} shards of {r['shard_size']}, "
           f"{r['s_per_img']} s/img; {r['slow_share']:.0%} slow at {r['slow_factor']}x, "
           f"preemption {r['preempt_per_hour']:.0%}/h, node loss {r['node_loss_per_hour']}/h; "
-          f"speculate {'on' if r['speculate'] else 'off'}")
+          f"speculate {'on' if r['speculate'] else 'off'}, tail {'on' if r['tail'] else 'off'}")
     print(f"makespan {r['makespan_h']:.3f} h, ideal {r['ideal_h']:.3f} h: {r['makespan_over_ideal']:.3f}x")
     print(f"GPU-hours: fleet {r['fleet_gpu_hours']:.0f}, work {r['work_gpu_hours']:.0f}, "
           f"tail idle {r['tail_idle_gpu_hours']:.0f}, redone {r['redone_gpu_hours']:.1f}, "

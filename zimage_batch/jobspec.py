@@ -19,7 +19,7 @@ import yaml
 
 from zimage_batch.curate.spec import Curation, CurationError, curation_of
 from zimage_batch.inputs.columns import suggestion
-from zimage_batch.inputs.control import CONTROL_FIELDS
+from zimage_batch.inputs.control import CONTROL_FIELDS, DERIVED, NONE
 from zimage_batch.inputs.lora_spec import NO_ADAPTER, LoraSpecError, check_adapter_name, format_lora, parse_lora, undeclared
 from zimage_batch.inputs.mask_spec import MaskJob, MaskSettingError
 from zimage_batch.inputs.mask_spec import fingerprint_fields as mask_fingerprint_fields
@@ -27,14 +27,17 @@ from zimage_batch.model.variants import VARIANTS, get_variant
 from zimage_batch.output.encoding import IMAGE_FORMATS as IMAGE_ENCODINGS
 from zimage_batch.output.formats import FORMAT_NAMES as FORMATS
 from zimage_batch.settings import (
+    ALWAYS,
     MAX_NUM_IMAGES,
+    SET,
     SIZE_STEP,
     Here,
-    added_defaults,
     fingerprint_fields,
+    hashed,
     job_settings,
     row_default_settings,
     select,
+    settings,
     with_settings,
 )
 from zimage_batch.source import Source, made_portable
@@ -129,11 +132,11 @@ class JobSpec:
     OUTPUT_FIELDS = ("model", "variant", "models", "format", "image_format", "quality", *fingerprint_fields("sampler"),
                      *fingerprint_fields("lora"), "loras", *fingerprint_fields("images"), "scores", "scorer_ids",
                      "keep", "max_tries", "embeddings", "dedup_within_row")
-    # Settings added after jobs were first written: hashed only when set (not empty, 0 or False),
-    # so an OUTPUT written before they existed keeps its fingerprint. The declared ones among
-    # them (lora, the mask settings) are `added` too: not hashed at their default either.
-    ADDED_OUTPUT_FIELDS = (*fingerprint_fields("lora"), "loras", "scores", "scorer_ids", "keep", "max_tries",
-                           "embeddings", "dedup_within_row", *mask_fingerprint_fields())
+    # JobSpec's own fields (not declared settings) added after jobs were first written: hashed
+    # only when set (settings.SET), so an OUTPUT written before they existed keeps its
+    # fingerprint. A declared setting says how it is hashed in its `added` (settings.py).
+    ADDED_FIELDS = ("loras", "scores", "scorer_ids", "keep", "max_tries", "embeddings", "dedup_within_row",
+                    "segmenter_id")
     # With a ControlNet these decide the pixels too; without one they are left out (so, too, the
     # fingerprints of jobs from before ControlNets are what they were).
     CONTROL_FIELDS = CONTROL_FIELDS
@@ -153,16 +156,14 @@ class JobSpec:
         """Hash of the fields that decide what OUTPUT holds. Of `loras` only whether there are
         any (the metadata then has a `lora` column): job.json's per-adapter sha256 covers the
         files, so adding an adapter for new rows keeps the job. The ControlNet's identity is
-        `controlnet_id` (its sha256, S3 cache entry or hub commit). `num_images` counts only
-        when it is not 1, so the fingerprints of jobs from before it stay as they were; so does
-        `max_tries`. The scorers' identities (`scorer_ids`) stand for their sources."""
+        `controlnet_id` (its sha256, S3 cache entry or hub commit). Fields added after jobs were
+        first written are hashed only when set (`num_images` when not 1, `max_tries` likewise),
+        so the fingerprints of jobs from before them stay as they were: `_hashed` decides. The
+        scorers' identities (`scorer_ids`) stand for their sources."""
         payload = {}
-        unless = {"max_tries": 1, **added_defaults()}  # hashed only when not these
         for name in self.output_fields():
             value = bool(self.loras) if name == "loras" else getattr(self, name)
-            if name in unless and value == unless[name]:
-                continue
-            if name not in self.ADDED_OUTPUT_FIELDS or value:
+            if _hashed(name, value):
                 payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -207,6 +208,21 @@ class JobSpec:
             values[s.name] = s.type(value) if value is not None and s.type is float else value
         return values
 
+
+def _hashed(name: str, value: Any) -> bool:
+    """Whether the fingerprint hashes `value` of field `name`: a declared setting by its `added`
+    rule, JobSpec's own fields by theirs (settings.SET for ADDED_FIELDS, else ALWAYS)."""
+    declared = next((s for s in settings() if s.name == name), None)
+    if declared is not None:
+        return declared.hashed(value)
+    rule = SET if name in JobSpec.ADDED_FIELDS else ALWAYS
+    return hashed(rule, value, _default(name))
+
+
+def _default(name: str) -> Any:
+    """A JobSpec field's default (a new one of a mutable default)."""
+    f = _FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def _validate(job: JobSpec) -> None:
@@ -253,6 +269,7 @@ def _validate(job: JobSpec) -> None:
     if not 1 <= job.quality <= 100:
         raise JobError("quality must be in 1..100")
     _check_control(job)
+    _check_bounds(job)
     job._validate_curation()
     _check_prompt_settings(job)
     _check_masks(job)
@@ -260,6 +277,16 @@ def _validate(job: JobSpec) -> None:
     job.low_vram = {True: "on", False: "off"}.get(_SWITCH.get(low_vram), low_vram)  # type: ignore[arg-type]
     if job.low_vram not in ("on", "off", "auto"):
         raise JobError(f"low_vram must be on, off or auto, got {job.low_vram!r}")
+
+
+def _check_bounds(job: JobSpec) -> None:
+    """Each declared setting's job value within its declared bounds, as a manifest's column is
+    (settings.Setting.refusals: "strength must be in (0, 1], got 2.0")."""
+    for s in settings():
+        value = getattr(job, s.name)
+        refusal = None if value is None else s.refusal(value)
+        if refusal:
+            raise JobError(f"{s.name} {refusal}, got {value!r}")
 
 
 def _floats(group: str) -> tuple[str, ...]:
@@ -293,13 +320,13 @@ def _check_control(job: JobSpec) -> None:
     # Local paths as absolute ones: workers (on this machine) may run in another folder.
     if job.control_image and "://" not in job.control_image:
         job.control_image = os.path.abspath(os.path.expanduser(job.control_image))
-    if job.controlnet and "://" not in job.controlnet and os.path.exists(os.path.expanduser(job.controlnet)):
-        job.controlnet = os.path.abspath(os.path.expanduser(job.controlnet))  # not a hub id
-    if job.control is not None and job.control not in ("canny", "tile", "none"):
-        raise JobError(f"control must be canny, tile or none, got {job.control!r}")
-    if not job.controlnet and (job.control_image or job.control not in (None, "none")):
+    if job.controlnet:
+        job.controlnet = made_portable(job.controlnet)  # a local one absolute; a hub id, s3:// or tiny: as written
+    if job.control is not None and job.control not in (*DERIVED, NONE):
+        raise JobError(f"control must be {', '.join(DERIVED)} or {NONE}, got {job.control!r}")
+    if not job.controlnet and (job.control_image or job.control not in (None, NONE)):
         raise JobError("control and control_image need a ControlNet: set controlnet: SOURCE (--set controlnet=...)")
-    if job.control_image and job.control not in (None, "none"):
+    if job.control_image and job.control not in (None, NONE):
         raise JobError("control_image and control both name the rows' condition; set one of them")
     for name in _floats("control"):
         value = getattr(job, name)
@@ -308,10 +335,11 @@ def _check_control(job: JobSpec) -> None:
     if job.canny_low > job.canny_high:
         raise JobError(f"canny_low ({job.canny_low}) must not exceed canny_high ({job.canny_high})")
 
+
 def _check_masks(job: JobSpec) -> None:
     """The mask and outpaint defaults (inputs/mask_spec.py); a local segmenter folder made absolute."""
-    if job.segmenter and "://" not in job.segmenter and os.path.exists(os.path.expanduser(job.segmenter)):
-        job.segmenter = os.path.abspath(os.path.expanduser(job.segmenter))  # not a hub id
+    if job.segmenter:
+        job.segmenter = made_portable(job.segmenter)  # a local folder absolute; a hub id or s3:// as written
     try:
         MaskJob.from_mapping(job.to_dict()).check()
     except MaskSettingError as exc:

@@ -16,6 +16,7 @@ Adding a setting is one entry here plus its use in the engine. This module impor
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -26,6 +27,25 @@ STRING, INTEGER, NUMBER, BOOL_OR_NUMBER = "string", "integer", "number", "boolea
 PROMPT, EDIT = ("prompt", "edit"), ("edit",)  # the manifests a column belongs to
 
 _TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
+
+# How a fingerprint field is hashed (`Setting.added`; JobSpec's own fields say it too). Fields
+# added after jobs were first written are left out at their old value, so an OUTPUT written
+# before they existed keeps its fingerprint. Two rules, as earlier versions hashed them:
+ALWAYS = ""  # hashed whatever its value (the fields jobs were first written with)
+NOT_DEFAULT = "not_default"  # hashed only when not its default (num_images; give every new setting this)
+SET = "set"  # hashed only when set: truthy and not its default (lora, the mask settings, the curation
+# fields: hashing an empty "" or a 0 would change the fingerprint of a job that sets nothing)
+ADDED_RULES = (ALWAYS, NOT_DEFAULT, SET)
+
+
+def hashed(added: str, value: Any, default: Any) -> bool:
+    """Whether a fingerprint field's value goes into the hash, by its `added` rule: the one place
+    that decides it (JobSpec.fingerprint)."""
+    if added == NOT_DEFAULT:
+        return value != default
+    if added == SET:
+        return bool(value) and value != default
+    return True
 
 
 @dataclass(frozen=True)
@@ -54,8 +74,12 @@ class Setting:
     metadata: pa.DataType | None = None  # the metadata column's Arrow type; None: not in the metadata
     metadata_after: str | None = None  # its metadata column follows this one (default: declaration order)
     fingerprint: bool = True  # part of the job fingerprint (in its group's fingerprint fields)
-    added: bool = False  # declared after jobs were first written: hashed only when not its default,
-    # so an OUTPUT written before keeps its fingerprint (give every new setting added=True)
+    added: str = ALWAYS  # declared after jobs were first written: when it is hashed (NOT_DEFAULT | SET),
+    # so an OUTPUT written before keeps its fingerprint (give every new setting added=NOT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        if self.added not in ADDED_RULES:
+            raise ValueError(f"{self.name}: added must be one of {ADDED_RULES}, got {self.added!r}")
 
     @property
     def optional(self) -> bool:
@@ -65,6 +89,21 @@ class Setting:
     def annotation(self) -> str:
         """The job setting's type, as a dataclass annotation."""
         return _TYPE_NAMES[self.type] + (" | None" if self.optional else "")
+
+    def hashed(self, value: Any) -> bool:
+        """Whether the job's `value` of this setting goes into its fingerprint (by `added`)."""
+        return hashed(self.added, value, self.default)
+
+    def refusal(self, value: Any) -> str | None:
+        """The first of `refusals()` a job's `value` (not None) is refused by, or None."""
+        for comparison, message in self.refusals():
+            if comparison == "in":
+                refused = not self.minimum < value <= self.maximum  # type: ignore[operator]
+            else:
+                refused = _BREAKS[comparison](value, self.maximum if comparison == "gt" else self.minimum)
+            if refused:
+                return message
+        return None
 
     def refusals(self) -> list[tuple[str, str]]:
         """(comparison, message) for the bounds of a value: `lt` / `le` / `gt` against the bound,
@@ -82,6 +121,9 @@ class Setting:
         return found
 
 
+_BREAKS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt}  # value against the bound: refused
+
+
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -97,9 +139,9 @@ DEFAULT_CONTROL_SCALE = 0.75
 def _mask(name: str, kind: type, default: Any, doc: str, column: str, metadata: pa.DataType | None = None,
           aliases: tuple[str, ...] = ()) -> Setting:
     """A mask setting: an edit manifest's column and a job setting; hashed only when set
-    (`added`); a row resolves it itself (inputs/mask_spec.row_mask), so it is no row default."""
+    (`added=SET`); a row resolves it itself (inputs/mask_spec.row_mask), so it is no row default."""
     return Setting(name, kind, default, doc, column=column, manifests=EDIT, aliases=aliases, group="mask",
-                   row_default=False, metadata=metadata, added=True)
+                   row_default=False, metadata=metadata, added=SET)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -134,13 +176,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("canny_high", float, 200.0, minimum=0, group="control", row_default=False),
     Setting("num_images", int, 1, "images per row; image k uses seed + k", minimum=1, maximum=MAX_NUM_IMAGES,
             bound_note="(MAX_NUM_IMAGES)", column=INTEGER, aliases=("num_images_per_prompt",), group="images",
-            added=True),
+            added=NOT_DEFAULT),
     # LoRA: the adapter spec of rows whose `lora` is empty (inputs/lora_spec.py parses and checks
     # it; a row resolves it itself, so it is no row default). A request holds the parsed adapter
     # set, not the spec, so it is no declared request field. The adapters (`loras`: name ->
     # source) are a mapping in JobSpec, not a setting.
     Setting("lora", str, None, "name[:scale],... | none: the adapters of rows whose `lora` is empty",
-            column=STRING, group="lora", row_default=False, metadata=pa.string(), added=True),
+            column=STRING, group="lora", row_default=False, metadata=pa.string(), added=SET),
     # derived masks and outpainting (edit manifests; inputs/mask_spec.py reads them and refuses
     # bad ones): the defaults of the rows' columns of the same names. `mask`'s metadata column is
     # the edit lineage's (metadata_schema.EDIT_METADATA_COLUMNS: every edit row's, a given mask's
@@ -179,12 +221,10 @@ def job_settings(group: str) -> tuple[Setting, ...]:
 
 
 def fingerprint_fields(group: str) -> tuple[str, ...]:
+    """The settings of one group the job fingerprint covers (`Setting.fingerprint`), in JobSpec's
+    order: every group's fingerprint fields come from here (jobspec.py, inputs/control.py,
+    inputs/mask_spec.py); `Setting.hashed` says whether a value of one is hashed."""
     return tuple(s.name for s in job_settings(group) if s.fingerprint)
-
-
-def added_defaults() -> dict[str, Any]:
-    """Settings hashed only when not their default (`Setting.added`) -> that default."""
-    return {s.name: s.default for s in select(lambda s: s.added)}
 
 
 def row_default_settings() -> tuple[Setting, ...]:

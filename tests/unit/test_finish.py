@@ -36,3 +36,12 @@ def test_the_finish_says_the_card_first_then_the_report():
     finish = Finish(card="o/README.md", report=None, report_error="disk full")
     assert finish.lines() == [("dataset card: o/README.md", False), ("could not write the report: disk full", True)]
     assert Finish().lines() == []
+
+
+def test_a_run_that_lost_the_lease_writes_its_record_but_leaves_card_and_report_to_the_holder(tmp_path):
+    storage = open_storage(str(tmp_path / "out"))
+    summary = RunSummary(output=storage.uri, rows_total=3, run="r1", lost_lease="run r2 took OUTPUT's lease over")
+    finish = finish_run(storage, _job(report=True), summary, [])
+    assert finish == Finish() and finish.lines() == []  # nothing tried, nothing to warn about
+    assert len(list((tmp_path / "out" / "_runs").glob("*.json"))) == 1
+    assert not (tmp_path / "out" / "README.md").exists() and not (tmp_path / "out" / "report.html").exists()

@@ -86,3 +86,40 @@ def test_settings_that_do_not_decide_the_pixels_leave_the_fingerprint_alone():
                    "output=s3://other/place", "manifest=s3://other/m.parquet"]
     assert load_job(None, tiny, operational).fingerprint() == "dd5ef26fb7a15be0"
     assert load_job(None, tiny, ["seed=1"]).fingerprint() != "dd5ef26fb7a15be0"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["strength=2"], "strength must be in (0, 1], got 2.0"),
+    (["strength=0"], "strength must be in (0, 1], got 0.0"),
+    (["num_inference_steps=2000"], "num_inference_steps must be <= 1000, got 2000"),
+])
+def test_the_declared_bounds_apply_to_the_job_value_as_to_a_column(settings, message):
+    """The bounds a manifest's column is refused by (settings.Setting.refusals) refuse the job's
+    value too, in one line naming the setting."""
+    with pytest.raises(JobError) as refused:
+        load_job(None, BASE, settings)
+    assert str(refused.value) == message
+
+
+def test_values_on_the_declared_bounds_are_taken():
+    job = load_job(None, BASE, ["strength=1", "num_inference_steps=1000", "num_images=64", "cfg_normalization=0"])
+    assert (job.strength, job.num_inference_steps, job.num_images) == (1.0, 1000, 64)
+    assert load_job(None, BASE, ["strength=0.01", "num_inference_steps=1"]).strength == 0.01
+
+
+def test_local_weights_are_made_absolute_and_others_kept_as_written(tmp_path, monkeypatch):
+    """controlnet and segmenter read as sources (zimage_batch.source): a local path that exists
+    made absolute, hub ids, s3:// and tiny: as written."""
+    (tmp_path / "net").mkdir()
+    (tmp_path / "seg").mkdir()
+    monkeypatch.chdir(tmp_path)
+    job = load_job(None, BASE, ["controlnet=net", "segmenter=./seg", "mask_prompt=sky"])
+    assert (job.controlnet, job.segmenter) == (str(tmp_path / "net"), str(tmp_path / "seg"))
+    job = load_job(None, BASE, ["controlnet=org/net", "segmenter=CIDAS/clipseg-rd64-refined"])
+    assert (job.controlnet, job.segmenter) == ("org/net", "CIDAS/clipseg-rd64-refined")
+    assert load_job(None, BASE, ["controlnet=tiny:2.1", "control=tile"]).controlnet == "tiny:2.1"
+
+
+def test_control_names_its_choices_when_refused():
+    with pytest.raises(JobError, match=r"^control must be canny, tile or none, got 'blur'$"):
+        load_job(None, BASE, ["controlnet=tiny:2.1", "control=blur"])

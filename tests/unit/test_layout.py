@@ -137,7 +137,7 @@ def test_no_cycle_between_stage_folders():
 
 def test_no_stage_imports_a_higher_one():
     found = upward_imports(import_graph(), STAGE_ORDER, KNOWN_UPWARD)
-    assert not found, "imports up the stage order (tests/test_layout.py: STAGE_ORDER): " + ", ".join(found)
+    assert not found, "imports up the stage order (tests/unit/test_layout.py: STAGE_ORDER): " + ", ".join(found)
 
 
 def test_the_allow_list_names_only_imports_that_still_break_the_order():

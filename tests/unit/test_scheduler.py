@@ -469,3 +469,50 @@ def test_a_queued_suspect_gets_a_worker_emptied_for_it_before_the_queue_runs_out
     rerun = len(order) - 1 - order[::-1].index("s0")
     assert rerun < order.index("s29"), order
     assert pool.crowding[rerun] == ["s0"]  # alone on its worker
+
+
+def by_rows(slow_actor: int = 0, factor: float = 10.0):
+    """A script: a shard takes 0.1 s per row, `factor` times that on `slow_actor`."""
+    def script(shard, attempt, actor):
+        return Finished({"shard": shard.name}), 0.1 * shard.num_rows * (factor if actor == slow_actor else 1.0)
+    return script
+
+
+def test_a_slow_worker_takes_the_smallest_shards_from_the_back_of_the_queue():
+    """Once worker 0 is known to be slow, it takes the tail's small pieces, never a long shard."""
+    big = [Shard(f"b{i}", "m.parquet", i * 10, i * 10 + 10) for i in range(40)]
+    small = [Shard(f"p{i}", "m.parquet", 400 + i * 2, 402 + i * 2) for i in range(30)]
+    pool = FakePool(size=2, script=by_rows())
+    finish, results, _ = schedule(pool, big + small, Rules(speculate=False))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == sorted(s.name for s in big + small)
+    first_end = 0.1 * 10 * 10  # worker 0's first shard ends: from then on its pace is known
+    on_slow = [(r.ready_at - 0.1 * r.shard.num_rows * 10, r.shard.name) for r in pool.submitted if r.worker == 0]
+    later = [name for submitted, name in on_slow if submitted >= first_end]
+    assert later and all(name.startswith("p") for name in later), later
+
+
+def test_a_failed_shard_is_queued_first_not_after_the_rest_of_the_job():
+    """At the back of the queue a retry would run last, after the tail's small shards."""
+    def script(shard, attempt, actor):
+        if shard.name == "s0" and attempt == 1:
+            return ShardFailed("RuntimeError: flaky"), 0.5
+        return finishes(shard, attempt, actor)
+
+    pool = FakePool(size=1, script=script)
+    finish, _, _ = schedule(pool, shards(6))
+    assert finish.failed == {}
+    assert [(r.shard.name, r.attempt) for r in pool.submitted[:3]] == [("s0", 1), ("s1", 1), ("s0", 2)]
+
+
+def test_a_straggler_gets_a_copy_before_the_queue_is_empty():
+    """Worker 0 runs ten times slower: a shard it holds that would end after everything else is
+    copied to a fast worker while shards are still queued, and the first copy to end wins."""
+    pool = FakePool(size=4, script=by_rows())
+    todo = shards(40)
+    finish, results, _ = schedule(pool, todo, Rules(speculate=True))
+    assert finish.failed == {} and sorted(r["shard"] for r in results) == sorted(s.name for s in todo)
+    names = [r.shard.name for r in pool.submitted]
+    copies = [k for k, name in enumerate(names) if name in names[:k]]
+    last_new = max(names.index(s.name) for s in todo)
+    assert copies and copies[0] < last_new, (copies, last_new)
+    assert all(r.attempt == 1 for r in pool.submitted)

@@ -162,7 +162,7 @@ THROWAWAY = textwrap.dedent('''
     # the one place: a new sampler setting, declared
     settings.SETTINGS = settings.SETTINGS + (settings.Setting(
         "sharpness", float, 0.5, minimum=0, column=settings.NUMBER, request=True, batch_key=True,
-        metadata=pa.float64(), added=True),)
+        metadata=pa.float64(), added=settings.NOT_DEFAULT),)
 
     from zimage_batch.inputs.manifest import ManifestError, open_manifest
     from zimage_batch.inputs.validation import Limits, validate_manifest
@@ -228,3 +228,50 @@ def test_a_setting_declared_in_one_place_reaches_job_request_batch_key_and_metad
 
 def test_without_the_throwaway_setting_the_schema_has_no_such_column():
     assert "sharpness" not in METADATA_COLUMNS and pa.float64() == declared.setting("cfg_truncation").metadata
+
+
+def test_every_group_hashes_only_its_fingerprint_settings(monkeypatch):
+    """`Setting.fingerprint` decides for every group (settings.fingerprint_fields): a control or
+    mask setting declared out of the fingerprint leaves it, and the workers still get it."""
+    from zimage_batch.inputs import control, mask_spec
+
+    unhashed = {"canny_high", "mask_blur"}
+    monkeypatch.setattr(declared, "SETTINGS", tuple(
+        dataclasses.replace(s, fingerprint=False) if s.name in unhashed else s for s in declared.SETTINGS))
+    assert "canny_high" not in control.control_fields() and "canny_low" in control.control_fields()
+    assert "mask_blur" not in mask_spec.fingerprint_fields() and "mask_grow" in mask_spec.fingerprint_fields()
+    job = JobSpec(controlnet="tiny:2.1", canny_high=150.0, mask_blur=3)
+    assert ControlJob.from_mapping(job.to_dict()).canny_high == 150.0
+    assert MaskJob.from_mapping(job.to_dict()).mask_blur == 3
+
+
+def test_the_two_added_rules_are_declared_and_decided_in_one_place():
+    assert declared.setting("num_images").added == declared.NOT_DEFAULT
+    assert {s.added for s in (*declared.job_settings("mask"), declared.setting("lora"))} == {declared.SET}
+    assert declared.setting("seed").added == declared.ALWAYS
+    # num_images: hashed unless 1; the SET ones unless empty, 0, False or their default
+    assert not declared.setting("num_images").hashed(1) and declared.setting("num_images").hashed(2)
+    assert not declared.setting("mask_prompt").hashed("") and declared.setting("mask_prompt").hashed("sky")
+    assert not declared.hashed(declared.SET, 1, 1) and declared.hashed(declared.SET, 3, 1)  # max_tries
+    assert declared.hashed(declared.ALWAYS, None, None)
+    try:
+        declared.Setting("x", float, 0.5, added=True)  # type: ignore[arg-type]
+    except ValueError as exc:
+        assert "added must be one of" in str(exc)
+    else:
+        raise AssertionError("added=True is no rule")
+    # the pinned fingerprints hold whichever way a field is hashed (tests/unit/test_settings_pins.py)
+    plain = JobSpec(manifest="/m", output="/o")
+    assert JobSpec(manifest="/m", output="/o", lora="").fingerprint() == plain.fingerprint()
+    assert JobSpec(manifest="/m", output="/o", max_tries=1).fingerprint() == plain.fingerprint()
+    assert JobSpec(manifest="/m", output="/o", num_images=2).fingerprint() != plain.fingerprint()
+
+
+def test_a_bound_refuses_a_value_as_the_manifest_does():
+    assert declared.setting("strength").refusal(2.0) == "must be in (0, 1]"
+    assert declared.setting("strength").refusal(0.0) == "must be in (0, 1]"
+    assert declared.setting("strength").refusal(1.0) is None
+    assert declared.setting("num_inference_steps").refusal(0) == "must be > 0"
+    assert declared.setting("num_inference_steps").refusal(1001) == "must be <= 1000"
+    assert declared.setting("cfg_truncation").refusal(-0.5) == "must be >= 0"
+    assert declared.setting("width").refusal(10**6) is None

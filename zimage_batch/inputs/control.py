@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from zimage_batch.inputs.uris import NOT_READABLE, foreign_uris
 from zimage_batch.model.variants import VARIANTS
-from zimage_batch.settings import Here, job_settings, with_settings
+from zimage_batch.settings import Here, fingerprint_fields, job_settings, with_settings
 
 DERIVED = ("canny", "tile")  # conditions derived from an edit row's source
 NONE = "none"  # a row that opts out of the job's condition
@@ -37,8 +37,8 @@ GIVEN = "image"  # ControlRequest.control of a given control image
 
 def control_fields() -> tuple[str, ...]:
     """The job settings a ControlNet job's pixels depend on: the ControlNet's identity, then the
-    rows' condition defaults (declared in zimage_batch/settings.py)."""
-    return ("controlnet_id", *(s.name for s in job_settings("control")))
+    rows' condition defaults the fingerprint covers (declared in zimage_batch/settings.py)."""
+    return ("controlnet_id", *fingerprint_fields("control"))
 
 
 #: The fields of a job with a ControlNet that its fingerprint covers (JobSpec.CONTROL_FIELDS).
@@ -60,8 +60,8 @@ class ControlJob:
         """From a job's settings (`JobSpec.to_dict()`); None when the job names no ControlNet."""
         if not job.get("controlnet"):
             return None
-        return cls(str(job["controlnet"]),
-                   **{name: job[name] for name in control_fields() if job.get(name) is not None})
+        names = ("controlnet_id", *(s.name for s in job_settings("control")))
+        return cls(str(job["controlnet"]), **{name: job[name] for name in names if job.get(name) is not None})
 
     @property
     def canny(self) -> tuple[float, float]:

@@ -5,8 +5,11 @@ so 10^8 rows would not fit a 4 GiB driver. Instead:
 
 1. while validation streams the manifest, each id is reduced to a 64-bit digest (a linear hash
    of its UTF-8 bytes with random 64-bit weights per position, computed with numpy over Arrow's
-   buffers) into one preallocated array: 8 bytes a row, 0.8 GB at 10^8;
-2. the array is sorted in place; equal neighbours are the candidate duplicates;
+   buffers) into one preallocated array: 8 bytes a row, up to MEMORY_BUDGET (32 M rows);
+   beyond, the array is a buffer whose digests go, by their top bits, to spill files on the
+   local scratch disk (`scratch.py`), so memory does not grow with the rows (10^9: 8 GB on disk);
+2. the array, or each spill file in turn, is sorted; equal neighbours are the candidate
+   duplicates;
 3. only if there are any, a second pass reads the id column again and compares the ids whose
    digest is a candidate exactly, so a digest collision (about one pair in 10^4 manifests of
    10^8 rows) never refuses a good manifest, and real duplicates are named with file and row.
@@ -14,6 +17,8 @@ so 10^8 rows would not fit a 4 GiB driver. Instead:
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -21,8 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zimage_batch import scratch
+
 CHUNK_BYTES = 1 << 22  # id bytes hashed at a time (bounds the temporary arrays to a few tens of MB)
 TRACKED = 100_000  # candidate digests compared exactly per pass over the ids
+MEMORY_BUDGET = 256 << 20  # bytes of digests in memory (32 M rows); more spill to scratch files
 _WEIGHT_BLOCK = 1 << 12
 
 
@@ -80,26 +88,85 @@ def _digest_rows(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 @dataclass
 class IdDigests:
-    """The digests of every id of a manifest, filled batch by batch, in manifest order."""
+    """The digests of every id of a manifest, filled batch by batch. Up to `budget` bytes (8 a
+    row) they are one array in memory; beyond, they go to spill files on local scratch disk,
+    one per range of their top bits, each later sorted alone: memory stays near `budget`
+    whatever the row count (10^9 rows: 8 GB of digests on disk, a quarter GiB in memory)."""
 
     num_rows: int
+    budget: int | None = None  # bytes of digests held in memory (None: MEMORY_BUDGET)
     digests: np.ndarray = field(init=False)
     filled: int = 0
+    spill: _Spill | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.digests = np.empty(self.num_rows, np.uint64)
+        budget = MEMORY_BUDGET if self.budget is None else self.budget
+        if self.num_rows * 8 <= budget:
+            self.digests = np.empty(self.num_rows, np.uint64)
+        else:
+            self.digests = np.empty(max(1, budget // 8), np.uint64)  # a buffer, flushed to the spill files
+            self.spill = _Spill(partitions_for(self.num_rows, budget))
 
     def add(self, ids: pa.Array | pa.ChunkedArray) -> None:
         d = id_digests(ids)
-        self.digests[self.filled:self.filled + len(d)] = d
-        self.filled += len(d)
+        while len(d):
+            if self.filled == len(self.digests):
+                self._flush()
+            n = min(len(d), len(self.digests) - self.filled)
+            self.digests[self.filled:self.filled + n] = d[:n]
+            self.filled += n
+            d = d[n:]
+
+    def _flush(self) -> None:
+        if self.spill is None:
+            raise ValueError("more ids than the manifest's rows")
+        self.spill.write(self.digests[:self.filled])
+        self.filled = 0
 
     def candidates(self) -> np.ndarray:
-        """Sorted digests held by more than one row (sorts the array in place)."""
-        d = self.digests[:self.filled]
-        d.sort()
-        repeated = d[1:][d[1:] == d[:-1]]
-        return np.unique(repeated)
+        """Sorted digests held by more than one row (sorts the array in place; reads back and
+        removes the spill files)."""
+        if self.spill is None:
+            return _repeated(self.digests[:self.filled])
+        self._flush()
+        return self.spill.repeated()
+
+
+def partitions_for(rows: int, budget: int) -> int:
+    """Spill files for `rows` digests: a power of two, each file about half of `budget`."""
+    return 1 << max(1, math.ceil(math.log2(max(2, rows * 8 * 2 / max(budget, 8)))))
+
+
+def _repeated(d: np.ndarray) -> np.ndarray:
+    d.sort()
+    return np.unique(d[1:][d[1:] == d[:-1]])
+
+
+class _Spill:
+    """Digests in spill files under this process's scratch folder, one per range of top bits."""
+
+    def __init__(self, partitions: int) -> None:
+        self.bits = partitions.bit_length() - 1
+        self.folder = scratch.mkdtemp("ids-")
+        self.paths = [os.path.join(self.folder, f"{k:05d}.u64") for k in range(partitions)]
+
+    def write(self, d: np.ndarray) -> None:
+        """Append each digest to its partition's file (by its top bits)."""
+        d = np.sort(d)
+        bounds = np.searchsorted(d >> np.uint64(64 - self.bits), np.arange(len(self.paths) + 1, dtype=np.uint64))
+        for k, path in enumerate(self.paths):
+            if bounds[k + 1] > bounds[k]:
+                with open(path, "ab") as out:
+                    d[bounds[k]:bounds[k + 1]].tofile(out)
+
+    def repeated(self) -> np.ndarray:
+        """The repeated digests of every partition (sorted: partitions go up by their top bits);
+        the files are removed."""
+        try:
+            found = [_repeated(np.fromfile(p, np.uint64)) for p in self.paths if os.path.exists(p)]
+        finally:
+            scratch.release(self.folder)
+        return np.concatenate(found) if found else np.empty(0, np.uint64)
 
 
 @dataclass(frozen=True)

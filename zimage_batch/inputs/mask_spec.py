@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from zimage_batch.settings import Here, job_settings, with_settings
+from zimage_batch.settings import fingerprint_fields as declared_fingerprint_fields
 
 ALPHA = "alpha"
 WORDS = "words"  # RowMask.kind of a mask from mask_prompt
@@ -59,9 +60,9 @@ def derived_mask_columns() -> tuple[str, ...]:
 
 
 def fingerprint_fields() -> tuple[str, ...]:
-    """The fields a job's fingerprint covers when any is set: the mask settings, then the
-    segmenter's identity (JobSpec.output_fields)."""
-    return (*mask_settings(), "segmenter_id")
+    """The fields a job's fingerprint covers when any is set: the mask settings it covers
+    (zimage_batch/settings.py), then the segmenter's identity (JobSpec.output_fields)."""
+    return (*declared_fingerprint_fields("mask"), "segmenter_id")
 
 
 class MaskSettingError(ValueError):
@@ -80,7 +81,7 @@ class MaskJob:
 
     @classmethod
     def from_mapping(cls, job: Mapping[str, Any]) -> MaskJob:
-        names = (*fingerprint_fields(), "segmenter")
+        names = (*mask_settings(), "segmenter", "segmenter_id")
         return cls(**{name: job[name] for name in names if job.get(name) is not None})
 
     @property

@@ -140,7 +140,7 @@ def _check_batch(where: str, batch: pa.RecordBatch, offset: int, limits: Limits,
             fail_if(name, pc.greater(values, pa.scalar(2**63 - 1, pa.uint64())), "has values of 2**63 or more")
         if pa.types.is_floating(values.type):
             fail_if(name, pc.invert(pc.is_finite(values)), "must be a finite number (not NaN or infinity)")
-            if expected == INTEGER:  # floats left by _decoded: some are not whole
+            if expected == INTEGER:  # floats left by column_types.decoded: some are not whole
                 fail_if(name, not_whole(values), "must hold whole numbers (below 2**53 when stored as floats)")
     ids = column("id")
     fail_if("id", pc.is_null(ids), "has null ids")
@@ -313,6 +313,3 @@ def _check_unique_ids(manifest: Manifest, digests: IdDigests) -> None:
     shown = ", ".join(f"{repr(d.id)[:60]} ({', '.join(f'{name} row {row}' for name, row in d.places)})" for d in dupes)
     more = f" and {total - len(dupes)} more" if total > len(dupes) else ""
     raise ManifestError(f"{manifest.uri}: column 'id' has duplicate ids: {shown}{more}")
-
-
-# ---------------------------------------------------------------------- rows

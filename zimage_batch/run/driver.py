@@ -39,6 +39,7 @@ from zimage_batch.run.preflight import Prepared, ResolvedJob, absolute, job_reco
 from zimage_batch.run.progress import Progress
 from zimage_batch.run.scheduler import Rules, Scheduler, StopRequest
 from zimage_batch.run.summary import RunSummary
+from zimage_batch.run.tail import cut_tail
 from zimage_batch.storage import Storage, is_s3, open_storage
 from zimage_batch.text import plural
 
@@ -121,7 +122,11 @@ def _run_holding_lease(run: _Run) -> tuple[RunSummary, dict[str, CommitMarker]]:
     echo(cost_line(resolved, prepared.manifest, plan, storage))
     if plan.todo:
         run.cluster.connect()
-        _run_plan(resolved, plan, summary, echo, run.stop, run.cpu_threads)
+
+        def cut(pieces: int) -> None:  # the plan record counts the tail's pieces
+            _write_plan_record(storage, resolved, plan, started, run.id, pieces)
+
+        _run_plan(resolved, plan, summary, echo, run.stop, run.cpu_threads, cut)
     summary.elapsed_s = time.time() - started
     return summary, _count_committed(ledger, summary, echo)
 
@@ -134,9 +139,12 @@ def _check_local_paths_shared(storage: Storage, manifest: Manifest) -> None:
 
 
 def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[[str], None],
-              stop: StopRequest, cpu_threads: int | None = None) -> None:
+              stop: StopRequest, cpu_threads: int | None = None,
+              on_cut: Callable[[int], None] = lambda pieces: None) -> None:
     """Run the plan's shards: one worker pool per variant, the job's own variant first
-    (`cpu_threads`: torch threads of each CPU worker, None to share the cores out)."""
+    (`cpu_threads`: torch threads of each CPU worker, None to share the cores out). Each
+    pool's last shards are cut smaller for its size (`run/tail.py`); `on_cut` gets the
+    shards that added, over all pools so far."""
     spec = job.spec
     rules = Rules(max_attempts=spec.max_attempts, grace_period=spec.grace_period, stall_timeout=spec.stall_timeout,
                   speculate=spec.speculate)
@@ -146,6 +154,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
         for shard in plan.todo:
             by_variant.setdefault(shard.variant or job.variant, []).append(shard)
         progress = Progress(plan.rows_todo, 0, spec.progress_interval, echo, started=summary.started)
+        added = 0  # shards the tail's cuts added
 
         def tick(queued: int, in_flight: int, workers: int) -> None:
             progress.tick(queued, in_flight, workers)
@@ -157,6 +166,11 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
             settings = dataclasses.replace(job.worker_settings(variant), run=summary.run)
             pool = RayWorkerPool(settings, spec.workers, spec.device, cpu_threads)
             summary.device = "GPU" if pool.use_gpu else "CPU"
+            cut = cut_tail(shards, pool.size)
+            if len(cut) > len(shards):
+                added += len(cut) - len(shards)
+                on_cut(added)
+                shards = cut
             try:
                 finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, result),
                                    on_tick=tick, echo=echo, stop=stop).run()
@@ -197,15 +211,17 @@ def _count_committed(ledger: Ledger, summary: RunSummary, echo: Callable[[str], 
     return settled
 
 
-def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float, run_id: str) -> None:
-    """`_runs/plan-<time>.json`: totals as planned, so `status` can tell rows left while a run goes on."""
+def _write_plan_record(storage: Storage, job: ResolvedJob, plan: Plan, started: float, run_id: str,
+                       pieces: int = 0) -> None:
+    """`_runs/plan-<time>.json`: totals as planned, so `status` can tell rows left while a run
+    goes on; written again (same name) with the `pieces` the tail's cuts added."""
     record = {
         "run": run_id,
         "started": started,
         "fingerprint": job.fingerprint,
         "total_rows": plan.total_rows,
-        "total_shards": len(plan.done) + len(plan.todo),
-        "shards_todo": len(plan.todo),
+        "total_shards": len(plan.done) + len(plan.todo) + pieces,
+        "shards_todo": len(plan.todo) + pieces,
         "rows_todo": plan.rows_todo,
     }
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"-{os.getpid()}"

@@ -28,11 +28,14 @@ from zimage_batch.text import first_line
 def finish_run(storage: Storage, job: ResolvedJob, summary: RunSummary, markers: Iterable[CommitMarker]) -> Finish:
     """Write the run record, then the dataset card and the report from one reading of OUTPUT
     (`markers`: every commit marker, as the run's end read them); returns what was written.
-    A card or report that cannot be written is named in the result, not raised: the job is done."""
-    from zimage_batch.output.dataset_card import write_dataset_card  # PIL and yaml: only once a run ends
+    A card or report that cannot be written is named in the result, not raised: the job is done.
+    A run that lost OUTPUT's lease writes only its record: card and report belong to the holder."""
+    from zimage_batch.output.dataset_card import write_dataset_card  # yaml and the HTML: only once a run ends
     from zimage_batch.output.report import write_report
 
     write_run_record(storage, job, summary)
+    if summary.lost_lease:
+        return Finish()
     try:
         state: OutputState | None = load_output(storage, committed=markers)
         unreadable = None

@@ -226,13 +226,12 @@ def load_template(spec: JobSpec) -> TemplateSpec:
 
 
 def check_defaults(variant: str, defaults: dict[str, Any]) -> None:
-    """The job's own defaults must suit its variant (rows that leave a value empty use them)."""
+    """The job's own sizes must suit its variant (rows that leave a value empty use them; the
+    declared bounds, `strength`'s too, were checked with the job: jobspec._check_bounds)."""
     v = get_variant(variant)
     for name in ("width", "height"):
         if not v.min_side <= defaults[name] <= v.max_side:
             raise JobError(f"{name} {defaults[name]} is beyond the {v.name} model's limits ({v.min_side}..{v.max_side})")
-    if not 0 < defaults["strength"] <= 1:
-        raise JobError(f"strength must be in (0, 1], got {defaults['strength']}")
 
 
 def scratch_needed(job: ResolvedJob) -> int:

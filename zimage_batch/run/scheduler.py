@@ -15,6 +15,8 @@ docs/architecture.md, "Retries".
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import signal
 import statistics
 import sys
@@ -33,9 +35,11 @@ STALL_FLOOR_S = 300.0  # the derived stall timeout: at least this, ...
 STALL_BATCHES = 10  # ... and at least this many times the worker's slowest batch so far
 START_TIMEOUT_S = 600.0  # a worker silent since it was started (placed, spawned, runtime_env set up)
 STALL_CHECK_S = 5.0  # seconds between looks for stalled workers (a sixtieth of a shorter stall_timeout)
-DURATIONS_KEPT = 1000  # latest finished shards' durations the speculation's median is taken over
+DURATIONS_KEPT = 1000  # latest finished shards' seconds per row the tail's median is taken over
 SPECULATE_MARGIN = 0.1  # a second copy must be expected to end this share of a shard's time sooner
 MAX_COPIES = 3  # running copies of one shard at most (the first and two more)
+SLOW_PACE = 1.5  # a worker this many times slower than the median takes the smallest shards queued
+LOOK_BACK = 1000  # a slow worker looks this far back in the queue for a small shard
 SPECULATE_EVERY = 0.02  # share of a shard's time between two looks for tail shards to copy
 
 
@@ -194,12 +198,14 @@ class _InFlight(dict):
         self.on_worker: dict[int, dict[Ticket, None]] = {}  # in submission order
         self.of_shard: dict[str, set[Ticket]] = {}
         self.started: dict[Ticket, float | None] = {}
+        self.rows = 0  # rows of the shards in flight (a shard's copies each count)
 
     def __setitem__(self, ticket: Ticket, value: tuple[Shard, int]) -> None:
         if ticket in self:
             self.pop(ticket)
         shard, worker = value
         super().__setitem__(ticket, value)
+        self.rows += shard.num_rows
         mine = self.on_worker.setdefault(worker, {})
         self.started[ticket] = None if mine else self.clock()
         mine[ticket] = None
@@ -211,6 +217,7 @@ class _InFlight(dict):
         if ticket not in self and default:
             return default[0]
         shard, worker = super().pop(ticket)
+        self.rows -= shard.num_rows
         mine = self.on_worker[worker]
         del mine[ticket]
         if len(mine) < self.limit:
@@ -230,6 +237,26 @@ class _InFlight(dict):
         self.pop(ticket)
 
 
+class _Queue(deque):
+    """The shards waiting to run, with their rows counted (read at every dispatch)."""
+
+    def __init__(self, shards: Sequence[Shard] = ()) -> None:
+        super().__init__(shards)
+        self.rows = sum(shard.num_rows for shard in shards)
+
+    def append(self, shard: Shard) -> None:
+        super().append(shard)
+        self.rows += shard.num_rows
+
+    def appendleft(self, shard: Shard) -> None:
+        super().appendleft(shard)
+        self.rows += shard.num_rows
+
+    def __delitem__(self, index: int) -> None:  # type: ignore[override]
+        self.rows -= self[index].num_rows
+        super().__delitem__(index)
+
+
 @dataclass
 class _Watch:
     """One worker's liveness as the scheduler sees it, on the scheduler's clock."""
@@ -240,7 +267,7 @@ class _Watch:
 
 @dataclass
 class _State:
-    queue: deque[Shard]
+    queue: _Queue
     in_flight: _InFlight  # ticket -> (shard, worker)
     attempts: dict[str, int] = field(default_factory=dict)  # charged tries per shard
     free_requeues: dict[str, int] = field(default_factory=dict)  # uncharged re-dispatches per shard
@@ -250,80 +277,151 @@ class _State:
     deadline: float | None = None  # set once a stop is requested
     watches: dict[int, _Watch] = field(default_factory=dict)  # worker -> its liveness
     stalls_checked: float = float("-inf")  # when stalled workers were last looked for
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
-    finished: int = 0  # shards finished (durations noted)
+    row_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))  # of finished shards
+    finished: int = 0  # shards finished (their seconds per row noted)
     no_copies: set[str] = field(default_factory=set)  # shards a copy of which failed on a live worker
     copies_started: int = 0  # second copies of tail shards (speculation)
     copies_cancelled: int = 0  # copies no longer waited for: the other copy finished first
 
 
 class _TailCopies:
-    """The scheduler's speculative tail: second copies of the shards expected to end last, on
-    idle workers, the first copy to finish winning (a part of `Scheduler`)."""
+    """The scheduler's tail (a part of `Scheduler`): a shard that a worker would end after a
+    worker of median pace taking it last is passed over for the queue's last (smallest) shard;
+    with nothing left to start, idle workers run second copies of the shards expected to end
+    last, the first copy to finish winning.
+
+    Expectations come from finished shards: seconds per row (the median of the latest
+    DURATIONS_KEPT) times a shard's rows times its worker's pace (its shards' seconds per row
+    over the median, each new one averaged with the pace before; 1 for a worker that has
+    finished none)."""
 
     state: _State
     pool: WorkerPool
     rules: Rules
     clock: Callable[[], float]
     echo: Callable[[str], None]
-    _pace: dict[int, float]  # worker -> its last shard's duration over the median
-    _median: tuple[int, float]  # (finished shards counted, their median duration)
+    _pace: dict[int, float]  # worker -> its shards' seconds per row over the median (halved in each time)
+    _median: tuple[int, float, float]  # (finished shards counted, their median seconds per row, slowest pace)
+    _last_rows: int  # rows of the latest finished shard
+    _draining: set[int]  # workers left to empty so that a queued suspect can run alone
+
+    def _position_for(self, worker: int, position: int) -> int:
+        """The queue position `worker` takes instead of `position`: a slow worker (`_slow`) takes
+        the last queued shard smaller than that one (no suspect, among the last LOOK_BACK), one
+        of the tail's smallest pieces (`run/tail.py`), so that it never holds a long shard at
+        the end."""
+        s = self.state
+        if not self._slow(worker):
+            return position
+        rows = s.queue[position].num_rows
+        back = itertools.islice(reversed(s.queue), LOOK_BACK)  # retries queued last come before the pieces
+        k = next((k for k, shard in enumerate(back) if shard.num_rows < rows and shard.name not in s.suspects), None)
+        return position if k is None else len(s.queue) - 1 - k
+
+    def _ending(self) -> bool:
+        """Whether the queue holds less than one shard per worker (of the latest finished size)."""
+        return self._row_seconds() is not None and self.state.queue.rows < self._last_rows * self.pool.size
+
+    def _loading(self, worker: int) -> bool:
+        """Whether `worker` last said that its model is still loading (and has finished no
+        shard since: heartbeats are taken every few seconds only)."""
+        watch = self.state.watches.get(worker)
+        return worker not in self._pace and watch is not None and watch.beat is not None and watch.beat.loading
+
+    def _slow(self, worker: int) -> bool:
+        """Whether `worker` may be slow: its pace above SLOW_PACE; a worker that
+        has finished nothing yet is taken to be as slow as the slowest recent shard."""
+        return self._row_seconds() is not None and self._pace.get(worker, self._median[2]) > SLOW_PACE
 
     def _speculate(self) -> None:
-        """Give idle workers, fastest first, second copies of the running shards expected to end
-        last, while a copy started now is expected to end sooner than the shard. Expected ends: a shard runs for the
-        median duration of finished shards times its worker's pace (its last shard's duration
-        over the median), one that has run longer than that for as long again as it has run; a
-        shard waiting behind another on its worker starts when that one ends. A copy is never
-        charged as an attempt: it carries the attempt number of the first."""
+        """Second copies of the running shards expected to end last, on the workers with room
+        that would end them soonest, while a copy is expected to end sooner than its shard
+        (by SPECULATE_MARGIN of its time). While shards are queued, only a straggler gets one: a
+        shard expected to end after the work queued and in flight is done by the whole pool at
+        the median pace. A shard runs for its expected time, one that has run longer than that
+        for as long again as it has run; a shard waiting behind another on its worker starts
+        when that one ends. A copy is never charged as an attempt: it carries the attempt number
+        of the first. Slow workers and workers emptied for a suspect get no copy."""
         s = self.state
-        median = self._median_duration()
+        rate = self._row_seconds()
         now = self.clock()
-        if median is None or now < self._next_speculation:
+        if rate is None or now < self._next_speculation:
             return
-        self._next_speculation = now + median * SPECULATE_EVERY
-        # known paces first, fastest first; a fresh worker's pace is unknown (taken as 1)
-        idle = sorted((w not in self._pace, self._pace.get(w, 1.0), w)
-                      for w in range(self.pool.size) if w not in s.in_flight.on_worker)
-        ends = sorted(((end, ticket) for ticket, end in self._expected_ends(now, median)), reverse=True)
-        for (end, ticket), (_, pace, worker) in zip(ends, idle):  # the fastest idle worker for the latest shard
-            if end <= now + median * pace * (1 + SPECULATE_MARGIN):
+        self._next_speculation = now + rate * self._last_rows * SPECULATE_EVERY
+        drained = now + (s.queue.rows + s.in_flight.rows) * rate / self.pool.size if s.queue else now
+        late = sorted(((end, ticket) for ticket, end in self._expected_ends(now, rate) if end > drained),
+                      key=lambda item: item[0], reverse=True)  # (tickets need not compare)
+        if not late:
+            return
+        ending = self._ending()
+        room = [(self._worker_end(w, now, rate)[0], w not in self._pace, self._pace.get(w, 1.0), w)
+                for w in s.in_flight.open if self._may_copy_on(w) and not (ending and self._loading(w))]
+        heapq.heapify(room)
+        for end, ticket in late:
+            if not room:
                 break
             shard, _ = s.in_flight[ticket]
+            free, unknown, pace, worker = room[0]  # the worker free soonest
+            copy_end = free + shard.num_rows * rate * pace
+            if end <= copy_end + shard.num_rows * rate * pace * SPECULATE_MARGIN:
+                continue
             copy = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
             s.in_flight[copy] = (shard, worker)
             s.copies_started += 1
+            if worker in s.in_flight.open:
+                heapq.heapreplace(room, (copy_end, unknown, pace, worker))
+            else:
+                heapq.heappop(room)
 
-    def _expected_ends(self, now: float, median: float) -> list[tuple[Ticket, float]]:
+    def _may_copy_on(self, worker: int) -> bool:
+        """Whether `worker` may run a copy: not slow, not emptied for a suspect, running none."""
+        s = self.state
+        return (self._pace.get(worker, 1.0) <= SLOW_PACE and worker not in self._draining
+                and not any(s.in_flight[t][0].name in s.suspects for t in s.in_flight.on_worker.get(worker, ())))
+
+    def _worker_end(self, worker: int, now: float, rate: float) -> tuple[float, dict[Ticket, float]]:
+        """When `worker` is expected to have ended what it holds, and each of its tickets' end."""
+        s = self.state
+        end, pace, ends = now, self._pace.get(worker, 1.0), {}
+        for ticket in s.in_flight.on_worker.get(worker, ()):
+            expected = s.in_flight[ticket][0].num_rows * rate * pace
+            started = s.in_flight.started[ticket]
+            if started is None:
+                end += expected
+            else:
+                ran = now - started
+                end = started + (expected if ran <= expected else 2 * ran)
+            ends[ticket] = end
+        return end, ends
+
+    def _expected_ends(self, now: float, rate: float) -> list[tuple[Ticket, float]]:
         """(a ticket, expected end) of each shard that may get another copy: fewer than
         MAX_COPIES running, none failed. A shard with two copies ends with the sooner."""
         s = self.state
         ends: dict[str, tuple[float, Ticket]] = {}
-        for worker, tickets in s.in_flight.on_worker.items():
-            end, expected = now, median * self._pace.get(worker, 1.0)
-            for ticket in tickets:
-                started = s.in_flight.started[ticket]
-                if started is None:
-                    end += expected
-                else:
-                    ran = now - started
-                    end = started + (expected if ran <= expected else 2 * ran)
+        ending = self._ending()
+        for worker in s.in_flight.on_worker:
+            loading = ending and self._loading(worker)  # when it starts is anyone's guess
+            for ticket, end in self._worker_end(worker, now, rate)[1].items():
+                end = float("inf") if loading else end
                 name = s.in_flight[ticket][0].name
                 if name not in ends or end < ends[name][0]:
                     ends[name] = (end, ticket)
         return [(ticket, end) for name, (end, ticket) in ends.items()
                 if len(s.in_flight.of_shard[name]) < MAX_COPIES and name not in s.no_copies]
 
-    def _median_duration(self) -> float | None:
+    def _row_seconds(self) -> float | None:
+        """The median seconds per row of the latest finished shards; None before the first."""
         s = self.state
-        if not s.durations:
+        if not s.row_seconds:
             return None
         if self._median[0] != s.finished:
-            self._median = (s.finished, statistics.median(s.durations))
+            median = statistics.median(s.row_seconds)
+            self._median = (s.finished, median, max(s.row_seconds) / median if median > 0 else 1.0)
         return self._median[1]
 
     def _settle_copies(self, ticket: Ticket, outcome: Outcome) -> bool:
-        """Before `_handle`: a finished shard's duration is noted and its other copy, if any, is
+        """Before `_handle`: a finished shard's time is noted and its other copy, if any, is
         cancelled (neither a failure nor retried). A copy that ended otherwise while another copy
         runs is dropped, uncharged, its worker replaced if it died; True when that settled it."""
         s = self.state
@@ -331,10 +429,12 @@ class _TailCopies:
         started = s.in_flight.started[ticket]
         others = s.in_flight.of_shard[shard.name] - {ticket}
         if isinstance(outcome, Finished):
-            if started is not None:
-                s.durations.append(self.clock() - started)
+            if started is not None and shard.num_rows > 0:
+                s.row_seconds.append((self.clock() - started) / shard.num_rows)
                 s.finished += 1
-                self._pace[worker] = s.durations[-1] / (self._median_duration() or 1.0)
+                self._last_rows = shard.num_rows
+                pace = s.row_seconds[-1] / (self._row_seconds() or 1.0)
+                self._pace[worker] = (self._pace[worker] + pace) / 2 if worker in self._pace else pace
             for other in others:
                 s.in_flight.pop(other)
                 s.copies_cancelled += 1
@@ -351,7 +451,6 @@ class _TailCopies:
             self._drop_worker(worker)
             self._replace(worker)
         return True
-
 
 
 class _StallWatch:
@@ -454,11 +553,12 @@ class Scheduler(_TailCopies, _StallWatch):
         self.echo = echo
         self.stop = stop or StopRequest()
         self.clock = clock
-        self.state = _State(queue=deque(shards), in_flight=_InFlight(clock, pool.size, rules.in_flight_per_worker))
+        self.state = _State(queue=_Queue(shards), in_flight=_InFlight(clock, pool.size, rules.in_flight_per_worker))
         self._draining: set[int] = set()  # workers left to empty so that a queued suspect can run alone
         self._next_speculation = 0.0  # clock time of the next look for tail shards to copy
-        self._pace: dict[int, float] = {}  # worker -> its last shard's duration over the median
-        self._median: tuple[int, float] = (0, 0.0)  # (finished shards counted, their median duration)
+        self._pace: dict[int, float] = {}  # worker -> its shards' seconds per row over the median
+        self._median = (0, 0.0, 1.0)  # (finished shards counted, their median seconds per row, slowest pace)
+        self._last_rows = 0  # rows of the latest finished shard
 
     def run(self) -> Finish:
         """Dispatch, wait, handle outcomes, until done or stopped; raises WorkersCannotStart."""
@@ -482,9 +582,12 @@ class Scheduler(_TailCopies, _StallWatch):
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
         """Fill each worker up to `in_flight_per_worker` shards; a suspect shard runs alone on a
-        worker. With nothing left to start, idle workers run second copies of tail shards."""
+        worker, not a slow one while another can. Stragglers get second copies (`_speculate`)."""
         s = self.state
+        if self.rules.speculate and s.in_flight.open:  # first: a straggler's copy goes before new shards
+            self._speculate()
         plain_left = True  # whether the queue may still hold a shard that is not a suspect
+        ending = self._ending()
         waiting = sum(1 for name in s.suspects if name not in s.in_flight.of_shard) if s.queue else 0
         for worker in sorted(s.in_flight.open) if s.queue else ():
             if not s.queue:
@@ -492,17 +595,24 @@ class Scheduler(_TailCopies, _StallWatch):
             mine = [s.in_flight[t][0] for t in s.in_flight.on_worker.get(worker, ())]
             if any(shard.name in s.suspects for shard in mine) or (mine and self._drains_for(worker, waiting)):
                 continue
+            if ending and self._loading(worker):  # it would start late: others take the last shards
+                continue
             self._draining.discard(worker)
             while s.queue and len(mine) < self.rules.in_flight_per_worker:
-                if not mine:  # an empty worker: the first queued suspect, else the head of the queue
-                    position = next((k for k, shard in enumerate(s.queue) if shard.name in s.suspects), 0) \
-                        if waiting else 0
-                else:
+                if not mine and not waiting:
+                    position = 0
+                elif not mine and not self._slow(worker):  # an empty worker: the first queued suspect
+                    position = next((k for k, shard in enumerate(s.queue) if shard.name in s.suspects), 0)
+                else:  # (a slow worker runs a suspect only when nothing else is left)
                     position = next((k for k, shard in enumerate(s.queue) if shard.name not in s.suspects),
                                     None) if plain_left else None
+                    if position is None and not mine:
+                        position = next((k for k, shard in enumerate(s.queue) if shard.name in s.suspects), 0)
                 if position is None:
                     plain_left = False
                     break
+                if s.queue[position].name not in s.suspects:
+                    position = self._position_for(worker, position)
                 shard = s.queue[position]
                 del s.queue[position]
                 ticket = self.pool.submit(worker, shard, s.attempts.get(shard.name, 0) + 1)
@@ -511,8 +621,6 @@ class Scheduler(_TailCopies, _StallWatch):
                 if shard.name in s.suspects:
                     waiting -= 1
                     break
-        if self.rules.speculate and not s.queue and len(s.in_flight.on_worker) < self.pool.size:
-            self._speculate()
 
     def _drains_for(self, worker: int, waiting: int) -> bool:
         """Whether `worker` (busy) takes nothing new, so that it empties for one of the `waiting`
@@ -520,7 +628,7 @@ class Scheduler(_TailCopies, _StallWatch):
         that happens to be empty, which at scale is the tail of the job."""
         if not waiting:
             self._draining.clear()
-        elif worker not in self._draining and len(self._draining) < waiting:
+        elif worker not in self._draining and len(self._draining) < waiting and not self._slow(worker):
             self._draining.add(worker)
         return worker in self._draining
 
@@ -582,4 +690,4 @@ class Scheduler(_TailCopies, _StallWatch):
         else:
             if not quiet:
                 self.echo(f"shard {name} attempt {s.attempts.get(name, 0)} failed ({reason}); retrying")
-            s.queue.append(shard)
+            s.queue.appendleft(shard)  # first: at the back it would run last, after the tail's small shards
