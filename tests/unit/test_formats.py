@@ -14,9 +14,8 @@ from zimage_batch.jobspec import JobError, JobSpec, load_job
 from zimage_batch.output import formats, layout
 from zimage_batch.output.encoding import encode_image
 from zimage_batch.output.features import sample_fields
-from zimage_batch.output.formats import CardInput, format_of, get_format
+from zimage_batch.output.formats import MASK_COLUMN, CardInput, format_of, get_format, mask_location
 from zimage_batch.output.keys import safe_key
-from zimage_batch.output.review import MASK_COLUMN, mask_location
 from zimage_batch.output.writers import make_writer
 from zimage_batch.run.preflight import scratch_needed
 from zimage_batch.storage import open_storage
@@ -46,7 +45,10 @@ def _write(fmt: str, storage, n: int = 5, masks: bool = False, shard: str = SHAR
 def test_the_registry_names_each_format_once_in_the_order_the_cli_lists_them(tmp_path):
     assert formats.FORMAT_NAMES == JOB_FORMATS == ("files", "webdataset", "parquet")
     for name, fmt in formats.FORMATS.items():
-        assert fmt.name == name and fmt.folder == layout.FORMAT_FOLDERS[name]
+        assert fmt.name == name and fmt.folder == {"files": layout.IMAGES, "webdataset": layout.SHARDS,
+                                                   "parquet": layout.DATA}[name]
+        assert fmt.shard_key(SHARD) == {"files": layout.images_prefix(SHARD), "webdataset": layout.tar_key(SHARD),
+                                        "parquet": layout.parquet_key(SHARD)}[name]
         writer = make_writer(name, open_storage(str(tmp_path)), SHARD)
         assert type(writer) is fmt.writer and writer.output_format == name
         writer.abort()

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from zimage_batch.output import layout
+from zimage_batch.output.formats import get_format
 from zimage_batch.output.ledger import CommitMarker, JobMismatch, Ledger
 from zimage_batch.storage import open_storage
 
@@ -32,7 +33,7 @@ def _final_keys(marker: CommitMarker) -> list[str]:
     if marker.format == "files":
         data = [layout.image_key(marker.shard, f"k{i}", "png") for i in range(3)]
     else:
-        data = [layout.shard_data_key(marker.shard, marker.format)]
+        data = [get_format(marker.format).shard_key(marker.shard)]
     return [*data, layout.metadata_key(marker.shard)]
 
 

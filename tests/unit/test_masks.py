@@ -178,7 +178,8 @@ def test_the_mask_is_kept_beside_the_output(tmp_path, fmt):
 
 
 def test_the_review_finds_each_format_s_mask():
-    from zimage_batch.output.review import mask_location, repainted
+    from zimage_batch.output.formats import mask_location
+    from zimage_batch.output.review import repainted
 
     assert mask_location("images/s0/k1.webp") == "images/s0/k1.mask.png"
     assert mask_location("shards/s0.tar#k1.jpg") == "shards/s0.tar#k1.mask.png"

@@ -269,8 +269,7 @@ def test_claim_output_loses_a_race_to_another_job(store, monkeypatch):
 
 def test_overwrite_removes_job_json_last(store):
     """A clear cut short must leave job.json, so a plain rerun of another job is still refused."""
-    from zimage_batch.output.layout import OUTPUT_PREFIXES
-    from zimage_batch.output.ledger import Ledger
+    from zimage_batch.output.ledger import Ledger, output_prefixes
 
     ledger = Ledger(store)
     ledger.claim_output(_record("job-a"), overwrite=False)
@@ -280,7 +279,8 @@ def test_overwrite_removes_job_json_last(store):
     real_delete_prefix = store.delete_prefix
     store.delete_prefix = lambda prefix: (deleted.append(prefix), real_delete_prefix(prefix))
     ledger.claim_output(_record("job-b"), overwrite=True)
-    assert deleted == list(OUTPUT_PREFIXES) and deleted[0] == "_commits/" and deleted[-1] == "job.json"
+    assert deleted == list(output_prefixes()) and deleted[0] == "_commits/" and deleted[-1] == "job.json"
+    assert deleted[2:5] == ["images/", "shards/", "data/"]  # every format's folder
     assert {i.key for i in store.list()} == {"job.json"} and ledger.read_job()["fingerprint"] == "job-b"
 
 

@@ -336,6 +336,15 @@ def test_webdataset_captions_read_the_way_training_loaders_read_them(tmp_path):
 
 # ------------------------------------------------------------------------------ common
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
+def test_make_writer_takes_an_image_format_s_name_as_its_encoding(fmt, tmp_path):
+    w = make_writer(fmt, LocalStorage(str(tmp_path / "out")), SHARD, "jpeg")  # positional, as a name
+    assert w.encoding == Encoding.of("jpeg") and w.ext == "jpg"
+    w.abort()
+    with pytest.raises(ValueError):
+        make_writer(fmt, LocalStorage(str(tmp_path / "out")), SHARD, "gif")
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
 def test_abort_leaves_no_temp_files(fmt, tmp_path, private_tempdir):
     st = LocalStorage(str(tmp_path / "out"))
     w = make_writer(fmt, st, SHARD)

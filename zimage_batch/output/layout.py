@@ -16,13 +16,16 @@
 An attempt writes every file of its shard under its own staging folder, commits (creating the
 marker, which names that folder through its token), then publishes: each staged file is moved
 to its final name, a shard's images folder as one (`Storage.publish_folder`), the metadata last.
-So `metadata/`, `images/`, `shards/` and `data/` only ever hold files of committed shards, and a
-reader that globs them never sees an attempt that did not commit. `_staging/` is emptied by
+So `metadata/` and the formats' folders (`images/`, `shards/`, `data/`) only ever hold files of
+committed shards, and a reader that globs them never sees an attempt that did not commit. Which
+keys a shard of a format has is the format's to say (`output.formats`: `OutputFormat.shard_key`);
+this module names them. `_staging/` is emptied by
 every run, at its start and end (`Ledger.sweep_staging`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 JOB_FILE = "job.json"
@@ -36,14 +39,17 @@ RUNS = "_runs/"
 PLAN_RECORD_PREFIX = "plan-"
 METADATA = "metadata/"
 
-#: Where each output format puts a shard's images.
-FORMAT_FOLDERS = {"files": "images/", "webdataset": "shards/", "parquet": "data/"}
-FORMATS = tuple(FORMAT_FOLDERS)
+# The folders of the output formats' images (each format's module names its own: `OutputFormat.folder`).
+IMAGES = "images/"  # --format files
+SHARDS = "shards/"  # --format webdataset
+DATA = "data/"  # --format parquet
 
-#: What a job writes, in the order --overwrite removes it: markers first (no half state looks
-#: done), job.json last (a clear cut short still refuses a plain rerun of another job).
-OUTPUT_PREFIXES = (COMMITS, METADATA, *FORMAT_FOLDERS.values(), STAGING, RUNS, REPORT, DATASET_CARD, DUPLICATES,
-                   JOB_FILE)
+
+def output_prefixes(format_folders: Iterable[str]) -> tuple[str, ...]:
+    """What a job writes, every output format's folder (`format_folders`) included, in the order
+    --overwrite removes it: markers first (no half state looks done), job.json last (a clear cut
+    short still refuses a plain rerun of another job)."""
+    return (COMMITS, METADATA, *format_folders, STAGING, RUNS, REPORT, DATASET_CARD, DUPLICATES, JOB_FILE)
 
 
 def commit_key(shard: str) -> str:
@@ -69,7 +75,7 @@ def shard_of_metadata_key(key: str) -> str | None:
 
 def images_prefix(shard: str) -> str:
     """--format files: the folder of a shard's images."""
-    return f"{FORMAT_FOLDERS['files']}{shard}/"
+    return f"{IMAGES}{shard}/"
 
 
 def image_key(shard: str, key: str, ext: str) -> str:
@@ -86,16 +92,13 @@ def mask_key(shard: str, key: str) -> str:
 
 
 def tar_key(shard: str) -> str:
-    return f"{FORMAT_FOLDERS['webdataset']}{shard}.tar"
+    """--format webdataset: the tar holding a shard's samples."""
+    return f"{SHARDS}{shard}.tar"
 
 
 def parquet_key(shard: str) -> str:
-    return f"{FORMAT_FOLDERS['parquet']}{shard}.parquet"
-
-
-def shard_data_key(shard: str, format: str) -> str:
-    """--format webdataset or parquet: the one file holding a shard's images."""
-    return tar_key(shard) if format == "webdataset" else parquet_key(shard)
+    """--format parquet: the file holding a shard's rows."""
+    return f"{DATA}{shard}.parquet"
 
 
 def run_record_key(name: str) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_batch.output import layout
+from zimage_batch.output.formats import FORMATS, get_format
 from zimage_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -147,18 +148,19 @@ class Ledger:
     # ------------------------------------------------------------------ publishing
     def publish(self, marker: CommitMarker) -> None:
         """Move the committed attempt's staged files to their final names, then remove every
-        staging folder of the shard. A folder of images moves as one (`Storage.publish_folder`:
-        one rename on local disk), single files each by itself, metadata last, so a shard whose
-        metadata is in `metadata/` is published whole. Idempotent: a cut-short publish is
-        finished by calling it again. A failed removal of the staging folders is only logged: the
-        shard's files are out, and the run's closing sweep removes what is left."""
+        staging folder of the shard. A format's folder of a shard's images (`OutputFormat.
+        shard_folder`: --format files) moves as one (`Storage.publish_folder`: one rename on local
+        disk), single files each by itself, metadata last, so a shard whose metadata is in
+        `metadata/` is published whole. Idempotent: a cut-short publish is finished by calling it
+        again. A failed removal of the staging folders is only logged: the shard's files are out,
+        and the run's closing sweep removes what is left."""
         staging = marker.staging
-        folder = layout.images_prefix(marker.shard)
+        folder = get_format(marker.format).shard_folder(marker.shard)
         metadata = layout.metadata_key(marker.shard)
         staged = [info.key for info in self.storage.list(staging.prefix)]
-        files = [key for key in staged if not staging.final_key(key).startswith(folder)]
+        files = [key for key in staged if folder is None or not staging.final_key(key).startswith(folder)]
         files.sort(key=lambda key: staging.final_key(key) == metadata)
-        if len(files) < len(staged):  # --format files: the images folder
+        if len(files) < len(staged):  # the shard's folder of images
             self.storage.publish_folder(staging.prefix + folder, folder)
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(lambda key: self.storage.move(key, staging.final_key(key)), files[:-1]))
@@ -229,12 +231,11 @@ class Ledger:
 
     def remove_shard(self, marker: CommitMarker) -> None:
         """Take a committed shard out of OUTPUT: its metadata first (readers stop seeing it), its
-        images, its staged attempts, then its marker (a cut-short removal leaves a marker to find)."""
+        images (where its format put them), its staged attempts, then its marker (a cut-short
+        removal leaves a marker to find)."""
+        fmt = get_format(marker.format)  # an unknown format fails here, before anything is deleted
         self.storage.delete([layout.metadata_key(marker.shard)])
-        if marker.format == "files":
-            self.storage.delete_prefix(layout.images_prefix(marker.shard))
-        else:
-            self.storage.delete([layout.shard_data_key(marker.shard, marker.format)])
+        fmt.remove(self.storage, marker.shard)
         self.storage.delete_prefix(layout.shard_staging_prefix(marker.shard))
         self.storage.delete([layout.commit_key(marker.shard)])
 
@@ -301,6 +302,13 @@ class Ledger:
                 )
 
     def clear(self) -> None:
-        """Remove everything a previous job left, in the order of layout.OUTPUT_PREFIXES."""
-        for prefix in layout.OUTPUT_PREFIXES:
+        """Remove everything a previous job left, every format's folder included, in the order of
+        `layout.output_prefixes`."""
+        for prefix in output_prefixes():
             self.storage.delete_prefix(prefix)
+
+
+def output_prefixes() -> tuple[str, ...]:
+    """What a job may have written under OUTPUT (every registered format's folder), in the order
+    `Ledger.clear` removes it."""
+    return layout.output_prefixes(fmt.folder for fmt in FORMATS.values())

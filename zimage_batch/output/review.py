@@ -4,8 +4,8 @@ was repainted (the share of the output's pixels its mask repaints, most first), 
 starts with the images that changed most.
 
 Sources are read from their URIs (local or s3://) when the report renders; one that cannot be
-read shows as missing. The mask is the kept `<key>.mask.png` (files, webdataset) or the
-`mask_image` cell (parquet).
+read shows as missing. The mask is where the image's output format keeps it
+(`output.formats.mask_location`: a `<key>.mask.png` object or member, a `mask_image` cell).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from zimage_batch.output import layout
+from zimage_batch.output.formats import MASK_COLUMN, mask_location
 from zimage_batch.storage import open_storage
 
 MAX_REVIEW = 60  # triptychs shown
@@ -49,19 +50,6 @@ def review_section(state: Any, read_images: ReadImages, thumbnail: Callable[[byt
     body = "".join(html for _, html in cards) or "<p>No edited images yet.</p>"
     return ("<section><h2>Before and after</h2><p class=muted>Source | mask (white: repainted) | output, for "
             f"{len(rows)} edited images, most repainted first.</p><div class=review>{body}</div></section>")
-
-
-MASK_COLUMN = "mask_image"
-
-
-def mask_location(image: str) -> str:
-    """Where an image's kept mask is, from its own location (the same forms as `image`)."""
-    obj, sep, member = image.partition("#")
-    if not sep:
-        return obj.rsplit(".", 1)[0] + layout.MASK_SUFFIX
-    if obj.endswith(".tar"):
-        return f"{obj}#{member.rsplit('.', 1)[0]}{layout.MASK_SUFFIX}"
-    return image  # parquet: the row's mask_image cell
 
 
 def repainted(mask_png: bytes) -> float | None:

@@ -1,8 +1,10 @@
 """The output formats, by name: ``--format files | webdataset | parquet``.
 
 Each format is one module of this package defining ``FORMAT`` (an `OutputFormat`: its folder
-under OUTPUT, writer, reader, and the dataset card's data files and features); job validation,
-the workers' writers, the report, the dataset card and tests look formats up here. A new format
+under OUTPUT and a shard's key there, writer, reader, where a kept mask is, and the dataset
+card's data files and features); job validation, the workers' writers, the ledger's publish and
+removal of a shard (and so repair), the report and its review, the dataset card and tests look
+formats up here, by name (`get_format(marker.format)`) or by location (`format_of`). A new format
 is a new module, named in `_MODULES` (whose order is the order `--help` and messages list them).
 """
 
@@ -11,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from zimage_batch.output.formats import files, parquet, webdataset
-from zimage_batch.output.formats.base import CardInput, OutputFormat, Reader
+from zimage_batch.output.formats.base import MASK_COLUMN, CardInput, OutputFormat, Reader
 from zimage_batch.storage import Storage
 
-__all__ = ["FORMATS", "FORMAT_NAMES", "CardInput", "OutputFormat", "Reader", "format_of", "get_format", "read_images"]
+__all__ = ["FORMATS", "FORMAT_NAMES", "MASK_COLUMN", "CardInput", "OutputFormat", "Reader", "format_of", "get_format",
+           "mask_location", "read_images"]
 
 _MODULES = (files, webdataset, parquet)
 
@@ -33,6 +36,13 @@ def get_format(name: str) -> OutputFormat:
 def format_of(location: str) -> OutputFormat | None:
     """The format a metadata `image` value (an image's location under OUTPUT) belongs to."""
     return next((fmt for fmt in FORMATS.values() if fmt.holds(location)), None)
+
+
+def mask_location(image: str) -> str:
+    """Where an image's kept mask is (read it with `read_images(..., MASK_COLUMN)`), from the
+    image's location; a location of no format is returned as it is (and reads as nothing)."""
+    fmt = format_of(image)
+    return image if fmt is None else fmt.mask_location(image)
 
 
 def read_images(storage: Storage, locations: Iterable[str], column: str = "image") -> dict[str, bytes]:

@@ -103,6 +103,11 @@ def read(storage: Storage, locations: Sequence[str], column: str = "image") -> d
         return {loc: data for loc, data in zip(locations, pool.map(one, locations)) if data is not None}
 
 
+def mask_location(image: str) -> str:
+    """``images/<shard>/<key>.mask.png`` beside ``images/<shard>/<key>.<ext>``."""
+    return image.rsplit(".", 1)[0] + layout.MASK_SUFFIX
+
+
 def features(card: CardInput) -> list[dict[str, Any]]:
     """`load_dataset(OUTPUT)` yields the metadata rows."""
     return yaml_features(card.metadata)
@@ -114,10 +119,12 @@ def loading(ext: str) -> list[str]:
 
 FORMAT = OutputFormat(
     name="files",
-    folder=layout.FORMAT_FOLDERS["files"],
+    folder=layout.IMAGES,
+    shard_key=layout.images_prefix,
     writer=FilesWriter,
     writer_options=("upload_threads", "max_pending"),
     read=read,
+    mask_location=mask_location,
     data_files=f"{layout.METADATA}*.parquet",
     features=features,
     loading=loading,

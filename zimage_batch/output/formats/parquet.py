@@ -17,11 +17,9 @@ from zimage_batch.metadata_schema import METADATA_COLUMNS
 from zimage_batch.output import layout
 from zimage_batch.output.encoding import PNG, Encoding
 from zimage_batch.output.features import IMAGE_STRUCT, sample_fields, with_features, yaml_features
-from zimage_batch.output.formats.base import CardInput, OutputFormat, read_containers
+from zimage_batch.output.formats.base import MASK_COLUMN, CardInput, OutputFormat, read_containers
 from zimage_batch.output.shard_writer import ShardWriter, TempDirMixin
 from zimage_batch.storage import Storage
-
-MASK_IMAGE_COLUMN = "mask_image"  # the inpaint mask as used, in a job that keeps masks
 
 
 class ParquetWriter(TempDirMixin, ShardWriter):
@@ -54,8 +52,8 @@ class ParquetWriter(TempDirMixin, ShardWriter):
         row_id = meta.get("id")
         row |= {self.KEY_COLUMN: key, "id": None if row_id is None else str(row_id),
                 "image": {"bytes": data, "path": f"{key}.{self.ext}"}}
-        if MASK_IMAGE_COLUMN in row:
-            row[MASK_IMAGE_COLUMN] = None if mask is None else {"bytes": mask, "path": f"{key}{layout.MASK_SUFFIX}"}
+        if MASK_COLUMN in row:
+            row[MASK_COLUMN] = None if mask is None else {"bytes": mask, "path": f"{key}{layout.MASK_SUFFIX}"}
         self._rows.append(row)
         self._buffered += len(data)
         if self._buffered >= self.ROW_GROUP_BYTES or len(self._rows) >= self.ROW_GROUP_ROWS:
@@ -106,8 +104,8 @@ def parquet_schema(fields: pa.Schema | None = None) -> pa.Schema:
     taken = {f.name for f in first}
     rest = [f for f in fields if f.name not in taken]
     if "mask_sha256" in fields.names:  # a job that keeps masks: each inpaint row's mask as used
-        rest.append(pa.field(MASK_IMAGE_COLUMN, IMAGE_STRUCT))
-    images = {"image", MASK_IMAGE_COLUMN} if "mask_sha256" in fields.names else {"image"}
+        rest.append(pa.field(MASK_COLUMN, IMAGE_STRUCT))
+    images = {"image", MASK_COLUMN} if "mask_sha256" in fields.names else {"image"}
     return with_features(pa.schema(first + rest), images=images)
 
 
@@ -133,11 +131,16 @@ def _parquet_members(storage: Storage, obj: str, wanted: set[str], name: str = "
     return out
 
 
+def mask_location(image: str) -> str:
+    """The row's own location: its mask is the `MASK_COLUMN` cell beside its image."""
+    return image
+
+
 def features(card: CardInput) -> list[dict[str, Any]]:
     """The columns of a committed data file, images as `Image`."""
     with card.storage.open_read(layout.parquet_key(card.shard)) as f:
         schema = pq.read_schema(f).remove_metadata()
-    return yaml_features(schema, images={"image", MASK_IMAGE_COLUMN} if card.masks else {"image"})
+    return yaml_features(schema, images={"image", MASK_COLUMN} if card.masks else {"image"})
 
 
 def loading(ext: str) -> list[str]:
@@ -146,11 +149,13 @@ def loading(ext: str) -> list[str]:
 
 FORMAT = OutputFormat(
     name="parquet",
-    folder=layout.FORMAT_FOLDERS["parquet"],
+    folder=layout.DATA,
+    shard_key=layout.parquet_key,
     writer=ParquetWriter,
     writer_options=("fields",),
     read=read,
-    data_files=f"{layout.FORMAT_FOLDERS['parquet']}*.parquet",
+    mask_location=mask_location,
+    data_files=f"{layout.DATA}*.parquet",
     features=features,
     loading=loading,
     stages_locally=True,

@@ -137,6 +137,12 @@ def _tar_members(storage: Storage, obj: str, wanted: set[str]) -> dict[str, byte
     return out
 
 
+def mask_location(image: str) -> str:
+    """The ``<key>.mask.png`` member beside ``<key>.<ext>`` in the shard's tar."""
+    obj, _, member = image.partition("#")
+    return f"{obj}#{member.rsplit('.', 1)[0]}{layout.MASK_SUFFIX}"
+
+
 def features(card: CardInput) -> list[dict[str, Any]]:
     """A sample: its key, image, mask (when kept), caption and settings (a JSON struct)."""
     sample = pa.struct([pa.field(f.name, json_type(f.type)) for f in sample_fields(card.metadata)])
@@ -154,11 +160,13 @@ def loading(ext: str) -> list[str]:
 
 FORMAT = OutputFormat(
     name="webdataset",
-    folder=layout.FORMAT_FOLDERS["webdataset"],
+    folder=layout.SHARDS,
+    shard_key=layout.tar_key,
     writer=WebDatasetWriter,
     writer_options=(),
     read=read,
-    data_files=f"{layout.FORMAT_FOLDERS['webdataset']}*.tar",
+    mask_location=mask_location,
+    data_files=f"{layout.SHARDS}*.tar",
     features=features,
     loading=loading,
     stages_locally=True,
