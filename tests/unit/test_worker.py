@@ -116,3 +116,34 @@ def test_a_worker_whose_run_lost_the_lease_commits_nothing(tmp_path, monkeypatch
     (marker,) = Ledger(storage).committed().values()
     assert marker.shard == second.name and marker.run == "run-a"
     assert Ledger(storage).published_shards() == set()  # never published by the run that lost
+
+
+def test_an_attempt_at_a_committed_shard_answers_with_the_winners_marker(tmp_path):
+    """A copy that lost (or a retry whose first attempt's answer was lost) answers with the
+    marker the shard is committed under, so the run's progress counts the shard once."""
+    rows = [{"id": f"row-{i:02d}", "prompt": f"a cat {i}", "seed": i} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                          "model": "tiny:turbo", "shard_size": 4, "batch_size": 4}, ["report=false"])
+    prepared = prepare(job)
+    resolved = prepared.job
+    Ledger(open_storage(job.output)).claim_output(job_record(resolved), False)
+    (shard,) = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
+    runner = ShardRunner(resolved.worker_settings(resolved.variant))
+    won = runner.run_shard(shard)
+    assert won is not None and won.ok == 4
+    again = runner.run_shard(shard)
+    assert again is not None and (again.shard, again.token, again.ok) == (won.shard, won.token, 4)
+
+
+def test_the_progress_counts_each_shard_once_whichever_attempt_answers():
+    from zimage_batch.output.ledger import CommitMarker
+    from zimage_batch.run.driver import _account
+    from zimage_batch.run.progress import Progress
+
+    progress, counted = Progress(8, 1, 60.0, echo=lambda line: None), set()
+    marker = CommitMarker(shard="s0", file="m.parquet", start=0, end=4, rows=4, ok=4, error=0, digest="d",
+                          fingerprint="f", format="files")
+    for answer in (marker, marker, None):
+        _account(progress, counted, answer)
+    assert (progress.done, progress.images) == (4, 4)

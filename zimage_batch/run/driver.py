@@ -155,6 +155,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
             by_variant.setdefault(shard.variant or job.variant, []).append(shard)
         progress = Progress(plan.rows_todo, 0, spec.progress_interval, echo, started=summary.started)
         added = 0  # shards the tail's cuts added
+        counted: set[str] = set()  # shards in the progress figures
 
         def tick(queued: int, in_flight: int, workers: int) -> None:
             progress.tick(queued, in_flight, workers)
@@ -172,7 +173,7 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
                 on_cut(added)
                 shards = cut
             try:
-                finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, result),
+                finish = Scheduler(pool, shards, rules, on_result=lambda result: _account(progress, counted, result),
                                    on_tick=tick, echo=echo, stop=stop).run()
             finally:
                 summary.workers += pool.stats()
@@ -186,10 +187,11 @@ def _run_plan(job: ResolvedJob, plan: Plan, summary: RunSummary, echo: Callable[
         stop.uninstall()
 
 
-def _account(progress: Progress, marker: CommitMarker | None) -> None:
-    """A finished shard's result (its commit marker; None when another attempt had committed it)
-    into the progress figures."""
-    if marker is not None:
+def _account(progress: Progress, counted: set[str], marker: CommitMarker | None) -> None:
+    """A finished shard's result (its commit marker, whichever attempt committed it) into the
+    progress figures, once per shard: a copy that lost answers with the winner's marker."""
+    if marker is not None and marker.shard not in counted:
+        counted.add(marker.shard)
         progress.shard_done(marker.rows, marker.error, marker.ok)
 
 

@@ -178,10 +178,11 @@ class ShardRunner:
 
     # ------------------------------------------------------------------ one shard
     def run_shard(self, shard: Shard, attempt: int = 1) -> CommitMarker | None:
-        """Generate, stage, commit and publish one shard; returns the marker this attempt
-        committed, or None when another attempt had committed the shard (nothing new)."""
-        if self._committed_marker(shard) is not None:
-            return None
+        """Generate, stage, commit and publish one shard; returns the shard's commit marker: the
+        one this attempt committed, or the one another attempt had (a copy, or an attempt whose
+        answer was lost), whose publishing this attempt finishes. None only if neither holds."""
+        if (committed := self._committed_marker(shard)) is not None:
+            return committed
         _inject_fault(CRASH_ENV, shard.name)
         self.progress.tick(shard.name)
         started = time.time()
@@ -228,7 +229,7 @@ class ShardRunner:
         except Superseded:  # another attempt (a speculative copy, or the first) committed the shard
             writer.abort()
             self._give_up(marker)
-            return None
+            return self._committed_marker(shard)
         except BaseException:
             writer.abort()
             self._give_up(marker)
@@ -247,8 +248,7 @@ class ShardRunner:
             raise
         if not self.ledger.commit(marker):  # another attempt of this shard won while we worked
             self._give_up(marker)
-            self._committed_marker(shard)  # finish its publishing, if it was cut short
-            return None
+            return self._committed_marker(shard)  # its publishing finished, if it was cut short
         # Lost the lease between the look and the commit (paused meanwhile): the marker stays
         # unpublished for the lease's holder to judge (docs/architecture.md, "One writer per OUTPUT").
         check_fence(self.storage, self.settings.run)
