@@ -21,19 +21,24 @@ from zimage_batch.storage import open_storage
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_path, monkeypatch):
-    """Generation fails on the third batch while earlier images are still being stored. The
-    attempt must not return (and abort its writer) while one of its stores is running: nothing
-    of a failed attempt may touch storage after it, when a new attempt may be cleaning up."""
-    rows = [{"id": f"row-{i:02d}", "prompt": f"a cat {i}", "seed": i} for i in range(12)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+def _one_shard_runner(tmp_path, rows: int) -> tuple[ShardRunner, object]:
+    """A claimed OUTPUT, a manifest of `rows` rows in one shard, and a worker for it (in-process)."""
+    records = [{"id": f"row-{i:02d}", "prompt": f"a cat {i}", "seed": i} for i in range(rows)]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
     job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
-                          "model": "tiny:turbo", "shard_size": 12, "batch_size": 4}, ["report=false"])
+                          "model": "tiny:turbo", "shard_size": rows, "batch_size": 4}, ["report=false"])
     prepared = prepare(job)
     resolved = prepared.job
     Ledger(open_storage(job.output)).claim_output(job_record(resolved), False)
     (shard,) = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
-    runner = ShardRunner(resolved.worker_settings(resolved.variant))
+    return ShardRunner(resolved.worker_settings(resolved.variant)), shard
+
+
+def test_failed_attempt_waits_for_its_stores_before_the_writer_is_aborted(tmp_path, monkeypatch):
+    """Generation fails on the third batch while earlier images are still being stored. The
+    attempt must not return (and abort its writer) while one of its stores is running: nothing
+    of a failed attempt may touch storage after it, when a new attempt may be cleaning up."""
+    runner, shard = _one_shard_runner(tmp_path, 12)
 
     real_store, real_generate = ShardGeneration._store, runner.engine.generate
     calls = {"generate": 0}
@@ -121,15 +126,7 @@ def test_a_worker_whose_run_lost_the_lease_commits_nothing(tmp_path, monkeypatch
 def test_an_attempt_at_a_committed_shard_answers_with_the_winners_marker(tmp_path):
     """A copy that lost (or a retry whose first attempt's answer was lost) answers with the
     marker the shard is committed under, so the run's progress counts the shard once."""
-    rows = [{"id": f"row-{i:02d}", "prompt": f"a cat {i}", "seed": i} for i in range(4)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
-    job = load_job(None, {"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
-                          "model": "tiny:turbo", "shard_size": 4, "batch_size": 4}, ["report=false"])
-    prepared = prepare(job)
-    resolved = prepared.job
-    Ledger(open_storage(job.output)).claim_output(job_record(resolved), False)
-    (shard,) = make_plan(prepared.manifest, {}, job.shard_size, resolved.variant).todo
-    runner = ShardRunner(resolved.worker_settings(resolved.variant))
+    runner, shard = _one_shard_runner(tmp_path, 4)
     won = runner.run_shard(shard)
     assert won is not None and won.ok == 4
     again = runner.run_shard(shard)
